@@ -1,0 +1,53 @@
+"""Atomic file writes: everything amp-search writes goes to a temp file, then os.replace."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from amp_search.errors import UserInputError
+
+__all__ = ["write_bytes_atomic", "write_json_atomic"]
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise UserInputError(
+            f"Cannot write {p}: {exc.strerror or exc}. Choose a writable location."
+        ) from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise UserInputError(f"Cannot write {p}: {exc.strerror or exc}.") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Writes ``obj`` as indented JSON atomically (non-finite floats become strings)."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False)
+    return write_bytes_atomic(path, text.encode() + b"\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

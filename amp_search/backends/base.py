@@ -1,0 +1,225 @@
+"""The backend interfaces: a :class:`Backend` builds candidates, a :class:`Runner` runs them.
+
+Life cycle (Polygraphy's loader/runner split)::
+
+    backend = get_backend("onnxruntime")
+    candidate = backend.build(model_path, BuildConfig(device="cpu"))   # expensive, cacheable
+    with backend.open(candidate) as runner:                            # device touched here
+        outputs = runner.infer(feeds)                                  # dict name -> array
+        runner.bind(feeds); stats = timing.measure(runner.run_once, source=runner.source)
+
+Contracts:
+
+- ``build`` reads a mixed-precision ONNX file and returns a :class:`Candidate`; failures
+  raise :class:`~amp_search.errors.CandidateBuildError` with the backend's reason.
+- A runner touches the device only inside ``with``; ``infer`` returns float32 (or the
+  model's own output type) numpy arrays; failures raise
+  :class:`~amp_search.errors.CandidateRunError`.
+- ``run_once`` runs the inputs last given to ``bind`` and synchronizes before returning;
+  backends never time themselves (see :mod:`amp_search.timing`).
+- ``identity`` is everything besides the model bytes that makes two candidates differ
+  (library versions, device, options); it is part of the cache key.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from amp_search._optional import is_importable as _findable
+from amp_search.errors import BackendUnavailableError, CandidateRunError, UserInputError
+
+__all__ = ["Backend", "BuildConfig", "Candidate", "Runner"]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to build a candidate.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
+        options: Backend options (e.g. CUDA EP ``prefer_nhwc``); recorded with the result.
+    """
+
+    device: str = "cpu"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def device_type(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        return self.device.split(":", 1)[0]
+
+    @property
+    def device_id(self) -> int:
+        """The CUDA ordinal (0 unless ``cuda:N``)."""
+        _, _, n = self.device.partition(":")
+        return int(n) if n else 0
+
+
+@dataclass
+class Candidate:
+    """A built candidate.
+
+    Attributes:
+        backend: Backend name.
+        model_path: The mixed-precision ONNX it was built from.
+        config: The build configuration.
+        identity: What besides the model identifies it (versions, device, options).
+        build_time_s: Seconds the build took.
+        artifacts: Files the build produced (e.g. ``{"engine": Path}``).
+        info: Backend facts worth recording (providers used, layer precisions, ...).
+    """
+
+    backend: str
+    model_path: Path
+    config: BuildConfig
+    identity: dict[str, Any]
+    build_time_s: float = 0.0
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    handle: Any = field(default=None, repr=False)
+
+
+class Runner(abc.ABC):
+    """Runs one candidate; a context manager that holds device resources while open."""
+
+    #: Label for latency figures, e.g. ``"measured:onnxruntime-cpu"``.
+    source: str = "measured"
+
+    def __init__(self) -> None:
+        self._active = False
+
+    def __enter__(self) -> Runner:
+        self._activate()
+        self._active = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._active = False
+        self._deactivate()
+
+    def _check_active(self) -> None:
+        if not self._active:
+            raise RuntimeError(f"{type(self).__name__} used outside its 'with' block")
+
+    @property
+    @abc.abstractmethod
+    def input_names(self) -> list[str]:
+        """Names of the model's inputs."""
+
+    @property
+    @abc.abstractmethod
+    def output_names(self) -> list[str]:
+        """Names of the model's outputs."""
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one batch and returns every output by name."""
+        self._check_active()
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise UserInputError(
+                f"Calibration data lacks model input(s) {missing}; give arrays named "
+                f"{self.input_names}."
+            )
+        try:
+            return self._infer(feeds)
+        except (UserInputError, CandidateRunError):
+            raise
+        except Exception as exc:
+            raise CandidateRunError(
+                f"{type(self).__name__} failed to run the candidate: {exc}"
+            ) from exc
+
+    def bind(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Fixes the inputs ``run_once`` runs (placing them on the device if needed)."""
+        self._check_active()
+        self._bind(feeds)
+
+    def run_once(self) -> None:
+        """One synchronous inference on the bound inputs (used by :mod:`amp_search.timing`)."""
+        self._run_once()
+
+    def _activate(self) -> None:  # noqa: B027 - optional hook
+        """Acquires device resources."""
+
+    def _deactivate(self) -> None:  # noqa: B027 - optional hook
+        """Releases device resources."""
+
+    @abc.abstractmethod
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def _bind(self, feeds: Mapping[str, np.ndarray]) -> None: ...
+
+    @abc.abstractmethod
+    def _run_once(self) -> None: ...
+
+
+class Backend(abc.ABC):
+    """Builds and opens candidates from mixed-precision ONNX files."""
+
+    name: ClassVar[str]
+    #: Import names this backend needs.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: The amp-search extra that installs them.
+    extra: ClassVar[str] = ""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether the required modules can be imported (nothing is imported)."""
+        return all(_findable(m) for m in cls.requires)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why the backend cannot be used here, or None."""
+        missing = [m for m in cls.requires if not _findable(m)]
+        if not missing:
+            return None
+        return (
+            f"missing module(s) {', '.join(missing)}; install with: "
+            f"pip install 'amp-search[{cls.extra}]'"
+        )
+
+    def devices(self) -> list[str]:
+        """Devices this backend can build for on this machine."""
+        return ["cpu"]
+
+    def build(self, model_path: str | os.PathLike[str], config: BuildConfig) -> Candidate:
+        """Builds a candidate from a mixed-precision ONNX file."""
+        reason = self.unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(f"Backend '{self.name}' is unavailable: {reason}")
+        path = Path(model_path)
+        if not path.is_file():
+            raise UserInputError(f"Model file not found: {path}")
+        return self._build(path, config)
+
+    def open(self, candidate: Candidate) -> Runner:
+        """A runner for ``candidate`` (enter it with ``with``)."""
+        if candidate.backend != self.name:
+            raise ValueError(f"candidate of backend {candidate.backend!r} given to {self.name!r}")
+        return self._open(candidate)
+
+    @abc.abstractmethod
+    def identity(self, config: BuildConfig) -> dict[str, Any]:
+        """Versions, device and options that identify candidates built with ``config``."""
+
+    @abc.abstractmethod
+    def _build(self, model_path: Path, config: BuildConfig) -> Candidate: ...
+
+    @abc.abstractmethod
+    def _open(self, candidate: Candidate) -> Runner: ...
+
+

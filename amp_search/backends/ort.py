@@ -1,0 +1,319 @@
+"""The ONNX Runtime backend: CPU EP (accuracy estimate, runs anywhere) and CUDA EP.
+
+Options (all recorded with the candidate; they change both speed and correctness):
+
+- ``graph_optimization_level``: ``"disable_all"`` (CPU default) keeps the Casts ONNX Runtime
+  inserts around its FP32-only CPU kernels, so FP16 *storage* between nodes is emulated
+  (rounding, overflow to inf, flush to zero); at ``"all"`` (CUDA default) the CPU EP removes
+  them again and only weight rounding shows. CPU arithmetic stays FP32 inside nodes either
+  way: a CPU figure estimates accuracy, it cannot show a GPU kernel's failures, and its FP16
+  latency means nothing for a GPU.
+- ``emulate_fp16_storage`` (CPU, default 1): ONNX Runtime CPU runs most FP16 nodes as FP32
+  *islands* between the Casts it inserts, and merges those Casts across a chain of nodes
+  (Conv -> Relu -> Mul), so an FP16 tensor inside the chain never holds FP16 values and an
+  overflow there stays invisible (measured: x*1000*1e-3 in FP16 gives 100, not inf). With
+  this option the session runs an FP32 twin of the candidate in which every FP16 tensor is
+  rounded through an explicit Cast pair, which ONNX Runtime keeps: FP16 storage (rounding,
+  overflow to inf, flush to zero) is emulated at every node boundary, as a GPU that runs each
+  node in FP16 stores it. The candidate's ONNX itself is not changed.
+- ``intra_op_num_threads``: CPU threads (0: ONNX Runtime's default).
+- CUDA EP: ``prefer_nhwc`` (0/1), ``use_tf32`` (0/1; 0 gives a strict FP32 reference),
+  ``cudnn_conv_algo_search`` (``EXHAUSTIVE``/``HEURISTIC``/``DEFAULT``), ``device_id`` from
+  the device string ``cuda:N``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from amp_search._optional import require
+from amp_search.backends.base import Backend, BuildConfig, Candidate, Runner
+from amp_search.errors import BackendUnavailableError, CandidateBuildError, UserInputError
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+__all__ = ["CPU_DEFAULTS", "CUDA_DEFAULTS", "OnnxRuntimeBackend", "OnnxRuntimeRunner"]
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULTS: dict[str, Any] = {
+    "graph_optimization_level": "disable_all",
+    "intra_op_num_threads": 0,
+    "emulate_fp16_storage": 1,
+}
+CUDA_DEFAULTS: dict[str, Any] = {
+    "graph_optimization_level": "all",
+    "prefer_nhwc": 0,
+    "use_tf32": 1,
+    "cudnn_conv_algo_search": "EXHAUSTIVE",
+}
+_CUDA_EP_KEYS = ("prefer_nhwc", "use_tf32", "cudnn_conv_algo_search")
+_LEVELS = {"disable_all": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}  # fmt: skip
+
+
+def _ort() -> Any:
+    return require("onnxruntime", extra="gpu", what="The ONNX Runtime backend")
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU EP or the CUDA EP."""
+
+    name = "onnxruntime"
+    requires = ("onnxruntime",)
+    extra = "gpu"
+
+    def devices(self) -> list[str]:  # noqa: D102
+        ort = _ort()
+        out = ["cpu"]
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            out.append("cuda")
+        return out
+
+    def resolve_options(self, config: BuildConfig) -> dict[str, Any]:
+        """The configuration's options completed with the device's defaults."""
+        defaults = CUDA_DEFAULTS if config.device_type == "cuda" else CPU_DEFAULTS
+        unknown = set(config.options) - set(defaults)
+        if unknown:
+            raise UserInputError(
+                f"Unknown onnxruntime option(s) {sorted(unknown)} for device "
+                f"{config.device!r}; known: {sorted(defaults)}."
+            )
+        opts = {**defaults, **config.options}
+        if opts["graph_optimization_level"] not in _LEVELS:
+            raise UserInputError(
+                f"graph_optimization_level must be one of {sorted(_LEVELS)}, "
+                f"got {opts['graph_optimization_level']!r}."
+            )
+        return opts
+
+    def identity(self, config: BuildConfig) -> dict[str, Any]:  # noqa: D102
+        ort = _ort()
+        ident: dict[str, Any] = {
+            "backend": self.name,
+            "onnxruntime": ort.__version__,
+            "device": config.device,
+            "options": self.resolve_options(config),
+        }
+        if config.device_type == "cuda":
+            ident["gpu"] = _gpu_name(config.device_id)
+        return ident
+
+    def _session_options(self, opts: Mapping[str, Any]) -> onnxruntime.SessionOptions:
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _LEVELS[opts["graph_optimization_level"]]
+        )
+        if opts.get("intra_op_num_threads"):
+            so.intra_op_num_threads = int(opts["intra_op_num_threads"])
+        so.log_severity_level = 3
+        return so
+
+    def _providers(self, config: BuildConfig, opts: Mapping[str, Any]) -> list[Any]:
+        if config.device_type == "cpu":
+            return ["CPUExecutionProvider"]
+        if config.device_type != "cuda":
+            raise UserInputError(f"Unknown device {config.device!r}; use 'cpu' or 'cuda[:N]'.")
+        ort = _ort()
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # preload is best effort
+                logger.debug("onnxruntime.preload_dlls failed: %s", exc)
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                "The CUDA EP is not available in this onnxruntime build "
+                f"(providers: {ort.get_available_providers()}). Install onnxruntime-gpu "
+                "(pip install 'amp-search[gpu]') or use --device cpu."
+            )
+        cuda_opts = {k: str(opts[k]) for k in _CUDA_EP_KEYS}
+        cuda_opts["device_id"] = str(config.device_id)
+        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+
+    def _build(self, model_path: Path, config: BuildConfig) -> Candidate:
+        ort = _ort()
+        opts = self.resolve_options(config)
+        providers = self._providers(config, opts)
+        t0 = time.perf_counter()
+        source: str | bytes = str(model_path)
+        if config.device_type == "cpu" and int(opts.get("emulate_fp16_storage", 0)):
+            source = _emulating_fp16_storage(model_path)
+        try:
+            sess = ort.InferenceSession(source, self._session_options(opts), providers=providers)
+        except Exception as exc:  # ORT raises its own exception types
+            raise CandidateBuildError(
+                f"onnxruntime could not create a session for {model_path.name}: "
+                f"{str(exc).splitlines()[0][:300]}"
+            ) from exc
+        build_time = time.perf_counter() - t0
+        used = sess.get_providers()
+        if config.device_type == "cuda" and "CUDAExecutionProvider" not in used:
+            raise CandidateBuildError(
+                f"onnxruntime fell back to {used} for {model_path.name}; the CUDA EP refused it."
+            )
+        return Candidate(
+            backend=self.name,
+            model_path=model_path,
+            config=config,
+            identity=self.identity(config),
+            build_time_s=build_time,
+            info={"providers": used, "options": opts},
+            handle=sess,
+        )
+
+    def _open(self, candidate: Candidate) -> Runner:
+        sess = candidate.handle
+        if sess is None:
+            sess = self._build(candidate.model_path, candidate.config).handle
+            candidate.handle = sess
+        return OnnxRuntimeRunner(sess, candidate.config)
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ``onnxruntime.InferenceSession``; on CUDA, timing runs use IO binding."""
+
+    def __init__(self, session: onnxruntime.InferenceSession, config: BuildConfig) -> None:
+        super().__init__()
+        self._sess = session
+        self._config = config
+        self._inputs = [i.name for i in session.get_inputs()]
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._feeds: dict[str, np.ndarray] = {}
+        self._binding: Any = None
+        self.source = f"measured:onnxruntime-{config.device_type}"
+
+    @property
+    def input_names(self) -> list[str]:  # noqa: D102
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:  # noqa: D102
+        return list(self._outputs)
+
+    def _deactivate(self) -> None:
+        self._binding = None
+        self._feeds = {}
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._sess.run(None, {k: feeds[k] for k in self._inputs})
+        return dict(zip(self._outputs, values, strict=True))
+
+    def _bind(self, feeds: Mapping[str, np.ndarray]) -> None:
+        self._feeds = {k: np.ascontiguousarray(feeds[k]) for k in self._inputs}
+        if self._config.device_type != "cuda":
+            return
+        ort = _ort()
+        binding = self._sess.io_binding()
+        dev = self._config.device_id
+        for name, arr in self._feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", dev))
+        for name in self._outputs:
+            binding.bind_output(name, "cuda", dev)
+        self._binding = binding
+
+    def _run_once(self) -> None:
+        if self._binding is not None:
+            self._sess.run_with_iobinding(self._binding)
+        else:
+            self._sess.run(None, self._feeds)
+
+
+def _emulating_fp16_storage(model_path: Path) -> str | bytes:
+    """An FP32 twin of the model that rounds every FP16 tensor through an explicit Cast pair.
+
+    FP16 initializers become FP32 initializers holding the FP16-rounded values; every FP16
+    tensor a node produces is written FP32, then passed through ``Cast(to=FLOAT16)`` and
+    ``Cast(to=FLOAT)``. ONNX Runtime keeps such explicit pairs (it only merges the casts it
+    inserts itself), so rounding, overflow to inf and flush to zero happen at every node
+    boundary, while each node computes in FP32 as ONNX Runtime CPU does anyway.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    has_fp16 = any(t.data_type == f16 for t in model.graph.initializer) or any(
+        a.name == "to" and a.i == f16
+        for n in model.graph.node
+        if n.op_type == "Cast"
+        for a in n.attribute
+    )
+    if not has_fp16 or model.ByteSize() > 2**31 - 2**26:
+        return str(model_path)
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # fall back to the types the model states
+        typed = model
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]
+    }
+    g = model.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == f16:
+            g.initializer[i].CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name)
+            )
+    fp16_graph_outputs = {
+        o.name for o in g.output if o.type.tensor_type.elem_type == f16
+    }
+
+    def round_pair(src: str, dst: str) -> list[onnx.NodeProto]:
+        half = f"{dst}__amp_half"
+        return [
+            helper.make_node("Cast", [src], [half], name=f"amp_emulate/{dst}/h", to=f16),
+            helper.make_node("Cast", [half], [dst], name=f"amp_emulate/{dst}/f", to=f32),
+        ]
+
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        to_attr = next((a for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to_attr is not None and to_attr.i == f16:
+            raw = f"{node.output[0]}__amp_raw"
+            nodes.append(helper.make_node("Identity", [node.input[0]], [raw], name=node.name))
+            if types.get(node.input[0]) not in (f16, f32):
+                nodes[-1] = helper.make_node("Cast", [node.input[0]], [raw], name=node.name, to=f32)
+            nodes.extend(round_pair(raw, node.output[0]))
+            continue
+        extra: list[onnx.NodeProto] = []
+        if node.op_type not in ("Cast", "Shape", "Size"):
+            for k, name in enumerate(node.output):
+                if name and types.get(name) == f16:
+                    raw = f"{name}__amp_raw"
+                    node.output[k] = raw
+                    extra.extend(round_pair(raw, name))
+        nodes.append(node)
+        nodes.extend(extra)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    for o in g.output:
+        if o.name in fp16_graph_outputs:
+            o.type.tensor_type.elem_type = f32
+    # Graph outputs declared FP16 are produced FP32 (rounded): the runner reads them as is.
+    return model.SerializeToString()
+
+
+def _gpu_name(device_id: int) -> str:
+    """The GPU's name via nvidia-smi, or 'unknown' (no CUDA import needed)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", f"--id={device_id}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,91 @@
+"""The ``amp-search`` command line: ``main(argv) -> exit code`` and one class per subcommand.
+
+``main`` is the only place that configures logging. It turns an
+:class:`~amp_search.errors.AmpSearchError` into one line on stderr (plus ``Note:`` lines) and
+exit code 1 (runtime failure) or 2 (usage error); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from amp_search.cli._base import Subcommand
+from amp_search.cli.backends import BackendsCommand
+from amp_search.cli.demo import DemoCommand
+from amp_search.cli.inspect import InspectCommand
+from amp_search.errors import AmpSearchError
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+
+SUBCOMMANDS: list[type[Subcommand]] = [InspectCommand, DemoCommand, BackendsCommand]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from amp_search import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="amp-search",
+        description="Search-based FP16 mixed precision for ONNX models headed for TensorRT.",
+    )
+    parser.add_argument("--version", action="version", version=f"amp-search {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    common.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    common.add_argument("--log-file", help="also write the log to this file")
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cls in SUBCOMMANDS:
+        cmd = cls()
+        doc = (cls.__doc__ or "").strip()
+        sub = subs.add_parser(
+            cls.name,
+            parents=[common],
+            help=doc.splitlines()[0] if doc else None,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.add_arguments(sub)
+        sub.set_defaults(_command=cmd)
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING - 10 * getattr(args, "verbose", 0) + 10 * getattr(args, "quiet", 0)
+    handlers: list[logging.Handler] = []
+    try:
+        from rich.logging import RichHandler
+
+        handlers.append(RichHandler(show_time=False, show_path=False, markup=False))
+        fmt = "%(message)s"
+    except ImportError:
+        handlers.append(logging.StreamHandler())
+        fmt = "%(levelname)s: %(message)s"
+    if getattr(args, "log_file", None):
+        fh = logging.FileHandler(args.log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        handlers.append(fh)
+    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, handlers=handlers, force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_command", None) is None:
+        parser.print_help()
+        return 2
+    _configure_logging(args)
+    try:
+        return int(args._command.run(args))
+    except AmpSearchError as exc:
+        if args.debug:
+            raise
+        print(f"amp-search {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"amp-search {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,80 @@
+"""``amp-search inspect``: the per-unit FP16 risk report."""
+
+from __future__ import annotations
+
+import argparse
+
+from amp_search.cli._base import Subcommand, console
+from amp_search.cli._progress import stage_progress
+from amp_search.profiling.sensitivity import DEFAULT_THRESHOLD
+
+__all__ = ["InspectCommand", "add_data_arguments"]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data`` / ``--synthetic``, shared by subcommands that run the model."""
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help=".npz with arrays named after the model inputs, or a folder of .npz files "
+        "(an array of the input's rank is one batch; one extra leading axis stacks batches)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use random inputs instead of --data (a warning: ranges will not be realistic)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: its default)"
+    )
+
+
+class InspectCommand(Subcommand):
+    """Per-unit FP16 risk report: ranges, underflow, overflow and measured FP16 deviation.
+
+    One FP32 pass over the calibration data with every tensor exposed (max |x|, FP16
+    subnormal / flush-to-zero fractions, overflow, NaN/Inf), then one pass of the all-FP16
+    model comparing each unit's outputs with FP32 (relative L2, fraction more than 10% off).
+    Units are listed riskiest first. Batches run one at a time, so memory stays bounded by
+    one batch's activations.
+    """
+
+    name = "inspect"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
+        parser.add_argument("model", help="the ONNX model")
+        add_data_arguments(parser)
+        parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+        parser.add_argument(
+            "--threshold",
+            type=float,
+            default=DEFAULT_THRESHOLD,
+            help="|x| above which an activation counts as near overflow (default %(default)g)",
+        )
+        parser.add_argument(
+            "--top", type=int, default=30, help="rows to print (0: all; --json has all)"
+        )
+        parser.add_argument(
+            "--no-fp16-pass",
+            action="store_true",
+            help="skip the all-FP16 pass (ranges only; faster)",
+        )
+
+    def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.profiling.report import inspect_model
+
+        with stage_progress() as progress:
+            report = inspect_model(
+                args.model,
+                args.data,
+                synthetic=args.synthetic,
+                threshold=args.threshold,
+                fp16_pass=not args.no_fp16_pass,
+                threads=args.threads,
+                progress=progress,
+            )
+        report.render(console(), top=args.top)
+        if args.json:
+            path = report.write_json(args.json)
+            console().print(f"JSON report written to {path}")
+        return 0

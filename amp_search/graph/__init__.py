@@ -1,0 +1,19 @@
+"""ONNX graph handling: load/save, sanitize, units and the mixed-precision rewrite."""
+
+from __future__ import annotations
+
+from amp_search.graph.io import load_model, save_model
+from amp_search.graph.precision import ConversionReport, MixedPrecisionRewriter, apply_assignment
+from amp_search.graph.sanitize import sanitize
+from amp_search.graph.units import Unit, find_units
+
+__all__ = [
+    "ConversionReport",
+    "MixedPrecisionRewriter",
+    "Unit",
+    "apply_assignment",
+    "find_units",
+    "load_model",
+    "sanitize",
+    "save_model",
+]

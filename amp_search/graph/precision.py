@@ -1,0 +1,337 @@
+"""The mixed-precision rewrite: one assignment in, one new ONNX model out.
+
+:func:`apply_assignment` (and :class:`MixedPrecisionRewriter`, which keeps per-model work
+between calls) never mutates its input. For the nodes of FP16 units it:
+
+- switches the node's float inputs/outputs that its op schema types together (the type
+  variable of its outputs) to FP16, leaving spec-typed inputs alone (Resize scales/roi,
+  LayerNormalization's FP32-only statistics, index inputs);
+- reads FP16 copies of its float initializers (converted once and cached; the conversion
+  reports values that overflow, fall in the subnormal range, or flush to zero; a node whose
+  weights overflow FP16 stays FP32);
+- renames each FP16 output ``<name>__fp16``; the original name is materialized by a Cast
+  back to FP32 only where an FP32 reader, a graph output or a subgraph needs it, and FP16
+  readers use the FP16 tensor directly, so no Cast pair round-trips;
+- lets data-movement nodes (Reshape, Transpose, Concat, Resize, pooling, ...) run FP16 when
+  every float input they read is already FP16, and lets Shape/Size/Cast read FP16 tensors
+  directly instead of through a Cast.
+
+Graph inputs and outputs keep their names and types. The all-FP32 assignment returns an
+unchanged copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from amp_search.graph._index import FLOAT, FLOAT16, GraphIndex
+from amp_search.graph.units import FOLLOWER_OPS, Unit, find_units
+from amp_search.types import Precision, PrecisionAssignment
+
+__all__ = [
+    "FP16_MAX",
+    "FP16_MIN_NORMAL",
+    "FP16_MIN_SUBNORMAL",
+    "ConversionReport",
+    "InitializerLoss",
+    "MixedPrecisionRewriter",
+    "apply_assignment",
+]
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 6.103515625e-05
+FP16_MIN_SUBNORMAL = 5.960464477539063e-08
+
+_FP16_SUFFIX = "__fp16"
+_TYPE_AGNOSTIC_READERS = frozenset({"Shape", "Size", "Cast"})
+
+
+@dataclass(frozen=True)
+class InitializerLoss:
+    """What converting one float initializer to FP16 loses.
+
+    Attributes:
+        name: Initializer name.
+        numel: Number of elements.
+        n_overflow: Elements above 65504 in magnitude (they would become inf).
+        n_subnormal: Nonzero elements below 6.1e-5 (kept with reduced precision).
+        n_flush: Nonzero elements below 5.96e-8 (they become zero).
+    """
+
+    name: str
+    numel: int
+    n_overflow: int
+    n_subnormal: int
+    n_flush: int
+
+
+@dataclass
+class ConversionReport:
+    """What one rewrite did.
+
+    Attributes:
+        fp16_nodes: Nodes that run in FP16 (units' nodes and followers).
+        casts_inserted: Number of Cast nodes added.
+        initializers: Loss of every initializer converted to FP16.
+        forced_fp32: Nodes of FP16 units kept FP32 because a weight overflows FP16.
+    """
+
+    fp16_nodes: list[str] = field(default_factory=list)
+    casts_inserted: int = 0
+    initializers: list[InitializerLoss] = field(default_factory=list)
+    forced_fp32: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form."""
+        return {
+            "fp16_nodes": len(self.fp16_nodes),
+            "casts_inserted": self.casts_inserted,
+            "forced_fp32": self.forced_fp32,
+            "initializers_converted": len(self.initializers),
+            "weights_flushed_to_zero": sum(x.n_flush for x in self.initializers),
+            "weights_subnormal": sum(x.n_subnormal for x in self.initializers),
+            "weights_overflowing": sum(x.n_overflow for x in self.initializers),
+        }
+
+
+def initializer_loss(name: str, values: np.ndarray) -> InitializerLoss:
+    """Counts what FP16 conversion loses in ``values``."""
+    a = np.abs(values.astype(np.float32, copy=False)).ravel()
+    nz = a[a > 0]
+    return InitializerLoss(
+        name=name,
+        numel=int(a.size),
+        n_overflow=int(np.count_nonzero(a > FP16_MAX)),
+        n_subnormal=int(np.count_nonzero(nz < FP16_MIN_NORMAL)),
+        n_flush=int(np.count_nonzero(nz < FP16_MIN_SUBNORMAL / 2)),
+    )
+
+
+class MixedPrecisionRewriter:
+    """Rewrites one sanitized model for many assignments, caching what does not change.
+
+    Args:
+        model: A model returned by :func:`amp_search.graph.sanitize` (not modified).
+        units: Its units; found with :func:`find_units` when omitted.
+    """
+
+    def __init__(self, model: onnx.ModelProto, units: list[Unit] | None = None) -> None:
+        self.model = model
+        self.index = GraphIndex.build(model)
+        self.units = units if units is not None else find_units(model, self.index)
+        self._unit_nodes = {u.name: u.nodes for u in self.units}
+        self._pos = {n.name: i for i, n in enumerate(model.graph.node)}
+        self._params = [self.index.params(i) for i in range(len(model.graph.node))]
+        self._fp16_init: dict[str, tuple[onnx.TensorProto, InitializerLoss]] = {}
+        template = onnx.ModelProto()
+        template.CopyFrom(model)
+        del template.graph.node[:]
+        del template.graph.initializer[:]
+        del template.graph.value_info[:]
+        self._template = template
+        self._value_info = {vi.name: vi for vi in model.graph.value_info}
+
+    def _fp16_initializer(self, name: str) -> tuple[onnx.TensorProto, InitializerLoss]:
+        cached = self._fp16_init.get(name)
+        if cached is None:
+            values = numpy_helper.to_array(self.index.initializers[name])
+            loss = initializer_loss(name, values)
+            with np.errstate(over="ignore"):
+                half = values.astype(np.float16)
+            cached = (numpy_helper.from_array(half, name + _FP16_SUFFIX), loss)
+            self._fp16_init[name] = cached
+        return cached
+
+    def weight_loss(self, name: str) -> InitializerLoss:
+        """The FP16 conversion loss of float initializer ``name``."""
+        return self._fp16_initializer(name)[1]
+
+    def fp16_node_positions(self, assignment: PrecisionAssignment) -> set[int]:
+        """Positions of the nodes the assignment puts in FP16 (before followers)."""
+        out: set[int] = set()
+        for unit in assignment.fp16_units:
+            nodes = self._unit_nodes.get(unit)
+            if nodes is None:
+                known = ", ".join(list(self._unit_nodes)[:5])
+                raise KeyError(
+                    f"Unknown unit {unit!r} in the assignment (units look like: {known}, ...)"
+                )
+            out.update(self._pos[n] for n in nodes)
+        return out
+
+    def apply(self, assignment: PrecisionAssignment) -> tuple[onnx.ModelProto, ConversionReport]:
+        """Returns the mixed-precision model for ``assignment`` and what the rewrite did."""
+        report = ConversionReport()
+        fp16_pos = self.fp16_node_positions(assignment)
+        idx = self.index
+        graph = self.model.graph
+        # Weights that overflow FP16 keep their node FP32.
+        for i in sorted(fp16_pos):
+            node = graph.node[i]
+            for k in self._params[i].inputs:
+                name = node.input[k]
+                if idx.is_initializer(name) and self._fp16_initializer(name)[1].n_overflow:
+                    fp16_pos.discard(i)
+                    report.forced_fp32.append(node.name)
+                    break
+
+        new_nodes: list[onnx.NodeProto] = []
+        fp16_name: dict[str, str] = {}  # tensor -> its FP16 version (native or cast)
+        native: set[str] = set()  # tensors produced in FP16 by an FP16 node
+        materialized: set[str] = set()  # FP16-produced tensors whose FP32 name exists again
+        new_inits: dict[str, onnx.TensorProto] = {}
+        new_vi: list[onnx.ValueInfoProto] = []
+
+        def need_fp32(name: str) -> str:
+            if name in native and name not in materialized:
+                new_nodes.append(_cast(fp16_name[name], name, FLOAT))
+                report.casts_inserted += 1
+                materialized.add(name)
+            return name
+
+        def need_fp16(name: str) -> str:
+            if name in fp16_name:
+                return fp16_name[name]
+            if idx.is_initializer(name):
+                tensor, loss = self._fp16_initializer(name)
+                new_inits[tensor.name] = tensor
+                report.initializers.append(loss)
+                fp16_name[name] = tensor.name
+                return tensor.name
+            half = name + _FP16_SUFFIX
+            new_nodes.append(_cast(name, half, FLOAT16))
+            report.casts_inserted += 1
+            fp16_name[name] = half
+            return half
+
+        for i, node in enumerate(graph.node):
+            params = self._params[i]
+            run_fp16 = i in fp16_pos
+            if not run_fp16 and node.op_type in FOLLOWER_OPS and params.convertible:
+                live = [
+                    node.input[k] for k in params.inputs if not idx.is_initializer(node.input[k])
+                ]
+                if live:
+                    run_fp16 = all(n in native for n in live)
+                else:  # constant data movement (Reshape of a weight): FP16 if read in FP16
+                    readers = [r for o in node.output for r in idx.consumers.get(o, [])]
+                    run_fp16 = bool(readers) and all(r in fp16_pos for r in readers)
+            if run_fp16 and params.convertible:
+                new = onnx.NodeProto()
+                new.CopyFrom(node)
+                switch_in = set(params.inputs)
+                for k, name in enumerate(node.input):
+                    if not name:
+                        continue
+                    new.input[k] = need_fp16(name) if k in switch_in else need_fp32(name)
+                for k in params.outputs:
+                    name = node.output[k]
+                    if not name:
+                        continue
+                    half = name + _FP16_SUFFIX
+                    new.output[k] = half
+                    fp16_name[name] = half
+                    native.add(name)
+                    vi = self._value_info.get(name)
+                    if vi is not None:
+                        hvi = onnx.ValueInfoProto()
+                        hvi.CopyFrom(vi)
+                        hvi.name = half
+                        hvi.type.tensor_type.elem_type = FLOAT16
+                        new_vi.append(hvi)
+                for i_out, name in enumerate(node.output):
+                    if name and i_out not in params.outputs and name in self._value_info:
+                        new_vi.append(self._value_info[name])
+                for ref in idx.outer_refs.get(i, ()):
+                    need_fp32(ref)
+                new_nodes.append(new)
+                report.fp16_nodes.append(node.name)
+                continue
+            # An FP32 node (or one with nothing to switch).
+            if node.op_type in _TYPE_AGNOSTIC_READERS and node.input and node.input[0] in native:
+                new = onnx.NodeProto()
+                new.CopyFrom(node)
+                new.input[0] = fp16_name[node.input[0]]
+                for name in list(node.input)[1:]:
+                    if name:
+                        need_fp32(name)
+                new_nodes.append(new)
+            else:
+                for name in node.input:
+                    if name:
+                        need_fp32(name)
+                for ref in idx.outer_refs.get(i, ()):
+                    need_fp32(ref)
+                new_nodes.append(node)
+            for name in node.output:
+                if name in self._value_info:
+                    new_vi.append(self._value_info[name])
+
+        for name in idx.graph_outputs:
+            need_fp32(name)
+
+        if not report.fp16_nodes:
+            out = onnx.ModelProto()
+            out.CopyFrom(self.model)
+            return out, report
+
+        out = onnx.ModelProto()
+        out.CopyFrom(self._template)
+        out.graph.node.extend(new_nodes)
+        # Keep FP32 initializers still read somewhere (graph inputs may also name them).
+        read: set[str] = set()
+        for n in new_nodes:
+            read.update(n.input)
+        for n in new_nodes:
+            for a in n.attribute:
+                if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    read |= _all_refs(a)
+        read.update(i.name for i in graph.input)
+        out.graph.initializer.extend(t for t in graph.initializer if t.name in read)
+        out.graph.initializer.extend(new_inits.values())
+        seen: set[str] = set()
+        for vi in new_vi:
+            if vi.name not in seen and vi.name not in idx.graph_outputs:
+                seen.add(vi.name)
+                out.graph.value_info.append(vi)
+        return out, report
+
+
+def _all_refs(attr: onnx.AttributeProto) -> set[str]:
+    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    refs: set[str] = set()
+    for g in graphs:
+        for n in g.node:
+            refs.update(n.input)
+            for a in n.attribute:
+                if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    refs |= _all_refs(a)
+    return refs
+
+
+def _cast(src: str, dst: str, to: int) -> onnx.NodeProto:
+    suffix = "to_fp16" if to == FLOAT16 else "to_fp32"
+    return helper.make_node("Cast", [src], [dst], name=f"amp_cast/{src}/{suffix}", to=to)
+
+
+def apply_assignment(
+    model: onnx.ModelProto,
+    assignment: PrecisionAssignment | dict[str, Precision | str],
+) -> onnx.ModelProto:
+    """Returns a new mixed-precision model; ``model`` is not modified.
+
+    Args:
+        model: A sanitized model (:func:`amp_search.graph.sanitize`).
+        assignment: Unit name -> precision; units not named stay FP32.
+    """
+    if not isinstance(assignment, PrecisionAssignment):
+        assignment = PrecisionAssignment.from_mapping(assignment)
+    return MixedPrecisionRewriter(model).apply(assignment)[0]

@@ -1,0 +1,114 @@
+"""Sanitizing a loaded model before anything keys on it.
+
+The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
+
+1. :class:`CheckOpsetPass` refuses IR versions and default-domain opsets outside the
+   supported range, with a message saying what to do.
+2. onnx-ir's ``NameFixPass`` gives every node a unique, stable name (``<OpType>`` with a
+   counter for unnamed ones; Paddle exports leave most nodes unnamed). Stable means the same
+   model always gets the same names, so Optuna parameters keyed on them survive resuming.
+3. onnx-ir's ``LiftConstantsToInitializersPass`` turns ``Constant`` nodes into initializers,
+   so weights that arrive through Constants are converted (or kept FP32) with their unit.
+4. ONNX shape inference, so every tensor has an element type.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass
+
+from amp_search.errors import UserInputError
+
+__all__ = ["MAX_OPSET", "MIN_OPSET", "CheckOpsetPass", "default_opset", "sanitize"]
+
+logger = logging.getLogger(__name__)
+
+#: Oldest default-domain opset accepted (Cast with an integer ``to`` exists from opset 6).
+MIN_OPSET = 7
+#: Newest default-domain opset accepted: what the installed ONNX Runtime 1.2x/1.3x runs.
+MAX_OPSET = 23
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's ``ai.onnx`` opset version."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise UserInputError(
+        "The model imports no default-domain (ai.onnx) opset. Re-export it with a standard "
+        f"opset between {MIN_OPSET} and {MAX_OPSET}."
+    )
+
+
+class CheckOpsetPass(ir.passes.PassBase):
+    """Refuses models whose IR version or opset the toolchain cannot handle."""
+
+    @property
+    def in_place(self) -> bool:  # noqa: D102
+        return True
+
+    @property
+    def changes_input(self) -> bool:  # noqa: D102
+        return False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:  # noqa: D102
+        version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        if version is None:
+            raise UserInputError(
+                "The model imports no default-domain (ai.onnx) opset. Re-export it with a "
+                f"standard opset between {MIN_OPSET} and {MAX_OPSET}."
+            )
+        if not MIN_OPSET <= version <= MAX_OPSET:
+            hint = "older" if version > MAX_OPSET else "newer"
+            raise UserInputError(
+                f"Unsupported opset {version}: amp-search handles ai.onnx opsets "
+                f"{MIN_OPSET} to {MAX_OPSET}. Re-export with a {hint} opset, or convert "
+                "with onnx.version_converter.convert_version(model, 17)."
+            )
+        return ir.passes.PassResult(model, modified=False)
+
+
+class _OpTypeNames:
+    """Names unnamed nodes after their op type (``Conv``, ``Conv_1``, ...)."""
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        return node.name or node.op_type
+
+    def generate_value_name(self, value: ir.Value) -> str:
+        return value.name or "v"
+
+
+def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Returns a sanitized copy of ``model`` (the input is not modified).
+
+    Raises:
+        UserInputError: Unsupported IR version or opset, or a model shape inference rejects.
+    """
+    if model.ir_version > onnx.IR_VERSION:
+        raise UserInputError(
+            f"Unsupported ONNX IR version {model.ir_version}: this onnx package reads up to "
+            f"{onnx.IR_VERSION}. Upgrade onnx, or re-export with an older exporter."
+        )
+    try:
+        irm = ir.from_proto(model)
+    except Exception as exc:  # onnx-ir raises several types on malformed protos
+        raise UserInputError(
+            f"The model could not be read as an ONNX graph: {exc}. Run "
+            "onnx.checker.check_model on it and re-export.",
+        ) from exc
+    passes = ir.passes.Sequential(
+        CheckOpsetPass(),
+        NameFixPass(name_generator=_OpTypeNames()),  # type: ignore[arg-type]
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+    )
+    irm = passes(irm).model
+    out = ir.to_proto(irm)
+    try:
+        if out.ByteSize() < 2**31 - 2**26:
+            out = onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError and others
+        logger.warning("ONNX shape inference failed (%s); element types may be missing", exc)
+    return out

@@ -1,0 +1,212 @@
+"""Units: the decision variables of the search.
+
+A unit is a group of main-graph nodes that switch precision together. By default one unit is
+one layer: a compute node (Conv, MatMul, Gemm, a normalization, Softmax, a reduction) with
+the pointwise nodes that follow it and read nothing else but constants (bias Add,
+BatchNormalization, activation, HardSwish's Mul), which TensorRT fuses anyway. A pointwise node fed by several units (a
+residual Add) is a unit of its own. A unit is named after its first node, a stable name the
+Optuna parameter reuses across runs.
+
+Shape and index computations are never units and never change type. Data-movement nodes
+(Reshape, Transpose, Concat, Resize, pooling, ...) are not units: they *follow* their inputs
+and run in FP16 when every float input they read is produced in FP16 (see
+``graph/precision.py``). Nodes that own subgraphs (If/Loop/Scan) and everything inside them
+stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from amp_search.graph._index import GraphIndex
+
+__all__ = ["COMPUTE_OPS", "FOLLOWER_OPS", "POINTWISE_OPS", "Unit", "find_units"]
+
+#: Ops that start a unit.
+COMPUTE_OPS = frozenset(
+    {
+        "Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum",
+        "InstanceNormalization", "LayerNormalization",
+        "GroupNormalization", "LpNormalization", "MeanVarianceNormalization", "LRN",
+        "Softmax", "LogSoftmax", "Hardmax",
+        "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2",
+        "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "ReduceMax", "ReduceMin",
+        "GlobalAveragePool", "AveragePool", "GlobalLpPool", "LpPool", "CumSum",
+        "Attention", "RMSNormalization",
+    }
+)  # fmt: skip
+
+#: Element-wise math: joins the unit that feeds it, or forms its own.
+POINTWISE_OPS = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Log", "Reciprocal", "Neg", "Abs",
+        "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
+        "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
+        "Min", "Max", "Sum", "Mean", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Where",
+        "Swish", "BatchNormalization",
+    }
+)  # fmt: skip
+
+#: Data movement: runs FP16 when every float input it reads is FP16, never a unit.
+FOLLOWER_OPS = frozenset(
+    {
+        "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split",
+        "Slice", "Gather", "GatherElements", "GatherND", "Expand", "Tile", "Pad", "Identity",
+        "Resize", "Upsample", "MaxPool", "GlobalMaxPool", "DepthToSpace", "SpaceToDepth",
+        "ReverseSequence", "Dropout",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One decision variable.
+
+    Attributes:
+        name: Stable name (the first node's name); the Optuna parameter name.
+        nodes: Names of the nodes it switches, in graph order.
+        op_types: Their op types, in the same order.
+        outputs: Float tensors the unit produces that something outside it reads (or graph
+            outputs): what the profiler compares between FP32 and FP16.
+        weights: Float initializers the unit reads through switchable inputs.
+        tensors: Every float tensor its nodes produce, internal ones included (an overflow
+            inside a fused chain matters as much as one at its end).
+        inputs: Float tensors it reads from outside (not weights).
+        feeders: Units whose outputs reach it, directly or through non-unit nodes.
+    """
+
+    name: str
+    nodes: tuple[str, ...]
+    op_types: tuple[str, ...]
+    outputs: tuple[str, ...]
+    weights: tuple[str, ...]
+    tensors: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    feeders: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """The op type of its first node (``Conv``, ``MatMul``, ``Add``, ...)."""
+        return self.op_types[0]
+
+
+def find_units(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[Unit]:
+    """Lists the units of a sanitized model, in graph order.
+
+    Args:
+        model: A model returned by :func:`amp_search.graph.sanitize`.
+        index: Its :class:`GraphIndex`, if already built.
+    """
+    idx = index or GraphIndex.build(model)
+    nodes = model.graph.node
+    unit_of: dict[int, int] = {}  # node position -> unit id
+    groups: list[list[int]] = []
+    for i, node in enumerate(nodes):
+        if node.op_type not in COMPUTE_OPS and node.op_type not in POINTWISE_OPS:
+            continue
+        params = idx.params(i)
+        if not params.convertible:
+            continue
+        if node.op_type in POINTWISE_OPS:
+            feeding = {
+                unit_of.get(idx.producer.get(node.input[k], -1), -1)
+                for k in params.inputs
+                if not idx.is_initializer(node.input[k])
+            }
+            if len(feeding) == 1 and -1 not in feeding:
+                (u,) = feeding
+                if _only_feeds_unit(idx, groups[u], i, unit_of, u):
+                    unit_of[i] = u
+                    groups[u].append(i)
+                    continue
+        unit_of[i] = len(groups)
+        groups.append([i])
+
+    # Which units each tensor comes from, looking through non-unit nodes.
+    source: dict[str, frozenset[int]] = {}
+    for i, node in enumerate(nodes):
+        if i in unit_of:
+            src = frozenset({unit_of[i]})
+        else:
+            src = frozenset().union(*(source.get(x, frozenset()) for x in node.input if x))
+        for o in node.output:
+            if o:
+                source[o] = src
+
+    units: list[Unit] = []
+    for uid, members in enumerate(groups):
+        member_set = set(members)
+        outputs: list[str] = []
+        weights: list[str] = []
+        tensors: list[str] = []
+        inputs: list[str] = []
+        produced = {o for i in members for o in nodes[i].output}
+        for i in members:
+            node = nodes[i]
+            params = idx.params(i)
+            for k in params.outputs:
+                name = node.output[k]
+                tensors.append(name)
+                readers = idx.consumers.get(name, [])
+                if name in idx.graph_outputs or any(r not in member_set for r in readers):
+                    outputs.append(name)
+            for k in params.inputs:
+                name = node.input[k]
+                if idx.is_initializer(name):
+                    if name not in weights:
+                        weights.append(name)
+                elif name not in produced and name not in inputs:
+                    inputs.append(name)
+        units.append(
+            Unit(
+                name=nodes[members[0]].name,
+                nodes=tuple(nodes[i].name for i in members),
+                op_types=tuple(nodes[i].op_type for i in members),
+                outputs=tuple(outputs),
+                weights=tuple(weights),
+                tensors=tuple(tensors),
+                inputs=tuple(inputs),
+                feeders=tuple(
+                    sorted(
+                        {g for x in inputs for g in source.get(x, frozenset())} - {uid}
+                    )
+                ),
+            )
+        )
+    names = [u.name for u in units]
+    return [
+        Unit(**{**u.__dict__, "feeders": tuple(names[int(g)] for g in u.feeders)}) for u in units
+    ]
+
+
+def _only_feeds_unit(
+    idx: GraphIndex, members: list[int], candidate: int, unit_of: dict[int, int], u: int
+) -> bool:
+    """Whether the unit's tensors the candidate reads are read by nothing outside the unit.
+
+    Keeps a unit a chain (Conv -> Add -> Relu, or x -> HardSigmoid -> Mul(x, .)) rather than
+    swallowing a pointwise node that sits beside a branch.
+    """
+    node = idx.model.graph.node[candidate]
+    for name in node.input:
+        p = idx.producer.get(name)
+        if p is None or unit_of.get(p) != u:
+            continue
+        for reader in idx.consumers.get(name, []):
+            if reader == candidate or unit_of.get(reader) == u:
+                continue
+            # A reader later in the graph that is not (yet) in the unit: allowed only if it
+            # too is a pointwise node fed by this unit alone (HardSwish's two readers).
+            r_node = idx.model.graph.node[reader]
+            if r_node.op_type not in POINTWISE_OPS:
+                return False
+            others = {
+                unit_of.get(idx.producer.get(x, -1), -1)
+                for x in r_node.input
+                if x and not idx.is_initializer(x) and x != name
+            }
+            if others - {u, -1} or (reader not in (candidate,) and reader < candidate):
+                return False
+    return True

@@ -1,0 +1,182 @@
+"""The FP16 risk report (``amp-search inspect``): pipeline, JSON form and table.
+
+:func:`inspect_model` runs load -> sanitize -> units -> calibration -> profile -> risk and
+returns an :class:`InspectReport`, which renders as a rich table or writes JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from amp_search.calibration import load_calibration, model_inputs
+from amp_search.errors import UserInputError
+from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
+from amp_search.profiling.ranges import profile_model
+from amp_search.profiling.sensitivity import DEFAULT_THRESHOLD, RiskLevel, UnitRisk, assess_units
+from amp_search._atomic import write_json_atomic
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["CPU_NOTE", "InspectReport", "inspect_model"]
+
+CPU_NOTE = (
+    "FP16 figures come from ONNX Runtime CPU with FP16 storage emulated at every node "
+    "boundary: an accuracy estimate. CPU arithmetic inside a node stays FP32, so it cannot "
+    "show a GPU kernel's own FP16 failures; measure on the target backend before shipping."
+)
+
+
+@dataclass
+class InspectReport:
+    """The result of :func:`inspect_model`."""
+
+    model: str
+    n_nodes: int
+    risks: list[UnitRisk]
+    data: str
+    threshold: float
+    seconds: float
+    fp16_pass: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Number of units per risk level."""
+        out = {str(lv): 0 for lv in reversed(RiskLevel)}
+        for r in self.risks:
+            out[str(r.level)] += 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form (what ``--json`` writes)."""
+        return {
+            "model": self.model,
+            "nodes": self.n_nodes,
+            "units": len(self.risks),
+            "data": self.data,
+            "threshold": self.threshold,
+            "seconds": round(self.seconds, 3),
+            "reference": "onnxruntime CPU, FP32 (strict: no TF32)",
+            "fp16_source": "onnxruntime-cpu (FP16 storage emulated)" if self.fp16_pass else None,
+            "note": CPU_NOTE,
+            "counts": self.counts(),
+            "locked_fp32": [r.unit.name for r in self.risks if r.locked_fp32],
+            "units_by_risk": [r.to_json() for r in self.risks],
+        }
+
+    def write_json(self, path: str | os.PathLike[str]) -> Path:
+        """Writes :meth:`to_json` atomically."""
+        return write_json_atomic(path, self.to_json())
+
+    def render(self, console: Console, top: int | None = 30) -> None:
+        """Prints the table (riskiest first) and a summary."""
+        from rich.table import Table
+
+        shown = self.risks if not top else self.risks[:top]
+        table = Table(
+            title=f"FP16 risk by unit: {Path(self.model).name} "
+            f"({len(self.risks)} units, {self.n_nodes} nodes)",
+            title_justify="left",
+        )
+        for col, kw in [
+            ("#", {"justify": "right"}),
+            ("unit", {"overflow": "fold", "max_width": 36}),
+            ("ops", {"max_width": 24}),
+            ("max|x|", {"justify": "right"}),
+            ("act flush", {"justify": "right"}),
+            ("w flush/subn", {"justify": "right"}),
+            ("FP16 rel.L2", {"justify": "right"}),
+            ("off>10%", {"justify": "right"}),
+            ("risk", {}),
+            ("reason", {"overflow": "fold", "max_width": 60}),
+        ]:
+            table.add_column(col, **kw)  # type: ignore[arg-type]
+        style = {
+            RiskLevel.CRITICAL: "bold red",
+            RiskLevel.HIGH: "red",
+            RiskLevel.MEDIUM: "yellow",
+            RiskLevel.LOW: "cyan",
+        }
+        for i, r in enumerate(shown, 1):
+            d = r.deviation
+            table.add_row(
+                str(i),
+                r.unit.name,
+                "/".join(r.unit.op_types),
+                f"{r.max_abs:.4g}",
+                f"{r.act_flush_fraction:.1%}",
+                f"{r.weight_flush}/{r.weight_subnormal}" if r.weight_numel else "-",
+                f"{d.rel_l2:.2e}" if d and d.numel else "-",
+                f"{d.off_fraction:.1%}" if d and d.numel else "-",
+                str(r.level),
+                r.reason,
+                style=style.get(r.level),
+            )
+        console.print(table)
+        if top and len(self.risks) > top:
+            console.print(f"({len(self.risks) - top} more units; --top 0 shows all, --json all)")
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts().items() if v)
+        console.print(f"units by risk: {counts}")
+        locked = [r.unit.name for r in self.risks if r.locked_fp32]
+        if locked:
+            console.print(f"locked FP32 (weights overflow FP16): {', '.join(locked)}")
+        console.print(
+            f"data: {self.data}; threshold {self.threshold:g}; {self.seconds:.1f} s. "
+            "Reference: ONNX Runtime CPU, strict FP32."
+        )
+        if self.fp16_pass:
+            console.print(f"Note: {CPU_NOTE}", style="dim")
+
+
+def inspect_model(
+    model_path: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None,
+    *,
+    synthetic: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    fp16_pass: bool = True,
+    threads: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> InspectReport:
+    """Runs the FP16 risk analysis of a model on calibration data.
+
+    Args:
+        model_path: The ONNX model.
+        data: ``.npz`` file or folder (None with ``synthetic``).
+        synthetic: Use random inputs (with a warning).
+        threshold: |x| above which an activation is "near overflow".
+        fp16_pass: Also run the all-FP16 model and measure each unit's deviation.
+        threads: ONNX Runtime CPU threads (0: default).
+        progress: Called with (stage, done, total).
+    """
+    if threshold <= 0:
+        raise UserInputError(f"--threshold must be positive, got {threshold}.")
+    t0 = time.perf_counter()
+    model = sanitize(load_model(model_path))
+    cal = load_calibration(data, model_inputs(model), synthetic=synthetic)
+    units = find_units(model)
+    if not units:
+        raise UserInputError(
+            f"{Path(model_path).name} has no float computation that could run in FP16 "
+            "(no float Conv/MatMul/Gemm/normalization/pointwise nodes): nothing to inspect."
+        )
+    rewriter = MixedPrecisionRewriter(model, units)
+    prof = profile_model(
+        model, units, cal, fp16_pass=fp16_pass, rewriter=rewriter, threads=threads,
+        progress=progress,
+    )  # fmt: skip
+    risks = assess_units(units, prof, threshold=threshold)
+    return InspectReport(
+        model=str(model_path),
+        n_nodes=len(model.graph.node),
+        risks=risks,
+        data=cal.describe(),
+        threshold=threshold,
+        seconds=time.perf_counter() - t0,
+        fp16_pass=fp16_pass,
+    )

@@ -1,0 +1,1 @@
+"""Test support shipped with the package: real-model fetching, tiny model builders, suites."""

@@ -1,0 +1,167 @@
+"""Value types shared across amp-search: precisions, assignments, ranges, latency, results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "LatencyStats",
+    "Precision",
+    "PrecisionAssignment",
+    "TensorRanges",
+]
+
+
+class Precision(str, Enum):
+    """The precision a unit computes in."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PrecisionAssignment(Mapping[str, Precision]):
+    """An immutable map from unit name to :class:`Precision`.
+
+    Units that are not named are FP32. The :meth:`digest` is stable across processes and
+    runs (it depends only on the set of FP16 units) and is the cache key of a candidate.
+    """
+
+    _items: tuple[tuple[str, Precision], ...] = ()
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Precision | str]) -> PrecisionAssignment:
+        """Builds an assignment from ``{unit: precision}`` (precision as enum or string)."""
+        items = tuple(sorted((str(k), Precision(v)) for k, v in mapping.items()))
+        return cls(items)
+
+    @classmethod
+    def uniform(cls, units: Iterable[str], precision: Precision) -> PrecisionAssignment:
+        """Every unit of ``units`` at ``precision``."""
+        return cls.from_mapping(dict.fromkeys(units, precision))
+
+    @classmethod
+    def with_fp16(cls, units: Iterable[str], fp16: Iterable[str]) -> PrecisionAssignment:
+        """All ``units`` FP32 except those in ``fp16``."""
+        fp16_set = set(fp16)
+        return cls.from_mapping(
+            {u: Precision.FP16 if u in fp16_set else Precision.FP32 for u in units}
+        )
+
+    def __getitem__(self, key: str) -> Precision:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = Precision.FP32) -> Any:  # noqa: D102
+        return dict(self._items).get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def fp16_units(self) -> frozenset[str]:
+        """Names of the units assigned FP16."""
+        return frozenset(k for k, v in self._items if v is Precision.FP16)
+
+    @property
+    def fp32_units(self) -> frozenset[str]:
+        """Names of the units assigned FP32 (the FP32 fallback set)."""
+        return frozenset(k for k, v in self._items if v is Precision.FP32)
+
+    def digest(self) -> str:
+        """A short stable hex digest of the FP16 unit set."""
+        payload = json.dumps(sorted(self.fp16_units)).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, str]:
+        """``{unit: "fp32"|"fp16"}``."""
+        return {k: v.value for k, v in self._items}
+
+
+@dataclass
+class TensorRanges:
+    """Range statistics of one tensor over the calibration data.
+
+    Attributes:
+        name: Tensor name.
+        max_abs: Largest finite magnitude seen.
+        numel: Number of elements seen (all batches).
+        nonzero: Number of nonzero elements seen.
+        n_overflow: Elements whose magnitude exceeds the FP16 maximum (65504).
+        n_subnormal: Nonzero elements in the FP16 subnormal range (below 6.1e-5).
+        n_flush: Nonzero elements that FP16 flushes to zero (below 5.96e-8).
+        n_nonfinite: NaN or Inf elements.
+        is_weight: Whether the tensor is an initializer.
+    """
+
+    name: str
+    max_abs: float = 0.0
+    numel: int = 0
+    nonzero: int = 0
+    n_overflow: int = 0
+    n_subnormal: int = 0
+    n_flush: int = 0
+    n_nonfinite: int = 0
+    is_weight: bool = False
+
+    @property
+    def subnormal_fraction(self) -> float:
+        """Fraction of nonzero elements in the FP16 subnormal range."""
+        return self.n_subnormal / self.nonzero if self.nonzero else 0.0
+
+    @property
+    def flush_fraction(self) -> float:
+        """Fraction of nonzero elements that FP16 flushes to zero."""
+        return self.n_flush / self.nonzero if self.nonzero else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form, with the derived fractions."""
+        out = asdict(self)
+        out["subnormal_fraction"] = self.subnormal_fraction
+        out["flush_fraction"] = self.flush_fraction
+        return out
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one candidate, in milliseconds.
+
+    Attributes:
+        median_ms: Median over the timed runs.
+        p90_ms: 90th percentile over the timed runs.
+        mean_ms: Mean over the timed runs.
+        min_ms: Fastest run.
+        n_runs: Number of timed runs.
+        n_warmup: Number of untimed warm-up runs before them.
+        source: Where the figure comes from, e.g. ``"measured:onnxruntime-cpu"`` or
+            ``"estimated:h100"``. A CPU figure never stands in for a GPU one silently.
+        samples_ms: The individual timed runs.
+    """
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    n_runs: int
+    n_warmup: int
+    source: str
+    samples_ms: tuple[float, ...] = field(default=(), repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form (without the samples)."""
+        out = asdict(self)
+        out.pop("samples_ms")
+        return out
