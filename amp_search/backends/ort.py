@@ -144,9 +144,9 @@ class OnnxRuntimeBackend(Backend):
         providers = self._providers(config, opts)
         t0 = time.perf_counter()
         source: str | bytes = str(model_path)
-        if config.device_type == "cpu" and int(opts.get("emulate_fp16_storage", 0)):
-            source = _emulating_fp16_storage(model_path)
         try:
+            if config.device_type == "cpu" and int(opts.get("emulate_fp16_storage", 0)):
+                source = _emulating_fp16_storage(model_path)
             sess = ort.InferenceSession(source, self._session_options(opts), providers=providers)
         except Exception as exc:  # ORT raises its own exception types
             raise CandidateBuildError(

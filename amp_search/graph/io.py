@@ -47,7 +47,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if _uses_external_data(model):
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
-        except (FileNotFoundError, OSError) as exc:
+        except (OSError, onnx.checker.ValidationError) as exc:
             raise UserInputError(
                 f"External data of {p.name} is missing: {exc}. "
                 "Keep the data files next to the model (paths are relative to it).",

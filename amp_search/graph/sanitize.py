@@ -104,7 +104,16 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
         NameFixPass(name_generator=_OpTypeNames()),  # type: ignore[arg-type]
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
     )
-    irm = passes(irm).model
+    try:
+        irm = passes(irm).model
+    except ir.passes.PassError as exc:  # onnx-ir wraps what a pass raises
+        cause = exc.__cause__
+        if isinstance(cause, UserInputError):
+            raise cause from None
+        raise UserInputError(
+            f"The model could not be sanitized: {cause or exc}. Run "
+            "onnx.checker.check_model on it and re-export."
+        ) from exc
     out = ir.to_proto(irm)
     try:
         if out.ByteSize() < 2**31 - 2**26:

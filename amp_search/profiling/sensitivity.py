@@ -7,11 +7,11 @@ both the report users read and the prior that seeds the search (keep the k riski
 Built-in rules:
 
 - ``weight-overflow`` (critical): a weight above 65504; the unit can only stay FP32.
-- ``overflow`` (critical): an activation above 65504 on the calibration data.
-- ``sentinel`` (info): an activation holds magnitudes >= 1e30, the float32 minimum that
-  attention masks add (-3.4e38). FP16 turns them into -inf, which is harmless after Softmax
-  unless a row is fully masked; the measured FP16 deviation tells which.
-- ``near-overflow`` (high): an activation above the threshold (10000 by default).
+- ``activation-range``: critical when an activation exceeds 65504 on the calibration data;
+  high when it exceeds the threshold (10000 by default, "near overflow"); info when it
+  holds magnitudes >= 1e30, the float32 minimum that attention masks add (-3.4e38): FP16
+  turns them into -inf, harmless after Softmax unless a row is fully masked, and the
+  measured FP16 deviation tells which.
 - ``fp16-nonfinite`` (critical): the all-FP16 model's output of this unit holds inf/NaN.
 - ``fp16-deviation`` (high/medium): its measured FP16 relative L2 error is above 1e-1/1e-2.
 - ``weight-flush`` (medium): weights that flush to zero in FP16 (below 5.96e-8).
@@ -147,7 +147,7 @@ class WeightOverflowRule(NodeRuleBase):
 class ActivationRangeRule(NodeRuleBase):
     """Overflow, sentinel and near-overflow in one pass over the activations."""
 
-    name = "overflow"
+    name = "activation-range"
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD) -> None:
         self.threshold = threshold
@@ -190,15 +190,22 @@ class MeasuredDeviationRule(NodeRuleBase):
         return None
 
 
-class WeightUnderflowRule(NodeRuleBase):
+class WeightFlushRule(NodeRuleBase):
     name = "weight-flush"
 
     def check(self, facts: UnitFacts) -> tuple[RiskLevel, str] | None:
         flush = sum(w.n_flush for w in facts.weights)
-        sub = sum(w.n_subnormal for w in facts.weights)
-        nonzero = sum(w.nonzero for w in facts.weights)
         if flush:
             return RiskLevel.MEDIUM, f"{flush} weight(s) flush to zero in FP16"
+        return None
+
+
+class WeightSubnormalRule(NodeRuleBase):
+    name = "weight-subnormal"
+
+    def check(self, facts: UnitFacts) -> tuple[RiskLevel, str] | None:
+        sub = sum(w.n_subnormal for w in facts.weights)
+        nonzero = sum(w.nonzero for w in facts.weights)
         if nonzero and sub / nonzero > 0.01:
             return RiskLevel.LOW, f"{sub / nonzero:.1%} of weights FP16-subnormal"
         return None
@@ -220,7 +227,8 @@ def default_rules(threshold: float = DEFAULT_THRESHOLD) -> list[NodeRuleBase]:
         WeightOverflowRule(),
         ActivationRangeRule(threshold),
         MeasuredDeviationRule(),
-        WeightUnderflowRule(),
+        WeightFlushRule(),
+        WeightSubnormalRule(),
         ActivationUnderflowRule(),
     ]
 

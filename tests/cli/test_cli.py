@@ -1,0 +1,99 @@
+"""The CLI: help for every subcommand, exit codes, one-line errors, inspect and demo output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from amp_search.cli import SUBCOMMANDS, main
+
+BLOCK_OPTIONAL = (
+    "import sys\n"
+    "for m in ('tensorrt', 'tensorrt_rtx', 'cuda', 'onnxruntime_gpu', 'matplotlib', 'plotly'):\n"
+    "    sys.modules[m] = None\n"
+    "from amp_search.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_OPTIONAL, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("sub", [c.name for c in SUBCOMMANDS])
+def test_help_works_without_optional_packages(sub):
+    r = _cli(sub, "--help")
+    assert r.returncode == 0, r.stderr
+    assert sub in r.stdout
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_inspect_demo_model_flags_overflow_and_writes_json(demo_model_path, demo_data_path, tmp_path):
+    out = tmp_path / "r.json"
+    r = _cli("inspect", str(demo_model_path), "--data", str(demo_data_path), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "amp4/Conv" in r.stdout and "overflows FP16" in r.stdout
+    assert "accuracy estimate" in r.stdout  # the CPU caveat is printed
+    report = json.loads(out.read_text())
+    first = report["units_by_risk"][0]
+    assert first["unit"] == "amp4/Conv" and first["risk"] == "critical"
+    assert report["units"] == len(report["units_by_risk"]) == 12
+    tiny = next(u for u in report["units_by_risk"] if u["unit"] == "tiny/Conv")
+    assert tiny["weight_flush_to_zero"] > 0
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "match"),
+    [
+        (lambda p: p.write_bytes(b"\x00junk" * 100), 2, "not a valid ONNX model"),
+        (lambda p: None, 2, "not found"),
+    ],
+)
+def test_bad_model_gives_one_line_and_exit_code(tmp_path, demo_data_path, make, code, match):
+    model = tmp_path / "m.onnx"
+    make(model)
+    r = _cli("inspect", str(model), "--data", str(demo_data_path))
+    assert r.returncode == code
+    assert match in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("amp-search")]) == 1
+
+
+def test_bad_data_gives_one_line_exit_2(tmp_path, demo_model_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((1, 3, 48, 48), np.float32))
+    r = _cli("inspect", str(demo_model_path), "--data", str(bad))
+    assert r.returncode == 2
+    assert "Name each array after a model input" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path, demo_model_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.zeros((1, 3, 48, 48), np.float64))
+    r = _cli("inspect", str(demo_model_path), "--data", str(bad), "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_backends_lists_both_and_says_why_tensorrt_is_missing():
+    r = _cli("backends")
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime" in r.stdout and "available" in r.stdout
+    assert "tensorrt" in r.stdout and "amp-search[tensorrt]" in r.stdout
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = _cli("demo", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "demo" / "demo.onnx").is_file()
+    assert "amp4/Conv" in r.stdout

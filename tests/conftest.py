@@ -1,0 +1,85 @@
+"""Shared fixtures and capability-based skipping.
+
+Markers (registered in pyproject.toml, --strict-markers):
+
+- ``gpu``: needs a CUDA device and onnxruntime's CUDA EP;
+- ``tensorrt``: needs an importable ``tensorrt`` (or ``tensorrt_rtx`` for build-only tests);
+- ``slow``: takes more than a few seconds.
+
+Capabilities are detected without importing heavy packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from amp_search.demo import build_demo_model, demo_data
+
+
+def _has_cuda_ep() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        return False
+
+
+def _has_trt() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_gpu = _has_cuda_ep()
+    has_trt = _has_trt()
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU with onnxruntime-gpu"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="TensorRT is not installable in this workplace (PyPI libs are "
+                    "stubs); runs where tensorrt or tensorrt_rtx imports"
+                )
+            )
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("demo") / "demo.onnx"
+    onnx.save(build_demo_model(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_data_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("demo") / "demo.npz"
+    np.savez(path, **demo_data())
+    return path
+
+
+REAL_MODELS = ("ppocr_cls", "ppocr_det", "ppocr_rec", "minilm")
+
+
+@pytest.fixture(scope="session")
+def real_model() -> object:
+    """``real_model(name) -> (path, feeds)`` from the PyPI wheels (cached outside git)."""
+    from amp_search.testing import realmodels
+
+    cache: dict[str, tuple[Path, dict[str, np.ndarray]]] = {}
+
+    def get(name: str, n: int | None = None) -> tuple[Path, dict[str, np.ndarray]]:
+        key = f"{name}:{n}"
+        if key not in cache:
+            cache[key] = (realmodels.fetch(name), realmodels.calibration(name, n))
+        return cache[key]
+
+    return get

@@ -1,0 +1,222 @@
+"""The mixed-precision rewrite: validity, IO preservation, FP32 identity, FP16 effects."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from amp_search.graph import MixedPrecisionRewriter, apply_assignment, find_units, sanitize
+from amp_search.types import Precision, PrecisionAssignment
+
+SO = ort.SessionOptions()
+SO.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), SO, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _io(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    inits = {i.name for i in model.graph.initializer}
+    ins = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input if i.name not in inits]
+    outs = [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output]
+    return ins, outs
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "t", inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _vi(name, shape, t=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def test_all_fp16_conv_relu_switches_types_and_keeps_io():
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    m = sanitize(
+        _model(
+            [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])],
+            [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 4, 8, 8])], [w],
+        )
+    )  # fmt: skip
+    units = find_units(m)
+    assert [u.op_types for u in units] == [("Conv", "Relu")]
+    out = apply_assignment(m, {units[0].name: "fp16"})
+    onnx.checker.check_model(out, full_check=True)
+    assert _io(out) == _io(m)
+    init_types = {i.name: i.data_type for i in out.graph.initializer}
+    assert init_types == {"w__fp16": TensorProto.FLOAT16}
+    casts = [n for n in out.graph.node if n.op_type == "Cast"]
+    assert [c.attribute[0].i for c in casts] == [TensorProto.FLOAT16, TensorProto.FLOAT]
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    (ref,) = _run(m, {"x": x})
+    (got,) = _run(out, {"x": x})
+    assert got.dtype == np.float32
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 5e-3  # FP16 rounding happened, and only rounding
+
+
+def test_input_model_not_mutated_and_fp32_assignment_is_identity():
+    m = sanitize(
+        _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])])
+    )
+    before = m.SerializeToString()
+    unit = find_units(m)[0].name
+    apply_assignment(m, {unit: Precision.FP16})
+    assert m.SerializeToString() == before
+    same = apply_assignment(m, {unit: Precision.FP32})
+    assert same.SerializeToString() == before
+
+
+def test_resize_scales_stay_fp32_and_model_stays_valid():
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    roi = numpy_helper.from_array(np.array([], np.float32), "roi")
+    m = sanitize(
+        _model(
+            [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Resize", ["r", "roi", "scales"], ["z"], mode="linear"),
+             helper.make_node("Sigmoid", ["z"], ["y"])],
+            [_vi("x", [1, 2, 4, 4])], [_vi("y", [1, 2, 8, 8])], [scales, roi],
+        )
+    )  # fmt: skip
+    names = [u.name for u in find_units(m)]
+    out = apply_assignment(m, PrecisionAssignment.uniform(names, Precision.FP16))
+    onnx.checker.check_model(out, full_check=True)
+    resize = next(n for n in out.graph.node if n.op_type == "Resize")
+    assert resize.input[0].endswith("__fp16")  # the follower runs FP16 between FP16 units
+    assert resize.input[1:] == ["roi", "scales"]  # spec-typed inputs untouched
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, {"x": x})[0], _run(m, {"x": x})[0], atol=2e-3)
+
+
+def test_layernorm_fp32_only_outputs_stay_fp32():
+    scale = numpy_helper.from_array(np.ones(8, np.float32), "s")
+    bias = numpy_helper.from_array(np.zeros(8, np.float32), "b")
+    m = sanitize(
+        _model(
+            [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y", "mean", "inv"], axis=-1)],
+            [_vi("x", [2, 8])], [_vi("y", [2, 8]), _vi("mean", [2, 1]), _vi("inv", [2, 1])],
+            [scale, bias],
+        )
+    )  # fmt: skip
+    out = apply_assignment(m, {find_units(m)[0].name: "fp16"})
+    onnx.checker.check_model(out, full_check=True)
+    ln = next(n for n in out.graph.node if n.op_type == "LayerNormalization")
+    assert ln.output[0].endswith("__fp16") and list(ln.output[1:]) == ["mean", "inv"]
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    assert _run(out, {"x": x})[0].dtype == np.float32
+
+
+def test_weight_that_overflows_fp16_keeps_its_node_fp32():
+    big = numpy_helper.from_array(np.array([1e6], np.float32), "big")
+    m = sanitize(
+        _model([helper.make_node("Mul", ["x", "big"], ["y"])], [_vi("x", [3])], [_vi("y", [3])], [big])
+    )
+    rw = MixedPrecisionRewriter(m)
+    out, report = rw.apply(PrecisionAssignment.uniform([u.name for u in rw.units], Precision.FP16))
+    assert report.forced_fp32 == [m.graph.node[0].name]
+    assert not report.fp16_nodes
+    assert all(i.data_type == TensorProto.FLOAT for i in out.graph.initializer)
+
+
+def test_initializer_loss_counts_subnormal_and_flush():
+    w = numpy_helper.from_array(np.array([1.0, 1e-5, 1e-9, 0.0, 7e4], np.float32), "w")
+    m = sanitize(
+        _model([helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x", [5])], [_vi("y", [5])], [w])
+    )
+    loss = MixedPrecisionRewriter(m).weight_loss("w")
+    assert (loss.n_subnormal, loss.n_flush, loss.n_overflow) == (2, 1, 1)
+
+
+def test_no_cast_round_trip_between_fp16_units():
+    """FP16 -> FP16 through a Reshape needs no Cast at all."""
+    shape = numpy_helper.from_array(np.array([2, 4], np.int64), "shape")
+    m = sanitize(
+        _model(
+            [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Reshape", ["a", "shape"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["y"], axis=-1)],
+            [_vi("x", [8])], [_vi("y", [2, 4])], [shape],
+        )
+    )  # fmt: skip
+    names = [u.name for u in find_units(m)]
+    out = apply_assignment(m, PrecisionAssignment.uniform(names, Precision.FP16))
+    casts = [n for n in out.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 2  # one in, one out: nothing in between
+    # Mixed: Relu FP16, Softmax FP32 -> Reshape stays FP32 and one Cast back suffices.
+    out2 = apply_assignment(m, {names[0]: "fp16"})
+    onnx.checker.check_model(out2, full_check=True)
+    assert sum(n.op_type == "Cast" for n in out2.graph.node) == 2
+
+
+def test_if_subgraph_passes_through_and_reads_fp32_names():
+    then_g = helper.make_graph(
+        [helper.make_node("Identity", ["a"], ["o"])], "then", [], [_vi("o", [3])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["a"], ["o2"])], "else", [], [_vi("o2", [3])]
+    )
+    m = sanitize(
+        _model(
+            [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+            [_vi("x", [3]), _vi("c", [], TensorProto.BOOL)], [_vi("y", [3])],
+        )
+    )  # fmt: skip
+    units = find_units(m)
+    assert [u.kind for u in units] == ["Relu"]  # the If and its body are no units
+    out = apply_assignment(m, {units[0].name: "fp16"})
+    onnx.checker.check_model(out, full_check=True)
+    x = np.array([-1, 2, 3], np.float32)
+    for c in (True, False):
+        got = _run(out, {"x": x, "c": np.array(c)})[0]
+        np.testing.assert_allclose(got, _run(m, {"x": x, "c": np.array(c)})[0])
+
+
+# --- every real model of ../shared/models: the rewrite property -------------------------------
+
+REAL = ["ppocr_cls", "ppocr_det", "ppocr_rec", "minilm"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_rewrite_property_on_real_model(name, real_model):
+    """All-FP32, all-FP16 and 20 random assignments: valid, loadable, runnable, IO kept."""
+    path, feeds = real_model(name)
+    original = onnx.load(path)
+    if name == "ppocr_det":  # one smaller page keeps 22 runs quick; the model is the same
+        feeds = {k: v[:, :, :320, :320] for k, v in feeds.items()}
+    (ref,) = [_run(original, feeds)]
+    model = sanitize(original)
+    rw = MixedPrecisionRewriter(model)
+    names = [u.name for u in rw.units]
+    rng = random.Random(0)
+    assignments = [
+        PrecisionAssignment.uniform(names, Precision.FP32),
+        PrecisionAssignment.uniform(names, Precision.FP16),
+    ] + [
+        PrecisionAssignment.with_fp16(names, [n for n in names if rng.random() < 0.5])
+        for _ in range(20)
+    ]
+    for k, a in enumerate(assignments):
+        out, report = rw.apply(a)
+        onnx.checker.check_model(out, full_check=True)
+        assert _io(out) == _io(original), f"assignment {k} changed graph inputs/outputs"
+        got = _run(out, feeds)
+        assert [g.dtype for g in got] == [r.dtype for r in ref]
+        assert [g.shape for g in got] == [r.shape for r in ref]
+        if k == 0:
+            assert not report.fp16_nodes
+            for g, r in zip(got, ref, strict=True):
+                assert np.array_equal(g, r), "all-FP32 must reproduce the original bit for bit"
+        else:
+            assert report.fp16_nodes or not a.fp16_units
