@@ -16,11 +16,20 @@ from amp_search.cli._base import Subcommand
 from amp_search.cli.backends import BackendsCommand
 from amp_search.cli.demo import DemoCommand
 from amp_search.cli.inspect import InspectCommand
+from amp_search.cli.report import PickCommand, ReportCommand
+from amp_search.cli.search import SearchCommand
 from amp_search.errors import AmpSearchError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
-SUBCOMMANDS: list[type[Subcommand]] = [InspectCommand, DemoCommand, BackendsCommand]
+SUBCOMMANDS: list[type[Subcommand]] = [
+    SearchCommand,
+    InspectCommand,
+    ReportCommand,
+    PickCommand,
+    DemoCommand,
+    BackendsCommand,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 from amp_search.cli._base import Subcommand, console
-from amp_search.cli._progress import stage_progress
 
 __all__ = ["DemoCommand"]
 
 
 class DemoCommand(Subcommand):
-    """Run amp-search on its embedded demo model (a small FP16-fragile CNN, CPU only).
+    """Run a complete search on the embedded demo model (a small FP16-fragile CNN, CPU only).
 
-    Writes the model and its calibration data to --out, then prints the FP16 risk report:
-    the unnormalized convolution stack that overflows FP16, the layer with weights that
-    flush to zero, and the layers FP16 handles fine.
+    The model has an unnormalized convolution stack whose activations pass 65504 (all-FP16
+    overflows to inf), a layer whose weights flush to zero in FP16, and layers FP16 handles
+    fine. The demo writes it and its calibration data to --out, searches 40 trials with the
+    ONNX Runtime CPU backend (accuracy) and the H100 roofline estimate (latency), prints the
+    front, and draws pareto.png. Then try: amp-search pick OUT --max-deviation 0.01 --to m.onnx
     """
 
     name = "demo"
@@ -25,23 +28,32 @@ class DemoCommand(Subcommand):
         parser.add_argument(
             "--out", default="results/demo", help="folder for the demo's files (%(default)s)"
         )
+        parser.add_argument("--n-trials", type=int, default=40, help="trials (%(default)s)")
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         import numpy as np
 
+        from amp_search.cli.search import run_with_progress
         from amp_search.demo import build_demo_model, demo_data
         from amp_search.graph import save_model
-        from amp_search.profiling.report import inspect_model
+        from amp_search.search import SearchConfig
 
         out = Path(args.out)
         model_path = save_model(build_demo_model(), out / "demo.onnx")
         data_path = out / "demo_data.npz"
-        np.savez(data_path, **demo_data())
-        con = console()
-        con.print(f"demo model: {model_path}  calibration data: {data_path}")
-        with stage_progress() as progress:
-            report = inspect_model(model_path, data_path, progress=progress)
-        report.render(con, top=0)
-        json_path = report.write_json(out / "inspect.json")
-        con.print(f"report written to {json_path}")
-        return 0
+        if not data_path.exists():
+            np.savez(data_path, **demo_data())
+        console().print(f"demo model: {model_path}  calibration data: {data_path}")
+        config = SearchConfig(
+            model=model_path,
+            out=out,
+            data=data_path,
+            n_trials=args.n_trials,
+            storage=f"sqlite:///{(out / 'study.db').as_posix()}",
+            study_name="amp-search-demo",
+        )
+        code = run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
+        console().print(
+            f"Next: amp-search pick {out} --max-deviation 0.01 --to {out / 'picked.onnx'}"
+        )
+        return code

@@ -1,0 +1,76 @@
+"""``amp-search report`` and ``amp-search pick``: read a results directory back."""
+
+from __future__ import annotations
+
+import argparse
+
+from amp_search.cli._base import Subcommand, console
+
+__all__ = ["PickCommand", "ReportCommand"]
+
+
+class ReportCommand(Subcommand):
+    """Print the Pareto front of a results directory and redraw pareto.png / pareto.html."""
+
+    name = "report"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
+        parser.add_argument("results", help="a search's --out folder")
+        parser.add_argument("--no-plots", action="store_true", help="only print the table")
+
+    def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.results.report import load_results
+
+        results = load_results(args.results)
+        con = console()
+        results.render(con)
+        if not args.no_plots:
+            import optuna
+
+            from amp_search.search.run import draw_plots
+            from amp_search.search.study import _storage
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            meta = results.meta
+            study = optuna.load_study(
+                study_name=meta["study"], storage=_storage(meta["storage"])
+            )
+            for path in draw_plots(results.store, study, results.front, meta):
+                con.print(f"wrote {path}")
+        return 0
+
+
+class PickCommand(Subcommand):
+    """Copy the fastest candidate within a deviation budget (or a given trial) out.
+
+    Prints its latency, deviation and FP32 fallback set: the units kept in FP32.
+    """
+
+    name = "pick"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
+        parser.add_argument("results", help="a search's --out folder")
+        group = parser.add_mutually_exclusive_group(required=True)
+        group.add_argument("--max-deviation", type=float, help="accuracy budget")
+        group.add_argument("--trial", type=int, help="a front point's trial number")
+        parser.add_argument("--to", required=True, help="destination folder or .onnx path")
+
+    def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.results.report import copy_candidate, load_results, pick_point
+
+        results = load_results(args.results)
+        point = pick_point(results, max_deviation=args.max_deviation, trial=args.trial)
+        written = copy_candidate(results, point, args.to)
+        con = console()
+        con.print(
+            f"picked trial {point.trial}: {point.latency_ms:.4g} ms ({point.latency_source}), "
+            f"deviation {point.deviation:.3g} ({point.metric})"
+        )
+        fallback = point.fp32_units
+        con.print(
+            f"FP32 fallback set ({len(fallback)} of {point.n_units} units): "
+            + (", ".join(fallback) if fallback else "none (all FP16)")
+        )
+        for path in written:
+            con.print(f"wrote {path}")
+        return 0

@@ -1,0 +1,171 @@
+"""``amp-search search``: the Pareto front of speed versus accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from amp_search.cli._base import Subcommand, console
+from amp_search.cli.inspect import add_data_arguments
+
+__all__ = ["SearchCommand", "print_outcome"]
+
+
+def _options(values: list[str] | None) -> dict[str, Any]:
+    from amp_search.errors import UserInputError
+
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserInputError(f"--option expects KEY=VALUE, got {item!r}.")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+class SearchCommand(Subcommand):
+    """Search per-unit FP16/FP32 precisions for the Pareto front of latency vs. deviation.
+
+    An Optuna study (persisted: rerunning the same command resumes it) treats each unit's
+    precision as a decision variable. It is seeded with all-FP32, all-FP16 and the risk
+    ladder of 'amp-search inspect' (the k riskiest units FP32, k = 1, 2, 4, ...). Each
+    candidate is rewritten, built and run on the calibration data; its deviation from strict
+    FP32 and its latency are the two objectives. Results go to --out: front.json/.csv,
+    pareto.png/.html and one folder per candidate. Ctrl-C stops after the running trial.
+    """
+
+    name = "search"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
+        parser.add_argument("model", help="the ONNX model")
+        add_data_arguments(parser)
+        parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt")
+        parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+        parser.add_argument(
+            "--option", action="append", metavar="KEY=VALUE",
+            help="backend option, e.g. prefer_nhwc=1 (repeatable; recorded with results)",
+        )  # fmt: skip
+        parser.add_argument("--n-trials", type=int, default=60, help="trials (%(default)s)")
+        parser.add_argument("--timeout", type=float, help="stop after this many seconds")
+        parser.add_argument(
+            "--max-deviation", type=float,
+            help="accuracy budget: candidates above it are infeasible (an Optuna constraint)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--metric", default="rel_l2",
+            help="rel_l2 (default), max_abs, mean_abs, cosine, top1, or file.py:function",
+        )  # fmt: skip
+        parser.add_argument(
+            "--latency", choices=("measured", "estimated"),
+            help="measured by the backend, or a roofline estimate for --target "
+            "(default: estimated on cpu, measured on cuda)",
+        )  # fmt: skip
+        parser.add_argument("--target", default="h100", help="GPU of the estimate: h100 | h200")
+        parser.add_argument("--storage", help="Optuna storage URL (default sqlite in studies/)")
+        parser.add_argument("--study", dest="study_name", help="study name (default: model)")
+        parser.add_argument("--out", default=None, help="results folder (results/<model>)")
+        parser.add_argument("--seed", type=int, default=0, help="sampler seed (%(default)s)")
+        parser.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"))
+        parser.add_argument("--threshold", type=float, default=10000.0,
+                            help="near-overflow threshold of the risk report")  # fmt: skip
+
+    def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.search import SearchConfig
+
+        model = Path(args.model)
+        config = SearchConfig(
+            model=model,
+            out=Path(args.out or f"results/{model.stem}"),
+            data=Path(args.data) if args.data else None,
+            synthetic=args.synthetic,
+            backend=args.backend,
+            device=args.device,
+            options=_options(args.option),
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            max_deviation=args.max_deviation,
+            metric=args.metric,
+            latency=args.latency,
+            target=args.target,
+            storage=args.storage,
+            study_name=args.study_name,
+            seed=args.seed,
+            sampler=args.sampler,
+            threshold=args.threshold,
+        )
+        return run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
+
+
+def run_with_progress(config: Any, command: str) -> int:
+    """Runs a search with a progress bar and prints the outcome; returns the exit code."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import TimeElapsedColumn
+
+    from amp_search.search import run_search
+
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+        console=console(stderr=True), transient=False,
+    ) as bar:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def stage(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total or None, info="")
+            bar.update(tasks[name], completed=done)
+
+        def progress(ev: dict[str, Any]) -> None:
+            if "trials" not in tasks:
+                tasks["trials"] = bar.add_task("trials", total=ev["total"], info="")
+            best = ev["best_latency"]
+            info = f"front {ev['front']}" + (f", fastest {best:.4g} ms" if best else "")
+            if ev["state"] == "FAIL":
+                info += f"; trial {ev['trial']} failed: {(ev.get('error') or '')[:60]}"
+            bar.update(tasks["trials"], completed=ev["done"], info=info)
+
+        outcome = run_search(config, progress=progress, stage=stage)
+    print_outcome(outcome)
+    passed = bool(outcome.front) or config.max_deviation is not None
+    status = "PASSED" if passed else "FAILED"
+    console().print(f"{status} | {time.perf_counter() - t0:.1f}s | {command}")
+    return 0 if passed else 1
+
+
+def print_outcome(outcome: Any) -> None:
+    """The front table and where the files are."""
+    from amp_search.results.report import load_results
+
+    con = console()
+    results = load_results(outcome.out)
+    results.render(con)
+    base = results.baselines
+    for name in ("all-fp32", "all-fp16"):
+        b = base.get(name)
+        if b:
+            where = "on the front" if any(p.trial == b["trial"] for p in results.front) else (
+                "infeasible (non-finite output or over budget)" if not b["feasible"]
+                else "dominated")  # fmt: skip
+            con.print(
+                f"{name}: {float(b['latency_ms']):.4g} ms, deviation "
+                f"{float(b['deviation']):.3g} ({where})"
+            )
+    con.print(
+        f"{outcome.n_complete} complete, {outcome.n_failed} failed of {outcome.n_trials} trials"
+        f" in the study{' (stopped by Ctrl-C; rerun to resume)' if outcome.interrupted else ''}"
+    )
+    plot = outcome.out / "pareto.png"
+    con.print(f"results: {outcome.out}  plot: {plot if plot.exists() else '(not drawn)'}")
+    con.print(f"study: {outcome.study_name} in {outcome.storage} (opens in optuna-dashboard)")
+    for note in outcome.notes:
+        if note not in results.meta.get("notes", []):
+            con.print(f"Note: {note}", style="dim")

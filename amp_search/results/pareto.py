@@ -1,0 +1,108 @@
+"""The Pareto front of a study: a thin wrapper over ``study.best_trials``.
+
+Optuna decides dominance and feasibility (constraints set with ``trial.set_constraint``:
+non-finite outputs, the ``--max-deviation`` budget); this module only turns its trials into
+:class:`FrontPoint` rows and writes ``front.json``/``front.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from amp_search._atomic import write_bytes_atomic, write_json_atomic
+from amp_search.results.store import ResultsStore
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["FrontPoint", "compute_front", "point_from_trial", "write_front"]
+
+
+@dataclass
+class FrontPoint:
+    """One evaluated candidate as the front shows it.
+
+    Attributes:
+        trial: Optuna trial number.
+        digest: The candidate's folder name under ``candidates/``.
+        latency_ms: Its latency (median).
+        latency_source: Where the latency comes from (``estimated:h100``, ``measured:...``).
+        deviation: Its deviation from FP32 under ``metric``.
+        metric: The accuracy metric's name.
+        n_fp32: Number of units kept FP32 (its fallback set's size).
+        n_units: Number of units in the search.
+        fp32_units: The FP32 fallback set.
+        feasible: Whether it meets every constraint (finite outputs, the budget).
+        metrics: Every other figure recorded (p90, other deviations, casts, build time).
+    """
+
+    trial: int
+    digest: str
+    latency_ms: float
+    latency_source: str
+    deviation: float
+    metric: str
+    n_fp32: int
+    n_units: int
+    fp32_units: list[str] = field(default_factory=list)
+    feasible: bool = True
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """A short name for plots and tables."""
+        if self.n_fp32 == 0:
+            return "all FP16"
+        if self.n_fp32 == self.n_units:
+            return "all FP32"
+        return f"#{self.trial}: {self.n_fp32} FP32"
+
+
+def point_from_trial(trial: optuna.trial.FrozenTrial) -> FrontPoint | None:
+    """A :class:`FrontPoint` from a completed trial (None for trials without values)."""
+    if trial.values is None or len(trial.values) != 2:
+        return None
+    attrs = trial.user_attrs
+    constraints = getattr(trial, "constraints", {}) or {}
+    return FrontPoint(
+        trial=trial.number,
+        digest=str(attrs.get("digest", "")),
+        latency_ms=float(trial.values[0]),
+        latency_source=str(attrs.get("latency_source", "")),
+        deviation=float(trial.values[1]),
+        metric=str(attrs.get("metric", "")),
+        n_fp32=int(attrs.get("n_fp32", 0)),
+        n_units=int(attrs.get("n_units", 0)),
+        fp32_units=list(attrs.get("fp32_units", [])),
+        feasible=all(v <= 0 for v in constraints.values()),
+        metrics=dict(attrs.get("metrics", {})),
+    )
+
+
+def compute_front(study: optuna.Study) -> list[FrontPoint]:
+    """The feasible Pareto front, fastest first (``study.best_trials``)."""
+    points = [p for p in (point_from_trial(t) for t in study.best_trials) if p is not None]
+    points.sort(key=lambda p: (p.latency_ms, p.deviation))
+    return points
+
+
+def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, Any]) -> None:
+    """Writes ``front.json`` and ``front.csv`` atomically."""
+    write_json_atomic(
+        store.root / "front.json", {**meta, "front": [asdict(p) for p in front]}
+    )
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        ["trial", "latency_ms", "latency_source", "deviation", "metric", "n_fp32", "n_units",
+         "digest", "fp32_units"]
+    )  # fmt: skip
+    for p in front:
+        w.writerow(
+            [p.trial, f"{p.latency_ms:.6g}", p.latency_source, f"{p.deviation:.6g}", p.metric,
+             p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units)]
+        )  # fmt: skip
+    write_bytes_atomic(store.root / "front.csv", buf.getvalue().encode())

@@ -1,0 +1,208 @@
+"""Pareto plots: ``pareto.png`` (matplotlib) and ``pareto.html`` (plotly, interactive).
+
+Both draw from one backend-agnostic :class:`PlotData` (as Optuna's visualization does):
+every evaluated trial as a grey dot, infeasible ones (non-finite outputs, over budget) as
+red crosses, the front as a highlighted step line with each point named, the budget as a
+dashed line, and optional reference points (peers such as other tools' answers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from amp_search._optional import try_import
+
+if TYPE_CHECKING:
+    import optuna
+
+    from amp_search.results.pareto import FrontPoint
+
+__all__ = ["PlotData", "PlotPoint", "plot_data_from_study", "write_html", "write_png"]
+
+with try_import() as _mpl:
+    import matplotlib
+
+with try_import() as _plotly:
+    import plotly  # noqa: F401
+
+
+@dataclass
+class PlotPoint:
+    """One point: a trial, or a reference such as a peer tool's answer."""
+
+    latency_ms: float
+    deviation: float
+    label: str
+    feasible: bool = True
+    on_front: bool = False
+    kind: str = "trial"  # trial | reference
+
+
+@dataclass
+class PlotData:
+    """Everything a Pareto plot shows."""
+
+    points: list[PlotPoint]
+    title: str
+    x_label: str
+    y_label: str
+    budget: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def front(self) -> list[PlotPoint]:
+        """Front points, fastest first."""
+        return sorted((p for p in self.points if p.on_front), key=lambda p: p.latency_ms)
+
+
+def plot_data_from_study(
+    study: optuna.Study,
+    front: list[FrontPoint],
+    *,
+    title: str,
+    metric: str,
+    latency_source: str,
+    budget: float | None = None,
+) -> PlotData:
+    """The plot data of a study's completed trials and its front."""
+    from optuna.trial import TrialState
+
+    from amp_search.results.pareto import point_from_trial
+
+    on_front = {p.trial for p in front}
+    labels = {p.trial: p.label for p in front}
+    points: list[PlotPoint] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        p = point_from_trial(t)
+        if p is None:
+            continue
+        points.append(
+            PlotPoint(
+                latency_ms=p.latency_ms,
+                deviation=p.deviation,
+                label=labels.get(t.number, p.label),
+                feasible=p.feasible and math.isfinite(p.deviation),
+                on_front=t.number in on_front,
+            )
+        )
+    x_label = f"latency, ms ({latency_source})"
+    notes = []
+    if latency_source.startswith("measured") and latency_source.endswith("cpu"):
+        notes.append("CPU latency: says nothing about GPU FP16 speed")
+    return PlotData(points, title, x_label, f"deviation from FP32 ({metric})", budget, notes)
+
+
+def _finite_dev(points: list[PlotPoint]) -> float:
+    """Where non-finite deviations are drawn: above every finite one."""
+    finite = [p.deviation for p in points if math.isfinite(p.deviation) and p.deviation > 0]
+    return max(finite) * 3 if finite else 1.0
+
+
+def _floor(points: list[PlotPoint]) -> float:
+    """Where exact (zero) deviations are drawn on the log axis: below every nonzero one."""
+    nonzero = [p.deviation for p in points if math.isfinite(p.deviation) and p.deviation > 0]
+    return min(nonzero) / 3 if nonzero else 1e-6
+
+
+def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
+    """Draws ``pareto.png`` with matplotlib (extra ``plots``)."""
+    _mpl.check()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ceiling = _finite_dev(data.points)
+    floor = _floor(data.points)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    trials = [p for p in data.points if p.kind == "trial"]
+    ok = [p for p in trials if p.feasible and not p.on_front]
+    bad = [p for p in trials if not p.feasible]
+    ax.scatter([p.latency_ms for p in ok], [max(p.deviation, floor) for p in ok],
+               s=18, c="#b0b0b0", label="evaluated", zorder=2)  # fmt: skip
+    if bad:
+        ax.scatter([p.latency_ms for p in bad],
+                   [p.deviation if math.isfinite(p.deviation) else ceiling for p in bad],
+                   s=30, marker="x", c="#d62728",
+                   label="infeasible (inf/NaN output or over budget)", zorder=3)  # fmt: skip
+    front = [p for p in data.front if p.kind == "trial"]
+    if front:
+        xs = [p.latency_ms for p in front]
+        ys = [max(p.deviation, floor) for p in front]
+        ax.step(xs, ys, where="post", c="#1f77b4", lw=1.5, zorder=4)
+        ax.scatter(xs, ys, s=60, c="#1f77b4", edgecolors="black", label="Pareto front",
+                   zorder=5)  # fmt: skip
+        for p, y in zip(front, ys, strict=True):
+            ax.annotate(p.label, (p.latency_ms, y), textcoords="offset points", xytext=(6, 6),
+                        fontsize=8, zorder=6)  # fmt: skip
+    refs = [p for p in data.points if p.kind == "reference"]
+    for i, p in enumerate(refs):
+        y = p.deviation if math.isfinite(p.deviation) else ceiling
+        ax.scatter([p.latency_ms], [max(y, floor)], s=90, marker="D",
+                   c=f"C{(i + 2) % 10}", edgecolors="black", label=p.label, zorder=6)  # fmt: skip
+    if data.budget is not None:
+        ax.axhline(data.budget, ls="--", c="#2ca02c", lw=1, label=f"budget {data.budget:g}")
+    ax.set_yscale("log")
+    if any(p.deviation == 0 for p in data.points):
+        data.notes.append(f"deviation 0 (bit-exact) drawn at {floor:.1g}")
+    ax.set_xlabel(data.x_label)
+    ax.set_ylabel(data.y_label)
+    ax.set_title(data.title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if data.notes:
+        fig.text(0.01, 0.01, "; ".join(data.notes), fontsize=7, color="#555555")
+    fig.tight_layout()
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, p)
+    return p
+
+
+def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
+    """Writes the interactive ``pareto.html`` with plotly (extra ``plots``)."""
+    _plotly.check()
+    import plotly.graph_objects as go
+
+    from amp_search._atomic import write_bytes_atomic
+
+    ceiling = _finite_dev(data.points)
+    fig = go.Figure()
+    groups = [
+        ("evaluated", [p for p in data.points if p.kind == "trial" and p.feasible
+                       and not p.on_front], dict(color="#b0b0b0", size=6)),
+        ("infeasible", [p for p in data.points if p.kind == "trial" and not p.feasible],
+         dict(color="#d62728", size=8, symbol="x")),
+        ("Pareto front", [p for p in data.front if p.kind == "trial"],
+         dict(color="#1f77b4", size=11, line=dict(width=1, color="black"))),
+        ("reference", [p for p in data.points if p.kind == "reference"],
+         dict(color="#ff7f0e", size=12, symbol="diamond")),
+    ]  # fmt: skip
+    for name, pts, marker in groups:
+        if not pts:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=[p.latency_ms for p in pts],
+                y=[p.deviation if math.isfinite(p.deviation) else ceiling for p in pts],
+                mode="markers+lines" if name == "Pareto front" else "markers",
+                line=dict(shape="hv") if name == "Pareto front" else None,
+                marker=marker,
+                name=name,
+                text=[p.label for p in pts],
+                hovertemplate="%{text}<br>latency %{x:.4g} ms<br>deviation %{y:.3g}",
+            )
+        )
+    if data.budget is not None:
+        fig.add_hline(y=data.budget, line_dash="dash", line_color="#2ca02c",
+                      annotation_text=f"budget {data.budget:g}")  # fmt: skip
+    fig.update_layout(
+        title=data.title, xaxis_title=data.x_label, yaxis_title=data.y_label,
+        yaxis_type="log", template="plotly_white",
+    )  # fmt: skip
+    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    return write_bytes_atomic(path, html.encode())

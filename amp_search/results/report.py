@@ -1,0 +1,144 @@
+"""Reading a results directory back: the front table, the plots, and picking a point."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from amp_search.errors import UserInputError
+from amp_search.results.pareto import FrontPoint
+from amp_search.results.store import ResultsStore
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["Results", "load_results", "pick_point", "copy_candidate"]
+
+
+@dataclass
+class Results:
+    """A results directory as read back."""
+
+    store: ResultsStore
+    meta: dict[str, Any]
+    front: list[FrontPoint]
+
+    @property
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        """all-FP32 / all-FP16 figures (from their candidate folders), if evaluated."""
+        return dict(self.meta.get("baselines", {}))
+
+    def render(self, console: Console) -> None:
+        """Prints the front as a table, fastest first."""
+        from rich.table import Table
+
+        m = self.meta
+        table = Table(
+            title=f"Pareto front: {Path(m.get('model', '?')).name} on {m.get('backend')} "
+            f"({m.get('device')}), {len(self.front)} point(s)",
+            title_justify="left",
+        )
+        for col in ("trial", "latency ms", "deviation", "FP32 units", "speedup vs FP32",
+                    "candidate", "FP32 fallback set"):  # fmt: skip
+            table.add_column(col, overflow="fold")
+        fp32 = self.baselines.get("all-fp32", {}).get("latency_ms")
+        fp32 = float(fp32) if fp32 is not None else None
+        for p in self.front:
+            fallback = ", ".join(p.fp32_units[:4]) + (" ..." if len(p.fp32_units) > 4 else "")
+            table.add_row(
+                str(p.trial),
+                f"{p.latency_ms:.4g}",
+                f"{p.deviation:.3g}",
+                f"{p.n_fp32}/{p.n_units}",
+                f"{fp32 / p.latency_ms:.2f}x" if fp32 and p.latency_ms > 0 else "-",
+                f"candidates/{p.digest}",
+                fallback or "(none: all FP16)",
+            )
+        console.print(table)
+        console.print(
+            f"latency: {m.get('latency_source')}; deviation: {m.get('metric')} vs strict FP32"
+            + (f"; budget {m['max_deviation']:g}" if m.get("max_deviation") else "")
+        )
+        for note in m.get("notes", []):
+            console.print(f"Note: {note}", style="dim")
+
+
+def load_results(path: str | os.PathLike[str]) -> Results:
+    """Reads ``front.json`` of a results directory."""
+    store = ResultsStore(path) if Path(path).is_dir() else None
+    if store is None:
+        raise UserInputError(f"Results directory not found: {path}. Pass a search's --out.")
+    data = store.read_json(store.root / "front.json")
+    if not isinstance(data, dict):
+        raise UserInputError(
+            f"{path} has no front.json: run 'amp-search search ... --out {path}' first."
+        )
+    front = []
+    for row in data.get("front", []):
+        row = dict(row)
+        for key in ("latency_ms", "deviation"):
+            row[key] = float(row[key]) if not isinstance(row[key], str) else math.inf
+        front.append(FrontPoint(**row))
+    meta = {k: v for k, v in data.items() if k != "front"}
+    return Results(store, meta, front)
+
+
+def pick_point(
+    results: Results, *, max_deviation: float | None = None, trial: int | None = None
+) -> FrontPoint:
+    """The fastest front point within ``max_deviation``, or the front point of ``trial``."""
+    if trial is not None:
+        for p in results.front:
+            if p.trial == trial:
+                return p
+        raise UserInputError(
+            f"Trial {trial} is not on the front of {results.store.root}; front trials: "
+            f"{[p.trial for p in results.front]}."
+        )
+    if max_deviation is None:
+        raise UserInputError("Give --max-deviation X (or --trial N) to pick a candidate.")
+    within = [p for p in results.front if p.deviation <= max_deviation]
+    if not within:
+        best = min((p.deviation for p in results.front), default=math.inf)
+        raise UserInputError(
+            f"No front point has deviation <= {max_deviation:g} (the most accurate has "
+            f"{best:.3g}). Loosen --max-deviation or search longer."
+        )
+    return min(within, key=lambda p: (p.latency_ms, p.deviation))
+
+
+def copy_candidate(results: Results, point: FrontPoint, to: str | os.PathLike[str]) -> list[Path]:
+    """Copies the point's ONNX (and engine, if any) to ``to`` (a folder, or a .onnx path)."""
+    src = results.store.candidate_dir(point.digest)
+    model = src / "model.onnx"
+    if not model.is_file():
+        raise UserInputError(
+            f"Candidate folder {src} has no model.onnx (was the results directory moved "
+            "without its candidates/ folder?)."
+        )
+    dest = Path(to)
+    if dest.suffix == ".onnx":
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        targets = [(model, dest)]
+        extra_dir = dest.parent
+        stem = dest.stem
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        targets = [(model, dest / "model.onnx")]
+        extra_dir, stem = dest, "model"
+    for name in ("engine.plan", "precision.json", "metrics.json"):
+        if (src / name).is_file():
+            suffix = name if name != "engine.plan" else "plan"
+            targets.append((src / name, extra_dir / f"{stem}.{suffix}" if name == "engine.plan"
+                            else extra_dir / f"{stem}.{name}"))  # fmt: skip
+    out = []
+    for s, d in targets:
+        tmp = d.with_name(f".{d.name}.tmp")
+        shutil.copyfile(s, tmp)
+        os.replace(tmp, d)
+        out.append(d)
+    return out

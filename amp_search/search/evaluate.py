@@ -1,0 +1,246 @@
+"""One candidate, end to end: assignment -> mixed ONNX -> backend candidate -> figures.
+
+:class:`CandidateEvaluator` is what each trial calls. It never rebuilds an assignment it has
+evaluated before (the results directory caches by digest), writes every file atomically,
+and raises :class:`~amp_search.errors.CandidateBuildError` /
+:class:`~amp_search.errors.CandidateRunError` for a candidate that fails, which the study
+records as a failed trial with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from amp_search.backends.base import Backend, BuildConfig
+from amp_search.calibration import CalibrationData
+from amp_search.errors import CandidateRunError
+from amp_search.graph.io import save_model
+from amp_search.graph.precision import MixedPrecisionRewriter
+from amp_search.objective import EvalContext, Objective
+from amp_search.results.store import ResultsStore
+from amp_search.timing import measure
+from amp_search.types import LatencyStats, PrecisionAssignment
+
+__all__ = ["CandidateEvaluator", "Evaluation", "LatencySettings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How latency is obtained.
+
+    Attributes:
+        source: ``"measured"`` (the backend's timing) or ``"estimated"`` (roofline model).
+        target: GPU the estimate is for (``h100``/``h200``).
+        warmup: Untimed runs before timing.
+        runs: Timed runs.
+    """
+
+    source: str = "estimated"
+    target: str = "h100"
+    warmup: int = 3
+    runs: int = 20
+
+
+@dataclass
+class Evaluation:
+    """What one candidate scored.
+
+    Attributes:
+        digest: The assignment's digest (its folder name).
+        latency: Latency statistics (median is the objective).
+        deviation: The chosen metric's value (inf when outputs are not finite).
+        deviations: Every built-in accuracy metric.
+        finite: Whether every output value was finite.
+        fp32_units: The FP32 fallback set.
+        cached: Whether it came from the results directory without rebuilding.
+        seconds: Wall time per phase (rewrite, build, run, time).
+        extra: Casts inserted, weights flushed, build info.
+    """
+
+    digest: str
+    latency: LatencyStats
+    deviation: float
+    deviations: dict[str, float]
+    finite: bool
+    fp32_units: list[str]
+    cached: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``metrics.json`` holds."""
+        return {
+            "digest": self.digest,
+            "latency": self.latency.to_json(),
+            "deviation": self.deviation,
+            "deviations": self.deviations,
+            "finite": self.finite,
+            "n_fp32": len(self.fp32_units),
+            "seconds": self.seconds,
+            **self.extra,
+        }
+
+
+class CandidateEvaluator:
+    """Evaluates assignments of one model on one backend against an FP32 reference.
+
+    Args:
+        rewriter: The model's rewriter.
+        backend: The backend that builds and runs candidates.
+        config: Device and backend options.
+        data: Calibration batches.
+        reference: The FP32 outputs of every batch (strict FP32).
+        metric: The accuracy objective (the second study objective).
+        extra_metrics: Other accuracy metrics recorded alongside.
+        latency: How latency is obtained.
+        store: The results directory.
+        estimator: The roofline estimator (needed when ``latency.source`` is estimated).
+    """
+
+    def __init__(
+        self,
+        rewriter: MixedPrecisionRewriter,
+        backend: Backend,
+        config: BuildConfig,
+        data: CalibrationData,
+        reference: list[dict[str, np.ndarray]],
+        metric: Objective,
+        store: ResultsStore,
+        latency: LatencySettings,
+        extra_metrics: list[Objective] | None = None,
+        estimator: Any = None,
+    ) -> None:
+        self.rewriter = rewriter
+        self.backend = backend
+        self.config = config
+        self.data = data
+        self.reference = reference
+        self.metric = metric
+        self.extra_metrics = [m for m in (extra_metrics or []) if m.name != metric.name]
+        self.store = store
+        self.latency = latency
+        self.estimator = estimator
+        self.output_names = [o.name for o in rewriter.model.graph.output]
+        if latency.source == "estimated" and estimator is None:
+            raise ValueError("an estimated latency needs an estimator")
+        self._source_label = (
+            f"estimated:{latency.target}" if latency.source == "estimated" else None
+        )
+
+    def evaluate(self, assignment: PrecisionAssignment) -> Evaluation:
+        """Scores one assignment (from the cache when it was evaluated before)."""
+        digest = assignment.digest()
+        fp32_units = sorted(assignment.fp32_units)
+        cached = self.store.cached_metrics(digest)
+        if cached is not None and self.metric.name in cached.get("deviations", {}):
+            return _from_cache(cached, digest, fp32_units)
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        model, report = self.rewriter.apply(assignment)
+        folder = self.store.candidate_dir(digest)
+        path = save_model(model, folder / "model.onnx")
+        self.store.write_json(
+            folder / "precision.json",
+            {"units": assignment.to_json(), "fp32_fallback": fp32_units,
+             "fp16_nodes": report.fp16_nodes, "forced_fp32": report.forced_fp32},
+        )  # fmt: skip
+        seconds["rewrite"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        candidate = self.backend.build(path, self.config)
+        seconds["build"] = time.perf_counter() - t0
+        outputs: list[dict[str, np.ndarray]] = []
+        t0 = time.perf_counter()
+        with self.backend.open(candidate) as runner:
+            for batch in self.data:
+                outputs.append(runner.infer(batch))
+            seconds["run"] = time.perf_counter() - t0
+            if self.latency.source == "measured":
+                t0 = time.perf_counter()
+                runner.bind(self.data.first())
+                stats = measure(
+                    runner.run_once,
+                    source=runner.source,
+                    warmup=self.latency.warmup,
+                    runs=self.latency.runs,
+                )
+                seconds["time"] = time.perf_counter() - t0
+        if self.latency.source == "estimated":
+            t0 = time.perf_counter()
+            ms = float(self.estimator.estimate(model))
+            stats = LatencyStats(ms, ms, ms, ms, 1, 0, self._source_label or "estimated")
+            seconds["estimate"] = time.perf_counter() - t0
+        finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
+        ctx = EvalContext(
+            reference=self.reference,
+            outputs=outputs,
+            latency=stats,
+            assignment=assignment,
+            output_names=self.output_names,
+        )
+        deviations: dict[str, float] = {}
+        for m in [self.metric, *self.extra_metrics]:
+            try:
+                deviations[m.name] = float(m.evaluate(ctx))
+            except Exception as exc:  # a user metric that fails fails the trial, not the study
+                raise CandidateRunError(f"Metric {m.name!r} failed: {exc}") from exc
+        deviation = deviations[self.metric.name]
+        if not finite or math.isnan(deviation):
+            deviation = float("inf")
+        result = Evaluation(
+            digest=digest,
+            latency=stats,
+            deviation=deviation,
+            deviations=deviations,
+            finite=finite,
+            fp32_units=fp32_units,
+            seconds=seconds,
+            extra={
+                "conversion": report.to_json(),
+                "build": {"seconds": candidate.build_time_s, **_jsonable(candidate.info)},
+                "artifacts": {k: str(v) for k, v in candidate.artifacts.items()},
+            },
+        )
+        self.store.write_json(folder / "metrics.json", result.to_json())
+        return result
+
+
+def _from_cache(cached: dict[str, Any], digest: str, fp32_units: list[str]) -> Evaluation:
+    lat = cached["latency"]
+    deviation = cached["deviation"]
+    return Evaluation(
+        digest=digest,
+        latency=LatencyStats(
+            median_ms=lat["median_ms"], p90_ms=lat["p90_ms"], mean_ms=lat["mean_ms"],
+            min_ms=lat["min_ms"], n_runs=lat["n_runs"], n_warmup=lat["n_warmup"],
+            source=lat["source"],
+        ),  # fmt: skip
+        deviation=float(deviation) if not isinstance(deviation, str) else float("inf"),
+        deviations={
+            k: float(v) if not isinstance(v, str) else float("inf")
+            for k, v in cached["deviations"].items()
+        },
+        finite=bool(cached["finite"]),
+        fp32_units=fp32_units,
+        cached=True,
+        seconds={},
+        extra={k: cached[k] for k in ("conversion", "build", "artifacts") if k in cached},
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)

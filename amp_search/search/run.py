@@ -1,0 +1,375 @@
+"""The search: profile, seed, sample, evaluate, keep the front; stop cleanly, resume exactly.
+
+:func:`run_search` is what ``amp-search search`` and ``amp-search demo`` call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amp_search.backends import BuildConfig, get_backend
+from amp_search.calibration import load_calibration, model_inputs
+from amp_search.errors import CandidateBuildError, CandidateRunError, UserInputError
+from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
+from amp_search.graph.io import model_to_bytes
+from amp_search.profiling import assess_units, profile_model
+from amp_search.profiling.report import CPU_NOTE, InspectReport
+from amp_search.results.pareto import FrontPoint, compute_front, write_front
+from amp_search.results.store import ResultsStore
+from amp_search.search.evaluate import CandidateEvaluator, Evaluation, LatencySettings
+from amp_search.search.seeds import enqueue_seeds
+from amp_search.search.space import SearchSpace
+from amp_search.search.study import (
+    default_storage,
+    mark_trial_owner,
+    open_study,
+    recover_dead_trials,
+)
+
+__all__ = ["SearchConfig", "SearchOutcome", "run_search"]
+
+logger = logging.getLogger(__name__)
+
+ACCURACY_METRICS = ("rel_l2", "max_abs", "mean_abs", "cosine")
+
+
+@dataclass
+class SearchConfig:
+    """Everything a search needs (the CLI flags of ``amp-search search``)."""
+
+    model: Path
+    out: Path
+    data: Path | None = None
+    synthetic: bool = False
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+    n_trials: int | None = 60
+    timeout: float | None = None
+    max_deviation: float | None = None
+    metric: str = "rel_l2"
+    latency: str | None = None  # measured | estimated; None: estimated on CPU
+    target: str = "h100"
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int | None = 0
+    sampler: str = "tpe"
+    threshold: float = 10000.0
+    timing_runs: int = 20
+
+
+@dataclass
+class SearchOutcome:
+    """What a search produced."""
+
+    front: list[FrontPoint]
+    n_trials: int
+    n_complete: int
+    n_failed: int
+    interrupted: bool
+    seconds: float
+    out: Path
+    storage: str
+    study_name: str
+    latency_source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _digest_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the running trial, then stop. Second: abort."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        self._previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Stopping after the running trial (Ctrl-C again to abort it).")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def run_search(
+    config: SearchConfig,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stage: Callable[[str, int, int], None] | None = None,
+) -> SearchOutcome:
+    """Runs (or resumes) a search and writes the results directory.
+
+    Args:
+        config: What to search.
+        progress: Called after each trial with a dict (trial, done, total, front size, best
+            latency within budget, state).
+        stage: Called with (stage, done, total) during preparation (profiling).
+    """
+    import optuna
+
+    from amp_search.objective import load_metric
+
+    t_start = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if config.n_trials is not None and config.n_trials < 1:
+        raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
+    if config.max_deviation is not None and not config.max_deviation > 0:
+        raise UserInputError(f"--max-deviation must be positive, got {config.max_deviation}.")
+    metric = load_metric(config.metric)
+    extra = [load_metric(m) for m in ACCURACY_METRICS if m != metric.name]
+    backend = get_backend(config.backend)
+    build_config = BuildConfig(device=config.device, options=dict(config.options))
+    identity = backend.identity(build_config)  # validates options, fails early if unavailable
+    latency_source = config.latency or ("measured" if build_config.device_type != "cpu"
+                                        else "estimated")  # fmt: skip
+    if latency_source not in ("measured", "estimated"):
+        raise UserInputError(f"--latency must be measured or estimated, got {latency_source!r}.")
+
+    store = ResultsStore(config.out)
+    original = load_model(config.model)
+    model = sanitize(original)
+    units = find_units(model)
+    if not units:
+        raise UserInputError(
+            f"{config.model.name} has no float computation that could run in FP16: "
+            "nothing to search."
+        )
+    data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic)
+    rewriter = MixedPrecisionRewriter(model, units)
+    model_digest = hashlib.sha256(model_to_bytes(model)).hexdigest()[:16]
+    data_digest = (
+        f"synthetic:{config.seed}" if data.is_synthetic else _digest_files(data.files)
+    )
+    label = (
+        f"estimated:{config.target}" if latency_source == "estimated"
+        else f"measured:{config.backend}-{build_config.device_type}"
+    )  # fmt: skip
+    store.check_run(
+        {
+            "model": str(config.model),
+            "model_digest": model_digest,
+            "backend": config.backend,
+            "device": config.device,
+            "options": identity.get("options", {}),
+            "identity": identity,
+            "data": data.describe(),
+            "data_digest": data_digest,
+            "metric": metric.name,
+            "latency_source": label,
+            "units": [u.name for u in units],
+        }
+    )
+
+    # Profile once: FP32 reference outputs, ranges, per-unit FP16 deviation -> risk order.
+    t0 = time.perf_counter()
+    prof = profile_model(
+        model, units, data, fp16_pass=True, keep_reference=True, rewriter=rewriter,
+        progress=stage,
+    )  # fmt: skip
+    risks = assess_units(units, prof, threshold=config.threshold)
+    InspectReport(
+        model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
+        data=data.describe(), threshold=config.threshold,
+        seconds=time.perf_counter() - t0, fp16_pass=True,
+    ).write_json(store.root / "inspect.json")  # fmt: skip
+    locked = [r.unit.name for r in risks if r.locked_fp32]
+    space = SearchSpace([u.name for u in units], locked=locked)
+
+    estimator = None
+    if latency_source == "estimated":
+        from amp_search.latency_model import LatencyEstimator
+
+        shapes = {k: tuple(v.shape) for k, v in data.first().items()}
+        estimator = LatencyEstimator(model, shapes, target=config.target)
+    evaluator = CandidateEvaluator(
+        rewriter, backend, build_config, data, prof.reference_outputs, metric, store,
+        LatencySettings(source=latency_source, target=config.target, runs=config.timing_runs),
+        extra_metrics=extra, estimator=estimator,
+    )  # fmt: skip
+
+    study_name = config.study_name or f"{config.model.stem}-{model_digest[:8]}"
+    storage = config.storage or default_storage(study_name)
+    study = open_study(storage, study_name, seed=config.seed, sampler=config.sampler)
+    recover_dead_trials(study)
+    enqueue_seeds(study, space, [r.unit.name for r in risks])
+    notes: list[str] = []
+    if build_config.device_type == "cpu":
+        notes.append(CPU_NOTE)
+    if latency_source == "measured" and build_config.device_type == "cpu":
+        notes.append(
+            "Latency measured on the CPU: CPU FP16 timings say nothing about a GPU. Use "
+            "--latency estimated (default on CPU) or a GPU backend for speed decisions."
+        )
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        mark_trial_owner(trial)
+        assignment = space.suggest(trial)
+        try:
+            ev = evaluator.evaluate(assignment)
+        except (CandidateBuildError, CandidateRunError) as exc:
+            trial.set_user_attr("error", str(exc)[:1000])
+            raise
+        _record(trial, ev, metric.name, len(units))
+        trial.set_constraint("finite_outputs", 0.0 if ev.finite else 1.0)
+        if config.max_deviation is not None:
+            dev = ev.deviation if ev.deviation != float("inf") else 1e300
+            trial.set_constraint("max_deviation", dev - config.max_deviation)
+        return ev.latency.median_ms, ev.deviation
+
+    meta = {
+        "model": str(config.model),
+        "backend": config.backend,
+        "device": config.device,
+        "metric": metric.name,
+        "latency_source": label,
+        "max_deviation": config.max_deviation,
+        "study": study_name,
+        "storage": storage,
+        "notes": notes,
+    }
+    done_before = len(study.trials)
+    with _Interrupt() as interrupt:
+
+        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            front = compute_front(study)
+            write_front(store, front, {**meta, "baselines": baselines(study)})
+            if progress:
+                progress(
+                    {
+                        "trial": trial.number,
+                        "state": trial.state.name,
+                        "done": len(study.trials) - done_before,
+                        "total": config.n_trials,
+                        "front": len(front),
+                        "best_latency": front[0].latency_ms if front else None,
+                        "error": trial.user_attrs.get("error"),
+                    }
+                )
+            if interrupt.requested:
+                study.stop()
+
+        study.optimize(
+            objective,
+            n_trials=config.n_trials,
+            timeout=config.timeout,
+            catch=(CandidateBuildError, CandidateRunError),
+            callbacks=[after_trial],
+        )
+    front = compute_front(study)
+    if config.max_deviation is not None and not front:
+        notes.append(
+            f"No candidate met --max-deviation {config.max_deviation:g}; the front is empty. "
+            "Loosen the budget (the study holds every trial)."
+        )
+    write_front(store, front, {**meta, "baselines": baselines(study)})
+    draw_plots(store, study, front, meta)
+    trials = study.get_trials(deepcopy=False)
+    from optuna.trial import TrialState
+
+    return SearchOutcome(
+        front=front,
+        n_trials=len(trials),
+        n_complete=sum(t.state == TrialState.COMPLETE for t in trials),
+        n_failed=sum(t.state == TrialState.FAIL for t in trials),
+        interrupted=interrupt.requested,
+        seconds=time.perf_counter() - t_start,
+        out=store.root,
+        storage=storage,
+        study_name=study_name,
+        latency_source=label,
+        notes=notes,
+    )
+
+
+def baselines(study: Any) -> dict[str, dict[str, Any]]:
+    """all-FP32 and all-FP16 figures from the seed trials (and why FP16 is off the front)."""
+    from optuna.trial import TrialState
+
+    from amp_search.results.pareto import point_from_trial
+
+    out: dict[str, dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        seed = t.user_attrs.get("seed")
+        if seed in ("all-fp32", "all-fp16") and seed not in out:
+            p = point_from_trial(t)
+            if p is not None:
+                out[seed] = {
+                    "trial": p.trial,
+                    "latency_ms": p.latency_ms,
+                    "deviation": p.deviation,
+                    "feasible": p.feasible,
+                    "digest": p.digest,
+                }
+    return out
+
+
+def draw_plots(store: ResultsStore, study: Any, front: list[FrontPoint], meta: dict[str, Any],
+               references: list[Any] | None = None) -> list[Path]:  # fmt: skip
+    """Writes pareto.png and pareto.html (skipped with a warning without the plot extras)."""
+    from amp_search.errors import BackendUnavailableError
+    from amp_search.results.plots import plot_data_from_study, write_html, write_png
+
+    data = plot_data_from_study(
+        study, front, title=f"amp-search: {Path(str(meta['model'])).name} "
+        f"on {meta['backend']} ({meta['device']})",
+        metric=str(meta["metric"]), latency_source=str(meta["latency_source"]),
+        budget=meta.get("max_deviation"),
+    )  # fmt: skip
+    data.points.extend(references or [])
+    written = []
+    for writer, name in ((write_png, "pareto.png"), (write_html, "pareto.html")):
+        try:
+            written.append(writer(data, store.root / name))
+        except BackendUnavailableError as exc:
+            logger.warning("%s not drawn: %s", name, exc.message)
+    return written
+
+
+def _record(trial: Any, ev: Evaluation, metric: str, n_units: int) -> None:
+    trial.set_user_attr("digest", ev.digest)
+    trial.set_user_attr("latency_source", ev.latency.source)
+    trial.set_user_attr("metric", metric)
+    trial.set_user_attr("n_fp32", len(ev.fp32_units))
+    trial.set_user_attr("n_units", n_units)
+    trial.set_user_attr("fp32_units", ev.fp32_units)
+    trial.set_user_attr("cached", ev.cached)
+    trial.set_user_attr(
+        "metrics",
+        json.loads(
+            json.dumps(
+                {
+                    "p90_ms": ev.latency.p90_ms,
+                    "deviations": {
+                        k: (v if v != float("inf") else "inf") for k, v in ev.deviations.items()
+                    },
+                    "seconds": ev.seconds,
+                    "casts": ev.extra.get("conversion", {}).get("casts_inserted"),
+                }
+            )
+        ),
+    )
