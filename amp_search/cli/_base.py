@@ -20,7 +20,8 @@ def console(stderr: bool = False) -> Console:
 
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else 160  # rich's 80 columns fold tables in logs/pipes
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+    # markup=False: names, reasons and paths may hold "[...]" that rich would eat as tags.
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width, markup=False)
 
 
 class Subcommand(abc.ABC):
