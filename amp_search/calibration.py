@@ -111,9 +111,7 @@ class CalibrationData:
             return
         for f in self.files:
             arrays = _read_npz(f)
-            stacked = {
-                spec.name: arrays[spec.name].ndim == spec.rank + 1 for spec in self.inputs
-            }
+            stacked = {spec.name: arrays[spec.name].ndim == spec.rank + 1 for spec in self.inputs}
             n = _validate(arrays, self.inputs, f)
             for b in range(n):
                 yield {

@@ -94,9 +94,7 @@ def build_demo_model(seed: int = 0) -> onnx.ModelProto:
     x = conv("head2", x, 32, 32, 1.0)
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool/out"], name="pool/GAP"))
     nodes.append(
-        helper.make_node(
-            "Flatten", ["pool/out"], ["flat/out"], name="flat/Flatten", axis=1
-        )
+        helper.make_node("Flatten", ["pool/out"], ["flat/out"], name="flat/Flatten", axis=1)
     )
     fc_w = (rng.standard_normal((32, 10)) * np.sqrt(1.0 / 32)).astype(np.float32)
     nodes.append(

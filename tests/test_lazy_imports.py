@@ -12,9 +12,7 @@ OPTIONAL = ("tensorrt", "tensorrt_rtx", "cuda", "onnxruntime_gpu", "matplotlib",
 
 
 def _all_modules() -> list[str]:
-    return sorted(
-        m.name for m in pkgutil.walk_packages(amp_search.__path__, prefix="amp_search.")
-    )
+    return sorted(m.name for m in pkgutil.walk_packages(amp_search.__path__, prefix="amp_search."))
 
 
 def test_every_module_imports_with_optional_packages_blocked():

@@ -221,5 +221,3 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _open(self, candidate: Candidate) -> Runner: ...
-
-

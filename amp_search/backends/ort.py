@@ -262,9 +262,7 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
             g.initializer[i].CopyFrom(
                 numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name)
             )
-    fp16_graph_outputs = {
-        o.name for o in g.output if o.type.tensor_type.elem_type == f16
-    }
+    fp16_graph_outputs = {o.name for o in g.output if o.type.tensor_type.elem_type == f16}
 
     def round_pair(src: str, dst: str) -> list[onnx.NodeProto]:
         half = f"{dst}__amp_half"
@@ -280,7 +278,9 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
             raw = f"{node.output[0]}__amp_raw"
             nodes.append(helper.make_node("Identity", [node.input[0]], [raw], name=node.name))
             if types.get(node.input[0]) not in (f16, f32):
-                nodes[-1] = helper.make_node("Cast", [node.input[0]], [raw], name=node.name, to=f32)
+                nodes[-1] = helper.make_node(
+                    "Cast", [node.input[0]], [raw], name=node.name, to=f32
+                )
             nodes.extend(round_pair(raw, node.output[0]))
             continue
         extra: list[onnx.NodeProto] = []

@@ -11,7 +11,13 @@ __all__ = ["stage_progress"]
 @contextlib.contextmanager
 def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
     """Yields a ``(stage, done, total)`` callback that drives a rich progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from amp_search.cli._base import console
 

@@ -32,9 +32,7 @@ class ReportCommand(Subcommand):
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             meta = results.meta
-            study = optuna.load_study(
-                study_name=meta["study"], storage=_storage(meta["storage"])
-            )
+            study = optuna.load_study(study_name=meta["study"], storage=_storage(meta["storage"]))
             for path in draw_plots(results.store, study, results.front, meta):
                 con.print(f"wrote {path}")
         return 0

@@ -53,7 +53,11 @@ class SearchCommand(Subcommand):
             "--option", action="append", metavar="KEY=VALUE",
             help="backend option, e.g. prefer_nhwc=1 (repeatable; recorded with results)",
         )  # fmt: skip
-        parser.add_argument("--n-trials", type=int, default=60, help="trials (%(default)s)")
+        parser.add_argument(
+            "--n-trials", type=int, default=60,
+            help="distinct candidates the study should hold (%(default)s); rerunning the "
+            "same command resumes up to it",
+        )  # fmt: skip
         parser.add_argument("--timeout", type=float, help="stop after this many seconds")
         parser.add_argument(
             "--max-deviation", type=float,
@@ -76,6 +80,11 @@ class SearchCommand(Subcommand):
         parser.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"))
         parser.add_argument("--threshold", type=float, default=10000.0,
                             help="near-overflow threshold of the risk report")  # fmt: skip
+        parser.add_argument(
+            "--max-units", type=int,
+            help="merge consecutive units into at most this many decision variables "
+            "(keeps models with hundreds of layers searchable)",
+        )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.search import SearchConfig
@@ -100,14 +109,20 @@ class SearchCommand(Subcommand):
             seed=args.seed,
             sampler=args.sampler,
             threshold=args.threshold,
+            max_units=args.max_units,
         )
         return run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
 
 
 def run_with_progress(config: Any, command: str) -> int:
     """Runs a search with a progress bar and prints the outcome; returns the exit code."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.progress import TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from amp_search.search import run_search
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from amp_search.graph.io import load_model, save_model
 from amp_search.graph.precision import ConversionReport, MixedPrecisionRewriter, apply_assignment
 from amp_search.graph.sanitize import sanitize
-from amp_search.graph.units import Unit, find_units
+from amp_search.graph.units import Unit, find_units, group_units
 
 __all__ = [
     "ConversionReport",
@@ -13,6 +13,7 @@ __all__ = [
     "Unit",
     "apply_assignment",
     "find_units",
+    "group_units",
     "load_model",
     "sanitize",
     "save_model",

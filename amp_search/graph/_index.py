@@ -163,9 +163,7 @@ def _node_params(
     extra = tuple(
         k
         for k, t in enumerate(in_types)
-        if t == FLOAT
-        and k not in ins
-        and switchable(var_of(schema.inputs, k))
+        if t == FLOAT and k not in ins and switchable(var_of(schema.inputs, k))
     )
     outs = tuple(
         k for k, t in enumerate(out_types) if t == FLOAT and var_of(schema.outputs, k) in out_vars

@@ -56,9 +56,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
-    )
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def model_to_bytes(model: onnx.ModelProto) -> bytes:

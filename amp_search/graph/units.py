@@ -3,9 +3,9 @@
 A unit is a group of main-graph nodes that switch precision together. By default one unit is
 one layer: a compute node (Conv, MatMul, Gemm, a normalization, Softmax, a reduction) with
 the pointwise nodes that follow it and read nothing else but constants (bias Add,
-BatchNormalization, activation, HardSwish's Mul), which TensorRT fuses anyway. A pointwise node fed by several units (a
-residual Add) is a unit of its own. A unit is named after its first node, a stable name the
-Optuna parameter reuses across runs.
+BatchNormalization, activation, HardSwish's Mul), which TensorRT fuses anyway. A pointwise
+node fed by several units (a residual Add) is a unit of its own. A unit is named after its
+first node, a stable name the Optuna parameter reuses across runs.
 
 Shape and index computations are never units and never change type. Data-movement nodes
 (Reshape, Transpose, Concat, Resize, pooling, ...) are not units: they *follow* their inputs
@@ -22,7 +22,7 @@ import onnx
 
 from amp_search.graph._index import GraphIndex
 
-__all__ = ["COMPUTE_OPS", "FOLLOWER_OPS", "POINTWISE_OPS", "Unit", "find_units"]
+__all__ = ["COMPUTE_OPS", "FOLLOWER_OPS", "POINTWISE_OPS", "Unit", "find_units", "group_units"]
 
 #: Ops that start a unit.
 COMPUTE_OPS = frozenset(
@@ -169,9 +169,7 @@ def find_units(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[
                 tensors=tuple(tensors),
                 inputs=tuple(inputs),
                 feeders=tuple(
-                    sorted(
-                        {g for x in inputs for g in source.get(x, frozenset())} - {uid}
-                    )
+                    sorted({g for x in inputs for g in source.get(x, frozenset())} - {uid})
                 ),
             )
         )
@@ -210,3 +208,45 @@ def _only_feeds_unit(
             if others - {u, -1} or (reader not in (candidate,) and reader < candidate):
                 return False
     return True
+
+
+def group_units(units: list[Unit], max_units: int) -> list[Unit]:
+    """Merges consecutive units (graph order) into at most ``max_units`` groups.
+
+    Coarser decision variables keep models with hundreds of layers searchable. Groups are
+    contiguous runs of units of about equal size; a group is named ``g<k>:<first unit>``
+    (stable for a given model and ``max_units``).
+    """
+    if max_units < 1:
+        raise ValueError(f"max_units must be at least 1, got {max_units}")
+    if len(units) <= max_units:
+        return list(units)
+    bounds = [round(i * len(units) / max_units) for i in range(max_units + 1)]
+    group_of = {
+        u.name: f"g{k:02d}:{units[bounds[k]].name}"
+        for k in range(max_units)
+        for u in units[bounds[k] : bounds[k + 1]]
+    }
+    groups: list[Unit] = []
+    for k in range(max_units):
+        members = units[bounds[k] : bounds[k + 1]]
+        if not members:
+            continue
+        name = f"g{k:02d}:{members[0].name}"
+        groups.append(
+            Unit(
+                name=name,
+                nodes=tuple(n for u in members for n in u.nodes),
+                op_types=tuple(o for u in members for o in u.op_types),
+                outputs=tuple(o for u in members for o in u.outputs),
+                weights=tuple(dict.fromkeys(w for u in members for w in u.weights)),
+                tensors=tuple(t for u in members for t in u.tensors),
+                inputs=tuple(i for u in members for i in u.inputs),
+                feeders=tuple(
+                    dict.fromkeys(
+                        group_of[f] for u in members for f in u.feeders if group_of[f] != name
+                    )
+                ),
+            )
+        )
+    return groups

@@ -135,7 +135,9 @@ def _accumulate(stats: TensorRanges, a: np.ndarray) -> None:
     stats.n_flush += int(np.count_nonzero(nz < FP16_MIN_SUBNORMAL / 2))
 
 
-def mark_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int]) -> onnx.ModelProto:
+def mark_outputs(
+    model: onnx.ModelProto, names: list[str], types: dict[str, int]
+) -> onnx.ModelProto:
     """A copy of ``model`` with ``names`` added as graph outputs (Polygraphy's mark all)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)

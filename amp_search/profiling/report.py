@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from amp_search._atomic import write_json_atomic
 from amp_search.calibration import load_calibration, model_inputs
 from amp_search.errors import UserInputError
 from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
 from amp_search.profiling.ranges import profile_model
 from amp_search.profiling.sensitivity import DEFAULT_THRESHOLD, RiskLevel, UnitRisk, assess_units
-from amp_search._atomic import write_json_atomic
 
 if TYPE_CHECKING:
     from rich.console import Console

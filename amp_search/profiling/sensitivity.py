@@ -110,7 +110,9 @@ class UnitRisk:
             "op_types": list(self.unit.op_types),
             "risk": str(self.level),
             "reason": self.reason,
-            "findings": [{"level": str(lv), "rule": rule, "reason": r} for lv, rule, r in self.findings],
+            "findings": [
+                {"level": str(lv), "rule": rule, "reason": r} for lv, rule, r in self.findings
+            ],
             "locked_fp32": self.locked_fp32,
             "max_abs": self.max_abs,
             "activation_subnormal_fraction": self.act_subnormal_fraction,
@@ -140,7 +142,10 @@ class WeightOverflowRule(NodeRuleBase):
         bad = [w for w in facts.weights if w.n_overflow]
         if bad:
             w = max(bad, key=lambda t: t.max_abs)
-            return RiskLevel.CRITICAL, f"weight {w.name} reaches {w.max_abs:.3g} > 65504: FP32 only"
+            return (
+                RiskLevel.CRITICAL,
+                f"weight {w.name} reaches {w.max_abs:.3g} > 65504: FP32 only",
+            )
         return None
 
 

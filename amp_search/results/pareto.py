@@ -85,15 +85,16 @@ def point_from_trial(trial: optuna.trial.FrozenTrial) -> FrontPoint | None:
 def compute_front(study: optuna.Study) -> list[FrontPoint]:
     """The feasible Pareto front, fastest first (``study.best_trials``)."""
     points = [p for p in (point_from_trial(t) for t in study.best_trials) if p is not None]
-    points.sort(key=lambda p: (p.latency_ms, p.deviation))
-    return points
+    points.sort(key=lambda p: (p.latency_ms, p.deviation, p.trial))
+    unique: dict[str, FrontPoint] = {}
+    for p in points:  # a re-proposed assignment appears once, as its first trial
+        unique.setdefault(p.digest or str(p.trial), p)
+    return list(unique.values())
 
 
 def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, Any]) -> None:
     """Writes ``front.json`` and ``front.csv`` atomically."""
-    write_json_atomic(
-        store.root / "front.json", {**meta, "front": [asdict(p) for p in front]}
-    )
+    write_json_atomic(store.root / "front.json", {**meta, "front": [asdict(p) for p in front]})
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(

@@ -77,7 +77,8 @@ class ResultsStore:
         if existing is None:
             self.write_json(self.run_file, identity)
             return
-        keys = ("model_digest", "backend", "device", "options", "data_digest", "latency_source")
+        keys = ("model_digest", "backend", "device", "options", "data_digest", "latency_source",
+                "units")  # fmt: skip
         diff = [k for k in keys if existing.get(k) != identity.get(k)]
         if diff:
             raise UserInputError(

@@ -219,8 +219,12 @@ def _from_cache(cached: dict[str, Any], digest: str, fp32_units: list[str]) -> E
     return Evaluation(
         digest=digest,
         latency=LatencyStats(
-            median_ms=lat["median_ms"], p90_ms=lat["p90_ms"], mean_ms=lat["mean_ms"],
-            min_ms=lat["min_ms"], n_runs=lat["n_runs"], n_warmup=lat["n_warmup"],
+            median_ms=lat["median_ms"],
+            p90_ms=lat["p90_ms"],
+            mean_ms=lat["mean_ms"],
+            min_ms=lat["min_ms"],
+            n_runs=lat["n_runs"],
+            n_warmup=lat["n_warmup"],
             source=lat["source"],
         ),  # fmt: skip
         deviation=float(deviation) if not isinstance(deviation, str) else float("inf"),

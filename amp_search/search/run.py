@@ -18,7 +18,13 @@ from typing import Any
 from amp_search.backends import BuildConfig, get_backend
 from amp_search.calibration import load_calibration, model_inputs
 from amp_search.errors import CandidateBuildError, CandidateRunError, UserInputError
-from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
+from amp_search.graph import (
+    MixedPrecisionRewriter,
+    find_units,
+    group_units,
+    load_model,
+    sanitize,
+)
 from amp_search.graph.io import model_to_bytes
 from amp_search.profiling import assess_units, profile_model
 from amp_search.profiling.report import CPU_NOTE, InspectReport
@@ -64,6 +70,7 @@ class SearchConfig:
     sampler: str = "tpe"
     threshold: float = 10000.0
     timing_runs: int = 20
+    max_units: int | None = None
 
 
 @dataclass
@@ -159,12 +166,12 @@ def run_search(
             f"{config.model.name} has no float computation that could run in FP16: "
             "nothing to search."
         )
+    if config.max_units:
+        units = group_units(units, config.max_units)
     data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic)
     rewriter = MixedPrecisionRewriter(model, units)
     model_digest = hashlib.sha256(model_to_bytes(model)).hexdigest()[:16]
-    data_digest = (
-        f"synthetic:{config.seed}" if data.is_synthetic else _digest_files(data.files)
-    )
+    data_digest = f"synthetic:{config.seed}" if data.is_synthetic else _digest_files(data.files)
     label = (
         f"estimated:{config.target}" if latency_source == "estimated"
         else f"measured:{config.backend}-{build_config.device_type}"
@@ -182,6 +189,7 @@ def run_search(
             "metric": metric.name,
             "latency_source": label,
             "units": [u.name for u in units],
+            "max_units": config.max_units,
         }
     )
 
@@ -226,9 +234,13 @@ def run_search(
             "--latency estimated (default on CPU) or a GPU backend for speed decisions."
         )
 
+    evaluated = _evaluated_digests(study)
+
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         mark_trial_owner(trial)
         assignment = space.suggest(trial)
+        if assignment.digest() in evaluated:
+            trial.set_user_attr("duplicate", True)  # the sampler re-proposed it: cached
         try:
             ev = evaluator.evaluate(assignment)
         except (CandidateBuildError, CandidateRunError) as exc:
@@ -252,10 +264,13 @@ def run_search(
         "storage": storage,
         "notes": notes,
     }
-    done_before = len(study.trials)
+    target = config.n_trials
+    remaining = None if target is None else max(0, target - len(evaluated))
     with _Interrupt() as interrupt:
 
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if trial.state.name == "COMPLETE":
+                evaluated.add(str(trial.user_attrs.get("digest")))
             front = compute_front(study)
             write_front(store, front, {**meta, "baselines": baselines(study)})
             if progress:
@@ -263,23 +278,28 @@ def run_search(
                     {
                         "trial": trial.number,
                         "state": trial.state.name,
-                        "done": len(study.trials) - done_before,
+                        "done": len(evaluated),
                         "total": config.n_trials,
                         "front": len(front),
                         "best_latency": front[0].latency_ms if front else None,
                         "error": trial.user_attrs.get("error"),
                     }
                 )
-            if interrupt.requested:
+            if interrupt.requested or (target is not None and len(evaluated) >= target):
                 study.stop()
 
-        study.optimize(
-            objective,
-            n_trials=config.n_trials,
-            timeout=config.timeout,
-            catch=(CandidateBuildError, CandidateRunError),
-            callbacks=[after_trial],
-        )
+        # n_trials is a target of distinct evaluated assignments for the study: a rerun of
+        # the same command resumes up to it, and re-proposed assignments (answered from the
+        # cache) do not count. The cap bounds the loop once the space is nearly exhausted.
+        cap = None if remaining is None else 3 * remaining + 10
+        if remaining != 0:
+            study.optimize(
+                objective,
+                n_trials=cap,
+                timeout=config.timeout,
+                catch=(CandidateBuildError, CandidateRunError),
+                callbacks=[after_trial],
+            )
     front = compute_front(study)
     if config.max_deviation is not None and not front:
         notes.append(
@@ -304,6 +324,16 @@ def run_search(
         latency_source=label,
         notes=notes,
     )
+
+
+def _evaluated_digests(study: Any) -> set[str]:
+    from optuna.trial import TrialState
+
+    return {
+        str(t.user_attrs["digest"])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "digest" in t.user_attrs
+    }
 
 
 def baselines(study: Any) -> dict[str, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 Storage defaults to SQLite under ``studies/`` (one database per study name); any Optuna
 storage URL works (``postgresql://...``), a path ending in ``.journal`` or ``.log`` uses
-Optuna's ``JournalFileBackend``, and ``:memory:`` keeps the study in memory (tests). The database opens in optuna-dashboard as is.
+Optuna's ``JournalFileBackend``, and ``:memory:`` keeps the study in memory (tests). The
+database opens in optuna-dashboard as is.
 
 Every trial records the host and process that runs it. When a study is opened again, a
 RUNNING trial whose process is gone on this host (``kill -9``, a crash) is marked FAIL, and,

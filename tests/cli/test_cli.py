@@ -38,7 +38,9 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
-def test_inspect_demo_model_flags_overflow_and_writes_json(demo_model_path, demo_data_path, tmp_path):
+def test_inspect_demo_model_flags_overflow_and_writes_json(
+    demo_model_path, demo_data_path, tmp_path
+):
     out = tmp_path / "r.json"
     r = _cli("inspect", str(demo_model_path), "--data", str(demo_data_path), "--json", str(out))
     assert r.returncode == 0, r.stderr

@@ -24,7 +24,9 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 
 def _io(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     inits = {i.name for i in model.graph.initializer}
-    ins = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input if i.name not in inits]
+    ins = [
+        (i.name, i.type.tensor_type.elem_type) for i in model.graph.input if i.name not in inits
+    ]
     outs = [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output]
     return ins, outs
 
@@ -41,7 +43,9 @@ def _vi(name, shape, t=TensorProto.FLOAT):
 
 
 def test_all_fp16_conv_relu_switches_types_and_keeps_io():
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w"
+    )
     m = sanitize(
         _model(
             [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
@@ -102,13 +106,9 @@ def test_resize_scales_stay_fp32_and_model_stays_valid():
 def test_layernorm_fp32_only_outputs_stay_fp32():
     scale = numpy_helper.from_array(np.ones(8, np.float32), "s")
     bias = numpy_helper.from_array(np.zeros(8, np.float32), "b")
-    m = sanitize(
-        _model(
-            [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y", "mean", "inv"], axis=-1)],
-            [_vi("x", [2, 8])], [_vi("y", [2, 8]), _vi("mean", [2, 1]), _vi("inv", [2, 1])],
-            [scale, bias],
-        )
-    )  # fmt: skip
+    ln = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y", "mean", "inv"], axis=-1)
+    outs = [_vi("y", [2, 8]), _vi("mean", [2, 1]), _vi("inv", [2, 1])]
+    m = sanitize(_model([ln], [_vi("x", [2, 8])], outs, [scale, bias]))
     out = apply_assignment(m, {find_units(m)[0].name: "fp16"})
     onnx.checker.check_model(out, full_check=True)
     ln = next(n for n in out.graph.node if n.op_type == "LayerNormalization")
@@ -120,7 +120,9 @@ def test_layernorm_fp32_only_outputs_stay_fp32():
 def test_weight_that_overflows_fp16_keeps_its_node_fp32():
     big = numpy_helper.from_array(np.array([1e6], np.float32), "big")
     m = sanitize(
-        _model([helper.make_node("Mul", ["x", "big"], ["y"])], [_vi("x", [3])], [_vi("y", [3])], [big])
+        _model(
+            [helper.make_node("Mul", ["x", "big"], ["y"])], [_vi("x", [3])], [_vi("y", [3])], [big]
+        )
     )
     rw = MixedPrecisionRewriter(m)
     out, report = rw.apply(PrecisionAssignment.uniform([u.name for u in rw.units], Precision.FP16))

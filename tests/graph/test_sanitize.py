@@ -20,7 +20,11 @@ def _paddle_like(opset=13):
     const = helper.make_node(
         "Constant", [], ["w"], value=numpy_helper.from_array(np.full(3, 2.0, np.float32))
     )
-    nodes = [const, helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    nodes = [
+        const,
+        helper.make_node("Mul", ["x", "w"], ["m"]),
+        helper.make_node("Relu", ["m"], ["y"]),
+    ]
     m = helper.make_model(
         helper.make_graph(nodes, "g", [_vi("x", [3])], [_vi("y", [3])]),
         opset_imports=[helper.make_opsetid("", opset)],
@@ -75,7 +79,10 @@ def test_external_data_round_trip_and_missing_data(tmp_path):
     path = tmp_path / "ext.onnx"
     onnx.save_model(m, path, save_as_external_data=True, location="ext.data", size_threshold=0)
     loaded = load_model(path)
-    assert numpy_helper.to_array(next(i for i in loaded.graph.initializer if i.name == "big")).sum() == 4096
+    assert (
+        numpy_helper.to_array(next(i for i in loaded.graph.initializer if i.name == "big")).sum()
+        == 4096
+    )
     (tmp_path / "ext.data").unlink()
     with pytest.raises(UserInputError, match="External data"):
         load_model(path)

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 from amp_search.calibration import load_calibration, model_inputs
 from amp_search.graph import find_units, sanitize
-from amp_search.profiling import assess_units, profile_model
+from amp_search.profiling import profile_model
 from amp_search.profiling.report import inspect_model
 from amp_search.profiling.sensitivity import RiskLevel
 
@@ -68,7 +68,9 @@ def _by_hand_mark_all(path, feeds, threshold):
     for node in model.graph.node:
         if node.op_type == "Constant":
             weights[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    weights = {k: np.abs(v.astype(np.float32)) for k, v in weights.items() if v.dtype == np.float32}
+    weights = {
+        k: np.abs(v.astype(np.float32)) for k, v in weights.items() if v.dtype == np.float32
+    }
     overflow_w = {k for k, a in weights.items() if (a > 65504).any()}
     flush_w = {k for k, a in weights.items() if ((a > 0) & (a < 2.98e-8)).any()}
     return hot, overflow_w, flush_w

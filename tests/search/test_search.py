@@ -28,7 +28,8 @@ def _config(tmp_path, demo_model_path, demo_data_path, **kw):
 
 def test_demo_search_front_seeds_and_pick(tmp_path, demo_model_path, demo_data_path):
     outcome = run_search(_config(tmp_path, demo_model_path, demo_data_path))
-    assert outcome.n_complete == 14 and outcome.n_failed == 0
+    assert outcome.n_complete >= 14 and outcome.n_failed == 0
+    assert len({p.digest for p in outcome.front}) == len(outcome.front)  # no duplicates
     results = load_results(outcome.out)
     base = results.baselines
     # All-FP32 is exact; all-FP16 overflows (inf) and is infeasible, so never on the front.
@@ -48,7 +49,9 @@ def test_demo_search_front_seeds_and_pick(tmp_path, demo_model_path, demo_data_p
     assert point.latency_ms == min(p.latency_ms for p in results.front if p.deviation <= 1e-3)
     written = copy_candidate(results, point, tmp_path / "picked.onnx")
     assert written[0].name == "picked.onnx" and written[0].stat().st_size > 0
-    precision = json.loads((outcome.out / "candidates" / point.digest / "precision.json").read_text())
+    precision = json.loads(
+        (outcome.out / "candidates" / point.digest / "precision.json").read_text()
+    )
     assert sorted(precision["fp32_fallback"]) == sorted(point.fp32_units)
 
 
@@ -77,8 +80,7 @@ def test_failing_candidate_is_a_failed_trial_and_the_study_goes_on(
         _config(tmp_path, demo_model_path, demo_data_path, n_trials=8,
                 metric=f"{metric}:picky")
     )  # fmt: skip
-    assert outcome.n_failed >= 1 and outcome.n_complete >= 6
-    assert outcome.n_complete + outcome.n_failed == 8
+    assert outcome.n_failed >= 1 and outcome.n_complete >= 8
 
 
 def test_budget_nothing_meets_still_writes_front(tmp_path, demo_model_path, demo_data_path):
@@ -114,7 +116,9 @@ def _count(db: Path, state: str) -> int:
     try:
         con = sqlite3.connect(db, timeout=30)
         try:
-            return con.execute("SELECT COUNT(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
+            return con.execute("SELECT COUNT(*) FROM trials WHERE state = ?", (state,)).fetchone()[
+                0
+            ]
         finally:
             con.close()
     except sqlite3.OperationalError:
@@ -147,11 +151,12 @@ def test_kill_9_loses_at_most_the_running_trial(tmp_path, demo_model_path, demo_
     done = _count(db, "COMPLETE")
     assert done >= 5 and _count(db, "RUNNING") <= 1
     r = subprocess.run(
-        _search_cmd(tmp_path, demo_model_path, demo_data_path, 3), capture_output=True,
+        _search_cmd(tmp_path, demo_model_path, demo_data_path, done + 3), capture_output=True,
         text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert _count(db, "COMPLETE") == done + 3  # every finished trial kept, 3 more added
+    assert _count(db, "COMPLETE") >= done + 3  # every finished trial kept, resumed to target
+    assert _count(db, "FAIL") <= 1  # at most the killed trial
     assert _count(db, "RUNNING") == 0  # the killed one is marked failed, not left hanging
 
 
