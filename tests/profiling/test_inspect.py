@@ -63,7 +63,7 @@ def _by_hand_mark_all(path, feeds, threshold):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
-    hot = {n for n, v in values.items() if np.abs(v).max() > threshold}
+    hot = {n for n, v in values.items() if v.size and np.abs(v).max() > threshold}
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
