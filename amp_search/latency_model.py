@@ -268,6 +268,9 @@ class LatencyEstimator:
         fp32_math: How FP32 nodes use tensor cores: ``"tf32"`` (TensorRT's default) or
             ``"fp32"`` (TF32 disabled: CUDA cores only).
 
+    ``known_shapes`` (tensor -> shape observed in a profiling run) fills in shapes that
+    shape inference cannot know (Reshapes to runtime-computed shapes).
+
     Raises:
         UserInputError: Unknown target or math mode, missing or mismatched input shapes, or
             shape inference failing with those shapes.
@@ -279,6 +282,7 @@ class LatencyEstimator:
         input_shapes: Mapping[str, tuple[int, ...]],
         target: str = "h100",
         fp32_math: Literal["tf32", "fp32"] = "tf32",
+        known_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         if target not in TARGETS:
             raise UserInputError(
@@ -291,6 +295,9 @@ class LatencyEstimator:
         self.fp32_math = fp32_math
         self.input_shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
         types = _infer_types(model, self.input_shapes)
+        for name, shape in (known_shapes or {}).items():  # observed in a profiling run
+            if name in types and types[name][1] is None:
+                types[name] = (types[name][0], tuple(int(d) for d in shape))
         self._numel: dict[str, int] = {}
         unknown: list[str] = []
         for name, (_, shape) in types.items():
@@ -525,7 +532,7 @@ def _infer_types(
                     f"Input {vi.name!r} has rank {len(declared)}; got shape {shape}."
                 )
             for d, v in zip(declared, shape, strict=True):
-                if d.HasField("dim_value") and d.dim_value != v:
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != v:
                     raise UserInputError(
                         f"Input {vi.name!r} has static shape "
                         f"{[x.dim_value or x.dim_param for x in declared]}; got {shape}."

@@ -105,6 +105,7 @@ class TensorRanges:
         n_flush: Nonzero elements that FP16 flushes to zero (below 5.96e-8).
         n_nonfinite: NaN or Inf elements.
         is_weight: Whether the tensor is an initializer.
+        shape: Its shape in the first batch seen (what shape inference may not know).
     """
 
     name: str
@@ -116,6 +117,7 @@ class TensorRanges:
     n_flush: int = 0
     n_nonfinite: int = 0
     is_weight: bool = False
+    shape: tuple[int, ...] | None = None
 
     @property
     def subnormal_fraction(self) -> float:

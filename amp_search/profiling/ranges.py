@@ -119,6 +119,8 @@ class Profile:
 
 
 def _accumulate(stats: TensorRanges, a: np.ndarray) -> None:
+    if stats.shape is None:
+        stats.shape = tuple(int(d) for d in a.shape)
     x = np.abs(a.astype(np.float32, copy=False)).ravel()
     finite = np.isfinite(x)
     n_nonfinite = int(x.size - np.count_nonzero(finite))

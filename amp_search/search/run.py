@@ -213,7 +213,10 @@ def run_search(
         from amp_search.latency_model import LatencyEstimator
 
         shapes = {k: tuple(v.shape) for k, v in data.first().items()}
-        estimator = LatencyEstimator(model, shapes, target=config.target)
+        observed = {n: t.shape for n, t in prof.tensors.items() if t.shape is not None}
+        estimator = LatencyEstimator(
+            model, shapes, target=config.target, known_shapes=observed
+        )
     evaluator = CandidateEvaluator(
         rewriter, backend, build_config, data, prof.reference_outputs, metric, store,
         LatencySettings(source=latency_source, target=config.target, runs=config.timing_runs),
