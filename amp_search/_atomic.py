@@ -13,8 +13,12 @@ from amp_search.errors import UserInputError
 __all__ = ["write_bytes_atomic", "write_json_atomic"]
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Writes ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | list[bytes]) -> Path:
+    """Writes ``data`` (bytes, or chunks written in order) to ``path`` atomically.
+
+    The data goes to a temporary file in the same folder, is synced, then renamed over
+    ``path``: readers see the old file or the new one, never a partial write.
+    """
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +29,10 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
         ) from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, list):
+                f.writelines(data)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)

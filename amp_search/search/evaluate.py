@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from amp_search._atomic import write_bytes_atomic
 from amp_search.backends.base import Backend, BuildConfig
 from amp_search.calibration import CalibrationData
 from amp_search.errors import CandidateRunError
-from amp_search.graph.io import save_model
+from amp_search.graph.io import PROTOBUF_LIMIT, save_model
 from amp_search.graph.precision import MixedPrecisionRewriter
 from amp_search.objective import EvalContext, Objective
 from amp_search.results.store import ResultsStore
@@ -129,6 +130,7 @@ class CandidateEvaluator:
         self.latency = latency
         self.estimator = estimator
         self.output_names = [o.name for o in rewriter.model.graph.output]
+        self._small_model = rewriter.model.ByteSize() < PROTOBUF_LIMIT
         if latency.source == "estimated" and estimator is None:
             raise ValueError("an estimated latency needs an estimator")
         self._source_label = (
@@ -144,9 +146,13 @@ class CandidateEvaluator:
             return _from_cache(cached, digest, fp32_units)
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        model, report = self.rewriter.apply(assignment)
         folder = self.store.candidate_dir(digest)
-        path = save_model(model, folder / "model.onnx")
+        if self._small_model:  # bytes from cached weight encodings: no per-trial weight copy
+            parts, model, report = self.rewriter.apply_serialized(assignment)
+            path = write_bytes_atomic(folder / "model.onnx", parts)
+        else:
+            model, report = self.rewriter.apply(assignment)
+            path = save_model(model, folder / "model.onnx")
         self.store.write_json(
             folder / "precision.json",
             {"units": assignment.to_json(), "fp32_fallback": fp32_units,

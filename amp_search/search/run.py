@@ -214,9 +214,7 @@ def run_search(
 
         shapes = {k: tuple(v.shape) for k, v in data.first().items()}
         observed = {n: t.shape for n, t in prof.tensors.items() if t.shape is not None}
-        estimator = LatencyEstimator(
-            model, shapes, target=config.target, known_shapes=observed
-        )
+        estimator = LatencyEstimator(model, shapes, target=config.target, known_shapes=observed)
     evaluator = CandidateEvaluator(
         rewriter, backend, build_config, data, prof.reference_outputs, metric, store,
         LatencySettings(source=latency_source, target=config.target, runs=config.timing_runs),
