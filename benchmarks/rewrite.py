@@ -86,8 +86,13 @@ def main() -> int:
     for r in rows:
         print(" | ".join(str(r[c]) if isinstance(r[c], str | int) else f"{r[c]:.1f}"
                          for c in cols))  # fmt: skip
-    info = {"host": platform.node(), "cpu_count": __import__("os").cpu_count(),
-            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
+    info = {
+        "host": platform.node(),
+        "cpu_count": __import__("os").cpu_count(),
+        "onnxruntime": ort.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=2))
     return 0
