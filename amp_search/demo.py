@@ -24,7 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 __all__ = ["DEMO_INPUT", "build_demo_model", "demo_data"]
 
 DEMO_INPUT = "image"
-_SIZE = 48
+_SIZE = 64
+_C = 32  # channels: wide enough that FP16 math, not kernel launches, decides the latency
 
 
 def _conv(
@@ -37,7 +38,7 @@ def _conv(
 
 
 def build_demo_model(seed: int = 0) -> onnx.ModelProto:
-    """The demo model: input ``image`` float32 [N, 3, 48, 48], output ``logits`` [N, 10]."""
+    """The demo model: input ``image`` float32 [N, 3, 64, 64], output ``logits`` [N, 10]."""
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -62,11 +63,11 @@ def build_demo_model(seed: int = 0) -> onnx.ModelProto:
         return out
 
     # Stem: well scaled.
-    x = conv("stem", DEMO_INPUT, 3, 16, 1.0)
-    x = conv("block1", x, 16, 16, 1.0)
+    x = conv("stem", DEMO_INPUT, 3, _C, 1.0)
+    x = conv("block1", x, _C, _C, 1.0)
     # Unnormalized stack: each layer amplifies ~8x; the last ones pass 65504 in FP32.
     for i in range(5):
-        x = conv(f"amp{i}", x, 16, 16, 7.5, stride=2 if i in (1, 3) else 1)
+        x = conv(f"amp{i}", x, _C, _C, 7.5, stride=2 if i in (1, 3) else 1)
     # Bring the range back down, as a later normalization or scale would.
     nodes.append(
         helper.make_node(
@@ -76,7 +77,7 @@ def build_demo_model(seed: int = 0) -> onnx.ModelProto:
     )  # fmt: skip
     x = "rescale/out"
     # Tiny weights: subnormal in FP16, a share flushes to zero; compensated by a big scale.
-    w, b = _conv(rng, "tiny", 16, 16, 1.0)
+    w, b = _conv(rng, "tiny", _C, _C, 1.0)
     w *= 1e-5
     nodes.append(
         helper.make_node(
@@ -90,13 +91,13 @@ def build_demo_model(seed: int = 0) -> onnx.ModelProto:
             name="tiny/Mul",
         )
     )  # fmt: skip
-    x = conv("head1", "tiny/out", 16, 32, 1.0)
-    x = conv("head2", x, 32, 32, 1.0)
+    x = conv("head1", "tiny/out", _C, 2 * _C, 1.0)
+    x = conv("head2", x, 2 * _C, 2 * _C, 1.0)
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool/out"], name="pool/GAP"))
     nodes.append(
         helper.make_node("Flatten", ["pool/out"], ["flat/out"], name="flat/Flatten", axis=1)
     )
-    fc_w = (rng.standard_normal((32, 10)) * np.sqrt(1.0 / 32)).astype(np.float32)
+    fc_w = (rng.standard_normal((2 * _C, 10)) * np.sqrt(1.0 / (2 * _C))).astype(np.float32)
     nodes.append(
         helper.make_node(
             "Gemm", ["flat/out", add_init("fc.weight", fc_w), add_init("fc.bias", np.zeros(10))],

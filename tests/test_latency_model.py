@@ -20,7 +20,7 @@ from amp_search.latency_model import (
 )
 from amp_search.types import LatencyStats, Precision, PrecisionAssignment
 
-SHAPE = {"image": (8, 3, 48, 48)}
+SHAPE = {"image": (8, 3, 64, 64)}
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,12 @@ def test_figures_match_the_datasheets():
 
 def test_conv_flops_match_the_hand_formula(est: LatencyEstimator):
     # 2 * N * Cout * H_out * W_out * Cin/group * kH * kW
-    assert est.flops("block1/Conv") == 2 * 8 * 16 * 48 * 48 * 16 * 3 * 3
-    assert est.flops("stem/Conv") == 2 * 8 * 16 * 48 * 48 * 3 * 3 * 3
-    assert est.flops("amp1/Conv") == 2 * 8 * 16 * 24 * 24 * 16 * 3 * 3  # stride 2
-    assert est.flops("head1/Conv") == 2 * 8 * 32 * 12 * 12 * 16 * 3 * 3
-    # Gemm [8, 32] x [32, 10]
-    assert est.flops("fc/Gemm") == 2 * 8 * 10 * 32
+    assert est.flops("block1/Conv") == 2 * 8 * 32 * 64 * 64 * 32 * 3 * 3
+    assert est.flops("stem/Conv") == 2 * 8 * 32 * 64 * 64 * 3 * 3 * 3
+    assert est.flops("amp1/Conv") == 2 * 8 * 32 * 32 * 32 * 32 * 3 * 3  # stride 2
+    assert est.flops("head1/Conv") == 2 * 8 * 64 * 16 * 16 * 32 * 3 * 3
+    # Gemm [8, 64] x [64, 10]
+    assert est.flops("fc/Gemm") == 2 * 8 * 10 * 64
 
 
 def test_views_are_free_and_pointwise_nodes_fuse(est: LatencyEstimator, demo, rewriter):
@@ -138,7 +138,7 @@ def test_every_cast_adds_its_bytes_and_launch(est: LatencyEstimator, rewriter):
         )
     )
     after = est.estimate(extra)
-    numel = 8 * 3 * 48 * 48
+    numel = 8 * 3 * 64 * 64
     bw = TARGETS["h100"].memory_tbps * 1e12 * MEMORY_EFFICIENCY
     expected = (numel * 6 / bw + KERNEL_OVERHEAD_US * 1e-6) * 1e3
     assert after - before == pytest.approx(expected, rel=1e-9)
@@ -240,7 +240,7 @@ def test_input_shapes_are_checked(demo):
     with pytest.raises(UserInputError, match="missing: image"):
         LatencyEstimator(demo, {})
     with pytest.raises(UserInputError, match="does not take"):
-        LatencyEstimator(demo, {"image": (8, 3, 48, 48), "other": (1,)})
+        LatencyEstimator(demo, {"image": (8, 3, 64, 64), "other": (1,)})
     with pytest.raises(UserInputError, match="static shape"):
         LatencyEstimator(demo, {"image": (8, 3, 32, 32)})
     with pytest.raises(UserInputError, match="rank 4"):
@@ -258,8 +258,8 @@ def test_foreign_nodes_are_refused(est: LatencyEstimator, demo):
 
 
 def test_batch_scales_the_memory_bound_part(demo, rewriter):
-    small = LatencyEstimator(demo, {"image": (8, 3, 48, 48)})
-    big = LatencyEstimator(demo, {"image": (64, 3, 48, 48)})
+    small = LatencyEstimator(demo, {"image": (8, 3, 64, 64)})
+    big = LatencyEstimator(demo, {"image": (64, 3, 64, 64)})
     model = rewriter.apply(_all(rewriter, Precision.FP32))[0]
     assert big.estimate(model) > small.estimate(model)
     assert big.flops("block1/Conv") == 8 * small.flops("block1/Conv")

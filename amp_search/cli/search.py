@@ -156,6 +156,36 @@ def run_with_progress(config: Any, command: str) -> int:
     return 0 if passed else 1
 
 
+def baseline_lines(results: Any) -> list[tuple[str, str]]:
+    """all-FP32 / all-FP16: figures, and where they stand against the front, with why."""
+    out = []
+    for name in ("all-fp32", "all-fp16"):
+        b = results.baselines.get(name)
+        if not b:
+            continue
+        lat, dev = float(b["latency_ms"]), float(b["deviation"])
+        if any(p.trial == b["trial"] or p.digest == b.get("digest") for p in results.front):
+            where = "on the front"
+        elif not b["feasible"]:
+            where = (
+                "infeasible: its outputs hold inf/NaN"
+                if dev == float("inf")
+                else "infeasible: over the --max-deviation budget"
+            )
+        else:
+            better = [p for p in results.front if p.latency_ms <= lat and p.deviation <= dev]
+            if better:
+                p = min(better, key=lambda q: q.latency_ms)
+                where = (
+                    f"dominated by trial {p.trial} ({p.latency_ms:.4g} ms, deviation "
+                    f"{p.deviation:.3g}): faster and at least as accurate"
+                )
+            else:
+                where = "dominated"
+        out.append((name, f"{lat:.4g} ms, deviation {dev:.3g} ({where})"))
+    return out
+
+
 def print_outcome(outcome: Any) -> None:
     """The front table and where the files are."""
     from amp_search.results.report import load_results
@@ -163,17 +193,8 @@ def print_outcome(outcome: Any) -> None:
     con = console()
     results = load_results(outcome.out)
     results.render(con)
-    base = results.baselines
-    for name in ("all-fp32", "all-fp16"):
-        b = base.get(name)
-        if b:
-            where = "on the front" if any(p.trial == b["trial"] for p in results.front) else (
-                "infeasible (non-finite output or over budget)" if not b["feasible"]
-                else "dominated")  # fmt: skip
-            con.print(
-                f"{name}: {float(b['latency_ms']):.4g} ms, deviation "
-                f"{float(b['deviation']):.3g} ({where})"
-            )
+    for name, line in baseline_lines(results):
+        con.print(f"{name}: {line}")
     con.print(
         f"{outcome.n_complete} complete, {outcome.n_failed} failed of {outcome.n_trials} trials"
         f" in the study{' (stopped by Ctrl-C; rerun to resume)' if outcome.interrupted else ''}"

@@ -75,16 +75,18 @@ def plot_data_from_study(
 
     on_front = {p.trial for p in front}
     labels = {p.trial: p.label for p in front}
+    seeds = {"all-fp32": "all FP32", "all-fp16": "all FP16"}
     points: list[PlotPoint] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         p = point_from_trial(t)
         if p is None:
             continue
+        seed = seeds.get(str(t.user_attrs.get("seed")))
         points.append(
             PlotPoint(
                 latency_ms=p.latency_ms,
                 deviation=p.deviation,
-                label=labels.get(t.number, p.label),
+                label=labels.get(t.number, seed or p.label),
                 feasible=p.feasible and math.isfinite(p.deviation),
                 on_front=t.number in on_front,
             )
@@ -122,6 +124,12 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
     bad = [p for p in trials if not p.feasible]
     ax.scatter([p.latency_ms for p in ok], [max(p.deviation, floor) for p in ok],
                s=18, c="#b0b0b0", label="evaluated", zorder=2)  # fmt: skip
+    for p in trials:  # name the all-FP32 / all-FP16 baselines wherever they land
+        if not p.on_front and p.label.startswith("all FP"):
+            y = p.deviation if math.isfinite(p.deviation) else ceiling
+            ax.annotate(f"{p.label}" + ("" if p.feasible else " (infeasible)"),
+                        (p.latency_ms, max(y, floor)), textcoords="offset points",
+                        xytext=(6, -12), fontsize=8, color="#555555", zorder=6)  # fmt: skip
     if bad:
         ax.scatter([p.latency_ms for p in bad],
                    [p.deviation if math.isfinite(p.deviation) else ceiling for p in bad],

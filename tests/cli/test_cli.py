@@ -73,7 +73,7 @@ def test_bad_model_gives_one_line_and_exit_code(tmp_path, demo_data_path, make, 
 
 def test_bad_data_gives_one_line_exit_2(tmp_path, demo_model_path):
     bad = tmp_path / "bad.npz"
-    np.savez(bad, pixels=np.zeros((1, 3, 48, 48), np.float32))
+    np.savez(bad, pixels=np.zeros((1, 3, 64, 64), np.float32))
     r = _cli("inspect", str(demo_model_path), "--data", str(bad))
     assert r.returncode == 2
     assert "Name each array after a model input" in r.stderr
@@ -82,7 +82,7 @@ def test_bad_data_gives_one_line_exit_2(tmp_path, demo_model_path):
 
 def test_debug_shows_the_traceback(tmp_path, demo_model_path):
     bad = tmp_path / "bad.npz"
-    np.savez(bad, image=np.zeros((1, 3, 48, 48), np.float64))
+    np.savez(bad, image=np.zeros((1, 3, 64, 64), np.float64))
     r = _cli("inspect", str(demo_model_path), "--data", str(bad), "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
