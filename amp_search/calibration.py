@@ -15,6 +15,7 @@ memory is one file's arrays plus what a single batch needs, whatever the number 
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ def _synthetic_batches(inputs: list[InputSpec], n: int, seed: int) -> list[Batch
 
 
 def load_calibration(
-    data: str | Path | None,
+    data: str | os.PathLike[str] | None,
     inputs: list[InputSpec],
     *,
     synthetic: bool = False,

@@ -43,7 +43,7 @@ def build_demo_model(seed: int = 0) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
 
-    def add_init(name: str, value: np.ndarray) -> str:
+    def add_init(name: str, value: np.ndarray | np.floating | float) -> str:
         inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
 

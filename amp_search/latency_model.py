@@ -295,9 +295,9 @@ class LatencyEstimator:
         self.fp32_math = fp32_math
         self.input_shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
         types = _infer_types(model, self.input_shapes)
-        for name, shape in (known_shapes or {}).items():  # observed in a profiling run
+        for name, seen in (known_shapes or {}).items():  # observed in a profiling run
             if name in types and types[name][1] is None:
-                types[name] = (types[name][0], tuple(int(d) for d in shape))
+                types[name] = (types[name][0], tuple(int(d) for d in seen))
         self._numel: dict[str, int] = {}
         unknown: list[str] = []
         for name, (_, shape) in types.items():

@@ -299,7 +299,8 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
         if o.name in fp16_graph_outputs:
             o.type.tensor_type.elem_type = f32
     # Graph outputs declared FP16 are produced FP32 (rounded): the runner reads them as is.
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def _gpu_name(device_id: int) -> str:

@@ -42,7 +42,7 @@ class DemoCommand(Subcommand):
         model_path = save_model(build_demo_model(), out / "demo.onnx")
         data_path = out / "demo_data.npz"
         if not data_path.exists():
-            np.savez(data_path, **demo_data())
+            np.savez(data_path, image=demo_data()["image"])
         console().print(f"demo model: {model_path}  calibration data: {data_path}")
         config = SearchConfig(
             model=model_path,

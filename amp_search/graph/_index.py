@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -135,7 +136,7 @@ def _node_params(
     constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     aux = _AUX_TYPE_VARS.get(op_type, frozenset())
 
-    def var_of(formals: list[onnx.defs.OpSchema.FormalParameter], pos: int) -> str | None:
+    def var_of(formals: Sequence[onnx.defs.OpSchema.FormalParameter], pos: int) -> str | None:
         if not formals:
             return None
         if pos < len(formals):
@@ -148,8 +149,8 @@ def _node_params(
     def switchable(var: str | None) -> bool:
         if var is None or var in aux:
             return False
-        allowed = constraints.get(var)
-        return bool(allowed) and _FP16_TYPE in allowed and _FP32_TYPE in allowed
+        allowed = constraints.get(var) or set()
+        return _FP16_TYPE in allowed and _FP32_TYPE in allowed
 
     out_vars = {var_of(schema.outputs, k) for k, t in enumerate(out_types) if t == FLOAT}
     out_vars = {v for v in out_vars if switchable(v)}

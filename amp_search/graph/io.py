@@ -61,7 +61,8 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
 
 def model_to_bytes(model: onnx.ModelProto) -> bytes:
     """Serializes a model below the protobuf limit; larger ones must be saved to a file."""
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:

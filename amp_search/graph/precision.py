@@ -308,7 +308,7 @@ class MixedPrecisionRewriter:
         latency estimate). Models above 2 GiB cannot be serialized this way: use
         :meth:`apply` and :func:`~amp_search.graph.save_model` (external data).
         """
-        model, report = self.apply(_Skeletal(assignment))  # type: ignore[arg-type]
+        model, report = self.apply(_Skeletal(assignment))
         if not report.fp16_nodes:
             return [self.model.SerializeToString()], model, report
         body = [self._encoded(n) for n in self._last_inits]

@@ -101,7 +101,7 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
         ) from exc
     passes = ir.passes.Sequential(
         CheckOpsetPass(),
-        NameFixPass(name_generator=_OpTypeNames()),  # type: ignore[arg-type]
+        NameFixPass(name_generator=_OpTypeNames()),
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
     )
     try:

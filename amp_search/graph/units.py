@@ -136,6 +136,7 @@ def find_units(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[
                 source[o] = src
 
     units: list[Unit] = []
+    feeder_ids: list[list[int]] = []
     for uid, members in enumerate(groups):
         member_set = set(members)
         outputs: list[str] = []
@@ -168,14 +169,13 @@ def find_units(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[
                 weights=tuple(weights),
                 tensors=tuple(tensors),
                 inputs=tuple(inputs),
-                feeders=tuple(
-                    sorted({g for x in inputs for g in source.get(x, frozenset())} - {uid})
-                ),
             )
         )
+        feeder_ids.append(sorted({g for x in inputs for g in source.get(x, frozenset())} - {uid}))
     names = [u.name for u in units]
     return [
-        Unit(**{**u.__dict__, "feeders": tuple(names[int(g)] for g in u.feeders)}) for u in units
+        Unit(**{**u.__dict__, "feeders": tuple(names[g] for g in ids)})
+        for u, ids in zip(units, feeder_ids, strict=True)
     ]
 
 

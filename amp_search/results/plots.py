@@ -142,8 +142,9 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
         ax.step(xs, ys, where="post", c="#1f77b4", lw=1.5, zorder=4)
         ax.scatter(xs, ys, s=60, c="#1f77b4", edgecolors="black", label="Pareto front",
                    zorder=5)  # fmt: skip
-        for p, y in zip(front, ys, strict=True):
-            ax.annotate(p.label, (p.latency_ms, y), textcoords="offset points", xytext=(6, 6),
+        for k, (p, y) in enumerate(zip(front, ys, strict=True)):
+            offset = (6, 6) if k % 2 == 0 else (6, -13)  # alternate: neighbours don't collide
+            ax.annotate(p.label, (p.latency_ms, y), textcoords="offset points", xytext=offset,
                         fontsize=8, zorder=6)  # fmt: skip
     refs = [p for p in data.points if p.kind == "reference"]
     for i, p in enumerate(refs):
@@ -163,12 +164,12 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
     if data.notes:
         fig.text(0.01, 0.01, "; ".join(data.notes), fontsize=7, color="#555555")
     fig.tight_layout()
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp.png")
+    dest = Path(path)
+    tmp = dest.with_name(f".{dest.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, p)
-    return p
+    os.replace(tmp, dest)
+    return dest
 
 
 def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:

@@ -8,6 +8,7 @@ contract in :mod:`amp_search.backends.base`. Needs pytest (a test dependency).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,7 +54,8 @@ class BackendConformance:
         """Strict FP32 outputs from the ONNX reference evaluator."""
         from onnx.reference import ReferenceEvaluator
 
-        return np.asarray(ReferenceEvaluator(onnx.load(path)).run(None, feeds)[0])
+        outputs: Any = ReferenceEvaluator(onnx.load(path)).run(None, feeds)
+        return np.asarray(outputs[0])
 
     def test_fp32_candidate_matches_reference(
         self, backend_config: tuple[Backend, BuildConfig], models: dict[str, Path],
