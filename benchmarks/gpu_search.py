@@ -7,6 +7,11 @@ For each model: a 40-trial search on ``cuda`` with default CUDA EP options, then
 the front (latency, deviation, FP32 units), all-FP32 and all-FP16, and the fastest front point
 within the model's deviation budget with its speedup over all-FP32. Writes
 ``OUT_DIR/gpu_search.json`` and ``OUT_DIR/<name>.png`` (the Pareto plot).
+
+With ``--peers DIR`` (files ``<peer>_<model>.onnx`` from benchmarks/peers.py), the same
+process then times, on the same EP and data, every peer answer and, again, all-FP32, all-FP16
+and the best front point within budget (``--retime-runs`` timed runs each, interleaved in
+rounds so drift hits all alike), and draws the peers on the plot.
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ def main() -> int:
     ap.add_argument("--models", default="ppocr_cls,ppocr_rec,ppocr_det,minilm")
     ap.add_argument("--work", default="/tmp/amp-gpu")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per model")
+    ap.add_argument("--peers", help="folder of <peer>_<model>.onnx answers to time alike")
+    ap.add_argument("--retime-runs", type=int, default=100)
+    ap.add_argument("--device", default="cuda", help="cuda (cpu only to try the script)")
     args = ap.parse_args()
     models, out, work = Path(args.models_dir), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +87,7 @@ def main() -> int:
         t0 = time.perf_counter()
         cfg = SearchConfig(
             model=models / f"{name}.onnx", data=models / f"{name}.npz", out=work / name,
-            backend="onnxruntime", device="cuda", n_trials=args.trials, timeout=args.timeout,
+            backend="onnxruntime", device=args.device, n_trials=args.trials, timeout=args.timeout,
             storage=f"sqlite:///{work / (name + '.db')}", study_name=name, seed=0,
         )  # fmt: skip
         outcome = run_search(cfg)
@@ -93,8 +101,97 @@ def main() -> int:
         print(f"{name}: {outcome.n_complete} trials in {s['seconds']} s; all-FP32 "
               f"{s['all_fp32']}; all-FP16 {s['all_fp16']}; best within {s['budget_rel_l2']}: {b}",
               flush=True)  # fmt: skip
-        (out / "gpu_search.json").write_text(json.dumps(summary, indent=2))
+        if args.peers:
+            s["same_run"] = retime(name, cfg, outcome, Path(args.peers), args.retime_runs)
+
+            for row in s["same_run"]:
+                print(f"   {row['label']}: {row['latency_ms']:.4g} ms @ {row['deviation']:.3g}"
+                      f" ({row.get('note', '')})", flush=True)  # fmt: skip
+            if (outcome.out / "pareto.png").is_file():
+                shutil.copyfile(outcome.out / "pareto.png", out / f"{name}.png")
+        (out / "gpu_search.json").write_text(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def retime(name: str, cfg: SearchConfig, outcome, peers: Path, runs: int) -> list[dict]:
+    """Times peers and our key points in one process, same EP and data; redraws the plot."""
+    import numpy as np
+    import optuna
+
+    from amp_search.backends import BuildConfig, get_backend
+    from amp_search.calibration import load_calibration, model_inputs
+    from amp_search.graph import load_model
+    from amp_search.results.plots import PlotPoint
+    from amp_search.search.run import draw_plots
+    from amp_search.search.study import _storage
+    from amp_search.timing import measure
+
+    backend = get_backend("onnxruntime")
+    data = load_calibration(cfg.data, model_inputs(load_model(cfg.model)))
+    ref_cand = backend.build(cfg.model, BuildConfig("cpu", {"emulate_fp16_storage": 0}))
+    with backend.open(ref_cand) as r:
+        ref = [r.infer(b) for b in data]
+
+    def rel_l2(outs: list[dict]) -> float:
+        num = den = 0.0
+        for g, rr in zip(outs, ref, strict=True):
+            for k in rr:
+                a = g[k].astype(np.float64)
+                if not np.isfinite(a).all():
+                    return float("inf")
+                num += float(np.sum((a - rr[k]) ** 2))
+                den += float(np.sum(rr[k].astype(np.float64) ** 2))
+        return (num / den) ** 0.5
+
+    res = load_results(outcome.out)
+    entries: list[tuple[str, Path, str]] = []
+    for key in ("all-fp32", "all-fp16"):
+        b = res.baselines.get(key)
+        if b:
+            entries.append((key, res.store.candidate_dir(b["digest"]) / "model.onnx", "ours"))
+    budget = BUDGETS.get(name, 1e-2)
+    within = [p for p in res.front if p.deviation <= budget]
+    if within:
+        best = min(within, key=lambda p: p.latency_ms)
+        entries.append((f"amp-search #{best.trial}", res.store.candidate_dir(best.digest) /
+                        "model.onnx", "ours"))  # fmt: skip
+    for f in sorted(peers.glob(f"*_{name}.onnx")):
+        entries.append((f.name[: -len(f"_{name}.onnx")], f, "peer"))
+    config = BuildConfig(cfg.device)
+    runners = []
+    rows: list[dict] = []
+    for label, path, kind in entries:
+        try:
+            cand = backend.build(path, config)
+            runner = backend.open(cand).__enter__()
+            outs = [runner.infer(b) for b in data]
+            runner.bind(data.first())
+            runners.append((label, kind, runner, rel_l2(outs), []))
+        except Exception as exc:  # a peer's file that does not build is a result too
+            rows.append({"label": label, "kind": kind, "latency_ms": float("nan"),
+                         "deviation": float("nan"), "note": f"failed: {exc}"[:300]})  # fmt: skip
+    for _ in range(5):  # interleaved rounds
+        for _, _, runner, _, samples in runners:
+            st = measure(runner.run_once, source=runner.source, warmup=3, runs=runs // 5)
+            samples.extend(st.samples_ms)
+    for label, kind, runner, dev, samples in runners:
+        runner.__exit__(None, None, None)
+        rows.append({"label": label, "kind": kind, "latency_ms": float(np.median(samples)),
+                     "p90_ms": float(np.percentile(samples, 90)), "deviation": dev,
+                     "runs": len(samples)})  # fmt: skip
+    fp32 = next((r["latency_ms"] for r in rows if r["label"] == "all-fp32"), None)
+    for r in rows:
+        if fp32 and r["latency_ms"] == r["latency_ms"]:
+            r["speedup_vs_fp32"] = fp32 / r["latency_ms"]
+            r["within_budget"] = r["deviation"] <= budget
+    refs = [
+        PlotPoint(r["latency_ms"], r["deviation"], f"{r['label']} (peer)", kind="reference")
+        for r in rows
+        if r["kind"] == "peer" and r["latency_ms"] == r["latency_ms"]
+    ]
+    study = optuna.load_study(study_name=outcome.study_name, storage=_storage(outcome.storage))
+    draw_plots(res.store, study, res.front, res.meta, references=refs)
+    return rows
 
 
 if __name__ == "__main__":
