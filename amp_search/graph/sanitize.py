@@ -9,7 +9,11 @@ The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
    model always gets the same names, so Optuna parameters keyed on them survive resuming.
 3. onnx-ir's ``LiftConstantsToInitializersPass`` turns ``Constant`` nodes into initializers,
    so weights that arrive through Constants are converted (or kept FP32) with their unit.
-4. ONNX shape inference, so every tensor has an element type.
+4. :func:`name_dynamic_dims` gives every unnamed dynamic dimension of a graph input or
+   output its own name. Paddle exports write ``-1`` or ``"?"`` for every dynamic axis;
+   TensorRT reads equal names as equal sizes, so a ``[N, 3, ?, ?]`` input with H != W could
+   not be built.
+5. ONNX shape inference, so every tensor has an element type.
 """
 
 from __future__ import annotations
@@ -81,6 +85,19 @@ class _OpTypeNames:
         return value.name or "v"
 
 
+def name_dynamic_dims(model: onnx.ModelProto) -> None:
+    """Names each anonymous dynamic dim (``-1``, ``0``, ``"?"``, empty) of graph IO, in place."""
+    for vi in [*model.graph.input, *model.graph.output]:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            anonymous = d.HasField("dim_value") and d.dim_value <= 0
+            anonymous |= d.HasField("dim_param") and d.dim_param in ("?", "")
+            anonymous |= not d.HasField("dim_value") and not d.HasField("dim_param")
+            if anonymous:
+                d.dim_param = "batch" if k == 0 else f"{vi.name}_dim{k}"
+
+
 def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Returns a sanitized copy of ``model`` (the input is not modified).
 
@@ -115,6 +132,7 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
             "onnx.checker.check_model on it and re-export."
         ) from exc
     out = ir.to_proto(irm)
+    name_dynamic_dims(out)
     try:
         if out.ByteSize() < 2**31 - 2**26:
             out = onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)

@@ -17,7 +17,12 @@ from typing import Any
 
 from amp_search.backends import BuildConfig, get_backend
 from amp_search.calibration import load_calibration, model_inputs
-from amp_search.errors import CandidateBuildError, CandidateRunError, UserInputError
+from amp_search.errors import (
+    BackendUnavailableError,
+    CandidateBuildError,
+    CandidateRunError,
+    UserInputError,
+)
 from amp_search.graph import (
     MixedPrecisionRewriter,
     find_units,
@@ -150,8 +155,11 @@ def run_search(
     metric = load_metric(config.metric)
     extra = [load_metric(m) for m in ACCURACY_METRICS if m != metric.name]
     backend = get_backend(config.backend)
-    build_config = BuildConfig(device=config.device, options=dict(config.options))
-    identity = backend.identity(build_config)  # validates options, fails early if unavailable
+    reason = backend.unavailable_reason()
+    if reason:
+        raise BackendUnavailableError(f"Backend '{config.backend}' is unavailable: {reason}")
+    options = dict(config.options)
+    build_config = BuildConfig(device=config.device, options=options)
     latency_source = config.latency or ("measured" if build_config.device_type != "cpu"
                                         else "estimated")  # fmt: skip
     if latency_source not in ("measured", "estimated"):
@@ -169,6 +177,10 @@ def run_search(
     if config.max_units:
         units = group_units(units, config.max_units)
     data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic)
+    if backend.name == "tensorrt" and not options.get("shapes"):
+        # Engines are built for the calibration batch's shapes (min = opt = max).
+        options["shapes"] = {k: list(v.shape) for k, v in data.first().items()}
+    identity = backend.identity(build_config)  # validates the options
     rewriter = MixedPrecisionRewriter(model, units)
     model_digest = hashlib.sha256(model_to_bytes(model)).hexdigest()[:16]
     data_digest = f"synthetic:{config.seed}" if data.is_synthetic else _digest_files(data.files)

@@ -1,0 +1,81 @@
+"""Build every candidate ONNX of finished searches strongly typed with TensorRT(-RTX).
+
+Usage: python benchmarks/rtx_build.py RESULTS_DIR [RESULTS_DIR ...] --out OUT.json
+
+For each ``candidates/<digest>/model.onnx`` of each results directory: parse and build it
+with the TensorRT backend (``module`` auto: ``tensorrt`` if importable, else
+``tensorrt_rtx``; strongly typed; builder optimization level 0 as a search would use), with
+the calibration batch's shapes, and record success, build seconds, engine size, and the
+layer precisions the engine inspector reports (TensorRT-RTX cannot deserialize engines on
+an H100/H200, so there the inspector's answer is recorded as unavailable, with its reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amp_search.backends import BuildConfig, get_backend  # noqa: E402
+from amp_search.errors import AmpSearchError  # noqa: E402
+
+
+def _shapes(res: Path) -> dict[str, list[int]] | None:
+    """The calibration batch's input shapes, from the search's risk report data."""
+    import numpy as np
+
+    run = json.loads((res / "run.json").read_text())
+    npz = Path(str(run.get("model", ""))).with_suffix(".npz")
+    if npz.is_file():
+        with np.load(npz) as z:
+            return {k: list(z[k].shape) for k in z.files}
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--level", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="candidates per model (0: all)")
+    args = ap.parse_args()
+    backend = get_backend("tensorrt")
+    rows = []
+    for res in map(Path, args.results):
+        data_shapes = _shapes(res)
+        cands = sorted((res / "candidates").glob("*/model.onnx"))
+        if args.limit:
+            cands = cands[: args.limit]
+        for path in cands:
+            opts = {"builder_optimization_level": args.level, "module": "auto"}
+            if data_shapes:
+                opts["shapes"] = data_shapes
+            t0 = time.perf_counter()
+            row = {"model": res.name, "candidate": path.parent.name}
+            try:
+                cand = backend.build(path, BuildConfig("cuda", opts))
+                row.update(
+                    ok=True,
+                    seconds=round(time.perf_counter() - t0, 3),
+                    engine_bytes=cand.artifacts["engine"].stat().st_size,
+                    module=cand.info.get("module"),
+                    layer_precisions=cand.info.get("layer_precisions"),
+                    layer_info_error=cand.info.get("layer_info_error"),
+                )
+            except AmpSearchError as exc:
+                row.update(ok=False, seconds=round(time.perf_counter() - t0, 3), error=str(exc))
+            rows.append(row)
+            print(res.name, path.parent.name, row.get("ok"), row.get("seconds"),
+                  row.get("error", "")[:200], flush=True)  # fmt: skip
+    Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
+    ok = sum(r["ok"] for r in rows)
+    print(f"{ok}/{len(rows)} candidates built")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
