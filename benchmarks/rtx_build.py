@@ -29,50 +29,66 @@ def _shapes(res: Path) -> dict[str, list[int]] | None:
     import numpy as np
 
     run = json.loads((res / "run.json").read_text())
-    npz = Path(str(run.get("model", ""))).with_suffix(".npz")
-    if npz.is_file():
-        with np.load(npz) as z:
-            return {k: list(z[k].shape) for k in z.files}
+    for npz in (
+        Path(str(run.get("model", ""))).with_suffix(".npz"),
+        res.parent / f"{res.name}.npz",
+    ):
+        if npz.is_file():
+            with np.load(npz) as z:
+                return {k: list(z[k].shape) for k in z.files}
     return None
 
 
+def build_one(job: tuple[str, str, dict[str, list[int]] | None, int]) -> dict[str, object]:
+    """Builds one candidate (runs in a worker process)."""
+    model_name, path_str, shapes, level = job
+    path = Path(path_str)
+    backend = get_backend("tensorrt")
+    opts: dict[str, object] = {"builder_optimization_level": level, "module": "auto"}
+    if shapes:
+        opts["shapes"] = shapes
+    t0 = time.perf_counter()
+    row: dict[str, object] = {"model": model_name, "candidate": path.parent.name}
+    try:
+        cand = backend.build(path, BuildConfig("cuda", opts))
+        row.update(
+            ok=True,
+            seconds=round(time.perf_counter() - t0, 3),
+            engine_bytes=cand.artifacts["engine"].stat().st_size,
+            module=cand.info.get("module"),
+            layer_precisions=cand.info.get("layer_precisions"),
+            layer_info_error=cand.info.get("layer_info_error"),
+        )
+    except AmpSearchError as exc:
+        row.update(ok=False, seconds=round(time.perf_counter() - t0, 3), error=str(exc))
+    return row
+
+
 def main() -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--level", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="candidates per model (0: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="builds in parallel")
     args = ap.parse_args()
-    backend = get_backend("tensorrt")
-    rows = []
+    jobs = []
     for res in map(Path, args.results):
-        data_shapes = _shapes(res)
+        shapes = _shapes(res)
         cands = sorted((res / "candidates").glob("*/model.onnx"))
         if args.limit:
             cands = cands[: args.limit]
-        for path in cands:
-            opts = {"builder_optimization_level": args.level, "module": "auto"}
-            if data_shapes:
-                opts["shapes"] = data_shapes
-            t0 = time.perf_counter()
-            row = {"model": res.name, "candidate": path.parent.name}
-            try:
-                cand = backend.build(path, BuildConfig("cuda", opts))
-                row.update(
-                    ok=True,
-                    seconds=round(time.perf_counter() - t0, 3),
-                    engine_bytes=cand.artifacts["engine"].stat().st_size,
-                    module=cand.info.get("module"),
-                    layer_precisions=cand.info.get("layer_precisions"),
-                    layer_info_error=cand.info.get("layer_info_error"),
-                )
-            except AmpSearchError as exc:
-                row.update(ok=False, seconds=round(time.perf_counter() - t0, 3), error=str(exc))
+        jobs += [(res.name, str(p), shapes, args.level) for p in cands]
+    rows = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for row in pool.map(build_one, jobs):
             rows.append(row)
-            print(res.name, path.parent.name, row.get("ok"), row.get("seconds"),
-                  row.get("error", "")[:200], flush=True)  # fmt: skip
+            print(row["model"], row["candidate"], row["ok"], row["seconds"],
+                  str(row.get("error", ""))[:200], flush=True)  # fmt: skip
     Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
-    ok = sum(r["ok"] for r in rows)
+    ok = sum(bool(r["ok"]) for r in rows)
     print(f"{ok}/{len(rows)} candidates built")
     return 0
 
