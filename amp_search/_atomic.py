@@ -13,6 +13,15 @@ from amp_search.errors import UserInputError
 __all__ = ["write_bytes_atomic", "write_json_atomic"]
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | list[bytes]) -> Path:
     """Writes ``data`` (bytes, or chunks written in order) to ``path`` atomically.
 
@@ -35,6 +44,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | list[bytes]) 
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, p)
     except OSError as exc:
         raise UserInputError(f"Cannot write {p}: {exc.strerror or exc}.") from exc

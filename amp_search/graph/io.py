@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from amp_search._atomic import _FILE_MODE
 from amp_search.errors import UserInputError
 
 __all__ = ["PROTOBUF_LIMIT", "load_model", "model_to_bytes", "save_model"]
@@ -90,6 +91,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
