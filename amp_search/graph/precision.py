@@ -140,6 +140,24 @@ class MixedPrecisionRewriter:
         self._value_info = {vi.name: vi for vi in model.graph.value_info}
         self._encoded_inits: dict[str, bytes] = {}
         self._last_inits: list[str] = []
+        # Plain-Python copies of what the per-trial loop reads (protobuf field access is slow).
+        nodes = model.graph.node
+        self._ins = [tuple(n.input) for n in nodes]
+        self._outs = [tuple(n.output) for n in nodes]
+        self._ops = [n.op_type for n in nodes]
+        self._names = [n.name for n in nodes]
+        self._is_init = {n for n in self.index.initializers if self.index.is_initializer(n)}
+        self._sub_refs = [
+            frozenset().union(
+                *(
+                    _all_refs(a)
+                    for a in n.attribute
+                    if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                )
+            )
+            for n in nodes
+        ]
+        self._graph_input_names = {i.name for i in model.graph.input}
 
     def _fp16_initializer(self, name: str) -> tuple[onnx.TensorProto, InitializerLoss]:
         cached = self._fp16_init.get(name)
@@ -214,28 +232,31 @@ class MixedPrecisionRewriter:
             fp16_name[name] = half
             return half
 
+        read: set[str] = set(self._graph_input_names)  # names the new graph reads
+        is_init = self._is_init
         for i, node in enumerate(graph.node):
             params = self._params[i]
+            ins, outs, op = self._ins[i], self._outs[i], self._ops[i]
             run_fp16 = i in fp16_pos
-            if not run_fp16 and node.op_type in FOLLOWER_OPS and params.convertible:
-                live = [
-                    node.input[k] for k in params.inputs if not idx.is_initializer(node.input[k])
-                ]
+            if not run_fp16 and op in FOLLOWER_OPS and params.convertible:
+                live = [ins[k] for k in params.inputs if ins[k] not in is_init]
                 if live:
                     run_fp16 = all(n in native for n in live)
                 else:  # constant data movement (Reshape of a weight): FP16 if read in FP16
-                    readers = [r for o in node.output for r in idx.consumers.get(o, [])]
+                    readers = [r for o in outs for r in idx.consumers.get(o, [])]
                     run_fp16 = bool(readers) and all(r in fp16_pos for r in readers)
             if run_fp16 and params.convertible:
                 new = onnx.NodeProto()
                 new.CopyFrom(node)
                 switch_in = set(params.inputs)
-                for k, name in enumerate(node.input):
+                for k, name in enumerate(ins):
                     if not name:
                         continue
-                    new.input[k] = need_fp16(name) if k in switch_in else need_fp32(name)
+                    got = need_fp16(name) if k in switch_in else need_fp32(name)
+                    new.input[k] = got
+                    read.add(got)
                 for k in params.outputs:
-                    name = node.output[k]
+                    name = outs[k]
                     if not name:
                         continue
                     half = name + _FP16_SUFFIX
@@ -249,31 +270,34 @@ class MixedPrecisionRewriter:
                         hvi.name = half
                         hvi.type.tensor_type.elem_type = FLOAT16
                         new_vi.append(hvi)
-                for i_out, name in enumerate(node.output):
+                for i_out, name in enumerate(outs):
                     if name and i_out not in params.outputs and name in self._value_info:
                         new_vi.append(self._value_info[name])
                 for ref in idx.outer_refs.get(i, ()):
                     need_fp32(ref)
+                read |= self._sub_refs[i]
                 new_nodes.append(new)
-                report.fp16_nodes.append(node.name)
+                report.fp16_nodes.append(self._names[i])
                 continue
             # An FP32 node (or one with nothing to switch).
-            if node.op_type in _TYPE_AGNOSTIC_READERS and node.input and node.input[0] in native:
+            if op in _TYPE_AGNOSTIC_READERS and ins and ins[0] in native:
                 new = onnx.NodeProto()
                 new.CopyFrom(node)
-                new.input[0] = fp16_name[node.input[0]]
-                for name in list(node.input)[1:]:
+                new.input[0] = fp16_name[ins[0]]
+                read.add(new.input[0])
+                for name in ins[1:]:
                     if name:
-                        need_fp32(name)
+                        read.add(need_fp32(name))
                 new_nodes.append(new)
             else:
-                for name in node.input:
+                for name in ins:
                     if name:
-                        need_fp32(name)
+                        read.add(need_fp32(name))
                 for ref in idx.outer_refs.get(i, ()):
                     need_fp32(ref)
+                read |= self._sub_refs[i]
                 new_nodes.append(node)
-            for name in node.output:
+            for name in outs:
                 if name in self._value_info:
                     new_vi.append(self._value_info[name])
 
@@ -286,7 +310,6 @@ class MixedPrecisionRewriter:
             return out, report
 
         out = self._skeleton(new_nodes, new_vi)
-        read = self._initializers_read(out)
         kept = [t.name for t in graph.initializer if t.name in read]
         if isinstance(assignment, _Skeletal):
             self._last_inits = [*kept, *new_inits]
@@ -325,16 +348,6 @@ class MixedPrecisionRewriter:
             enc = _field(5, tensor.SerializeToString())
             self._encoded_inits[name] = enc
         return enc
-
-    def _initializers_read(self, out: onnx.ModelProto) -> set[str]:
-        read: set[str] = set()
-        for n in out.graph.node:
-            read.update(n.input)
-            for a in n.attribute:
-                if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    read |= _all_refs(a)
-        read.update(i.name for i in self.model.graph.input)
-        return read
 
     def _skeleton(
         self, nodes: list[onnx.NodeProto], value_info: list[onnx.ValueInfoProto]
