@@ -147,7 +147,9 @@ def run_search(
     from amp_search.objective import load_metric
 
     t_start = time.perf_counter()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a caught trial failure with its traceback; amp-search reports failures
+    # itself (one line per failed trial, the reason in trial.user_attrs["error"]).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     if config.n_trials is not None and config.n_trials < 1:
         raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
     if config.max_deviation is not None and not config.max_deviation > 0:
@@ -160,6 +162,17 @@ def run_search(
         raise BackendUnavailableError(f"Backend '{config.backend}' is unavailable: {reason}")
     options = dict(config.options)
     build_config = BuildConfig(device=config.device, options=options)
+    devices = backend.devices()
+    if build_config.device_type not in devices:
+        hint = (
+            "For the CUDA EP install onnxruntime-gpu (pip install 'amp-search[gpu]'), or "
+            if backend.name == "onnxruntime"
+            else ""
+        )
+        raise BackendUnavailableError(
+            f"Backend '{config.backend}' cannot use device {config.device!r} here "
+            f"(available: {', '.join(devices)}). {hint}pass --device {devices[0]}."
+        )
     latency_source = config.latency or ("measured" if build_config.device_type != "cpu"
                                         else "estimated")  # fmt: skip
     if latency_source not in ("measured", "estimated"):
