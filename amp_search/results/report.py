@@ -121,20 +121,21 @@ def copy_candidate(results: Results, point: FrontPoint, to: str | os.PathLike[st
             "without its candidates/ folder?)."
         )
     dest = Path(to)
-    if dest.suffix == ".onnx":
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        targets = [(model, dest)]
-        extra_dir = dest.parent
-        stem = dest.stem
-    else:
-        dest.mkdir(parents=True, exist_ok=True)
-        targets = [(model, dest / "model.onnx")]
-        extra_dir, stem = dest, "model"
-    for name in ("engine.plan", "precision.json", "metrics.json"):
-        if (src / name).is_file():
-            suffix = name if name != "engine.plan" else "plan"
-            targets.append((src / name, extra_dir / f"{stem}.{suffix}" if name == "engine.plan"
-                            else extra_dir / f"{stem}.{name}"))  # fmt: skip
+    if dest.suffix == ".onnx":  # m.onnx -> m.onnx, m.plan, m.precision.json, m.metrics.json
+        folder, stem = dest.parent, dest.stem
+    else:  # a folder -> model.onnx, model.plan, ...
+        folder, stem = dest, "model"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"Cannot create {folder}: {exc.strerror or exc}.") from exc
+    names = {"model.onnx": ".onnx", "engine.plan": ".plan",
+             "precision.json": ".precision.json", "metrics.json": ".metrics.json"}  # fmt: skip
+    targets = [
+        (src / name, folder / f"{stem}{suffix}")
+        for name, suffix in names.items()
+        if (src / name).is_file()
+    ]
     out = []
     for s, d in targets:
         tmp = d.with_name(f".{d.name}.tmp")

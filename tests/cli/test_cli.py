@@ -20,9 +20,15 @@ BLOCK_OPTIONAL = (
 )
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, block: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs the CLI in a subprocess, by default with the optional packages blocked."""
+    code = (
+        BLOCK_OPTIONAL
+        if block
+        else "import sys\nfrom amp_search.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
     return subprocess.run(
-        [sys.executable, "-c", BLOCK_OPTIONAL, *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -94,8 +100,22 @@ def test_backends_lists_both_and_says_why_tensorrt_is_missing():
     assert "tensorrt" in r.stdout and "amp-search[tensorrt]" in r.stdout
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    r = _cli("demo", "--out", str(tmp_path / "demo"))
+def test_demo_then_report_then_pick(tmp_path):
+    out = tmp_path / "demo"
+    r = _cli("demo", "--out", str(out), "--n-trials", "12", block=False)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "demo" / "demo.onnx").is_file()
-    assert "amp4/Conv" in r.stdout
+    assert "PASSED" in r.stdout
+    assert "all-fp16" in r.stdout and "infeasible" in r.stdout  # it overflows: said why
+    for name in ("demo.onnx", "front.json", "front.csv", "pareto.png"):
+        assert (out / name).is_file(), name
+    r = _cli("report", str(out), block=False)
+    assert r.returncode == 0, r.stderr
+    assert "Pareto front" in r.stdout and "pareto.png" in r.stdout
+    r = _cli("pick", str(out), "--max-deviation", "0.01", "--to", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0, r.stderr
+    assert "FP32 fallback set" in r.stdout and "amp4/Conv" in r.stdout  # overflow stays FP32
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.precision.json").is_file()
+    r = _cli("pick", str(out), "--max-deviation", "1e-30", "--to", str(tmp_path / "n.onnx"))
+    assert r.returncode == 0  # all-FP32 (deviation 0) always meets a budget
+    r = _cli("pick", str(tmp_path / "nowhere"), "--trial", "3", "--to", str(tmp_path / "x"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
