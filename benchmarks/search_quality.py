@@ -1,0 +1,1148 @@
+"""Search quality: the search's front against the exhaustive true front, and where peers land.
+
+Run: ``python benchmarks/search_quality.py`` (options: ``--model``, ``--units``, ``--seeds``,
+``--trials``, ``--workers``, ``--overhead-model``, ``--skip-overhead``).
+
+1. A real model (default: the PP-OCR text-direction classifier, 6 real crops) with its units
+   grouped to ``--units`` (12): every one of the 2**12 assignments is evaluated with the
+   search's own deterministic objectives: deviation = relative L2 against the strict FP32
+   reference on ONNX Runtime CPU (FP16 storage emulated, the backend's default) and latency
+   = the roofline estimate for an H100. The non-dominated set is the true front. The table is
+   cached under ``/tmp/amp_search_quality/`` so a rerun is fast.
+2. ``run_search`` itself (seeds, TPE, the CandidateEvaluator) with ``--trials`` distinct
+   evaluations, for ``--seeds`` seeds: hypervolume of everything it evaluated over the true
+   front's hypervolume (objective space: latency in ms x log10 deviation, see ``NORMALIZATION``).
+3. Peers placed in the same objective space: onnxconverter-common's
+   ``auto_convert_mixed_precision`` run unchanged (only its ONNX Runtime sessions are counted),
+   and Polygraphy's ``debug precision --mode bisect`` algorithm (its ``BisectMarker``, written
+   here over the units, both directions, since Polygraphy itself needs TensorRT).
+4. The search's per-trial overhead outside the backend on the largest real model.
+
+Writes ``benchmarks/results/search_quality.json``, ``search_quality.md`` and
+``search_quality_<model>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(tempfile.gettempdir()) / "amp_search_quality"
+DEV_FLOOR = 1e-7
+TARGET_HV = 0.98
+NORMALIZATION = (
+    "Objectives (both minimized): x = estimated H100 latency in ms, y = log10(max(rel. L2, "
+    f"{DEV_FLOOR:g})) (all-FP32 has deviation 0). Points with non-finite deviation are left "
+    "out. Reference point: x = 1.05 * the largest latency among all assignments, y = log10 of "
+    "the largest finite deviation among all assignments + 0.5. Hypervolume = area dominated "
+    "by the points inside the box below the reference point (exact 2-D sweep); ratio = "
+    "found / true front. Distances use the same axes scaled to [0, 1] by the min and max over "
+    "all assignments."
+)
+
+
+# ------------------------------------------------------------------------------------------
+# The objective setup (shared by the exhaustive table, the peers and the checks)
+# ------------------------------------------------------------------------------------------
+
+
+class Setup:
+    """A model prepared exactly as ``run_search`` prepares it, plus one evaluation function."""
+
+    def __init__(self, name: str, n_units: int, workdir: Path) -> None:
+        from amp_search.backends import BuildConfig, get_backend
+        from amp_search.calibration import load_calibration, model_inputs
+        from amp_search.graph import (
+            MixedPrecisionRewriter,
+            find_units,
+            group_units,
+            load_model,
+            sanitize,
+        )
+        from amp_search.graph.io import model_to_bytes
+        from amp_search.latency_model import LatencyEstimator
+        from amp_search.objective import load_metric
+        from amp_search.profiling import profile_model
+        from amp_search.testing import realmodels
+
+        self.name = name
+        self.model_path = realmodels.fetch(name)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.npz = realmodels.write_npz(name, workdir / f"{name}.npz")
+        self.model = sanitize(load_model(self.model_path))
+        self.all_units = find_units(self.model)
+        self.units = group_units(self.all_units, n_units)
+        self.names = [u.name for u in self.units]
+        self.data = load_calibration(self.npz, model_inputs(self.model))
+        self.rewriter = MixedPrecisionRewriter(self.model, self.units)
+        prof = profile_model(
+            self.model,
+            self.units,
+            self.data,
+            fp16_pass=False,
+            keep_reference=True,
+            rewriter=self.rewriter,
+        )
+        self.reference = prof.reference_outputs
+        shapes = {k: tuple(v.shape) for k, v in self.data.first().items()}
+        observed = {n: t.shape for n, t in prof.tensors.items() if t.shape is not None}
+        self.estimator = LatencyEstimator(self.model, shapes, target="h100", known_shapes=observed)
+        self.backend = get_backend("onnxruntime")
+        self.config = BuildConfig("cpu")
+        self.metric = load_metric("rel_l2")
+        self.output_names = [o.name for o in self.model.graph.output]
+        digest = hashlib.sha256(model_to_bytes(self.model)).hexdigest()[:12]
+        units_key = hashlib.sha256(json.dumps(self.names).encode()).hexdigest()[:8]
+        self.key = f"{name}-{digest}-{units_key}"
+        self._tmp = workdir / f"candidate-{os.getpid()}.onnx"
+
+    def assignment(self, mask: int) -> Any:
+        """Bit i of ``mask`` set: unit i FP16."""
+        from amp_search.types import PrecisionAssignment
+
+        return PrecisionAssignment.with_fp16(
+            self.names, [u for i, u in enumerate(self.names) if mask >> i & 1]
+        )
+
+    def mask_of_fp32(self, fp32_units: set[str]) -> int:
+        return sum(1 << i for i, u in enumerate(self.names) if u not in fp32_units)
+
+    def deviation(self, model: Any) -> float:
+        """Relative L2 of ``model`` (any ONNX graph with the same I/O) on the search backend."""
+        from amp_search.graph.io import save_model
+        from amp_search.objective import EvalContext
+
+        path = save_model(model, self._tmp)
+        candidate = self.backend.build(path, self.config)
+        with self.backend.open(candidate) as runner:
+            outputs = [runner.infer(batch) for batch in self.data]
+        finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
+        ctx = EvalContext(
+            reference=self.reference, outputs=outputs, output_names=self.output_names
+        )
+        dev = float(self.metric.evaluate(ctx))
+        return dev if finite and not math.isnan(dev) else float("inf")
+
+    def evaluate(self, mask: int) -> tuple[float, float]:
+        """(estimated latency ms, deviation) of one assignment, as the evaluator computes them."""
+        model, _ = self.rewriter.apply(self.assignment(mask))
+        return float(self.estimator.estimate(model)), self.deviation(model)
+
+
+_WORKER: Setup | None = None
+
+
+def _init_worker(name: str, n_units: int, workdir: str) -> None:
+    global _WORKER
+    import logging
+
+    logging.disable(logging.WARNING)
+    _WORKER = Setup(name, n_units, Path(workdir))
+
+
+def _eval_chunk(masks: list[int]) -> list[tuple[int, float, float]]:
+    assert _WORKER is not None
+    return [(m, *_WORKER.evaluate(m)) for m in masks]
+
+
+def exhaustive(setup: Setup, workers: int) -> dict[str, Any]:
+    """Latency and deviation of every assignment (cached on disk by model and units)."""
+    n = 1 << len(setup.names)
+    path = CACHE / f"table-{setup.key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return {
+            "latency": z["latency"],
+            "deviation": z["deviation"],
+            "seconds": float(z["seconds"]),
+            "cached": True,
+            "path": str(path),
+        }
+    latency = np.full(n, np.nan)
+    deviation = np.full(n, np.nan)
+    chunks = [list(range(i, min(n, i + 64))) for i in range(0, n, 64)]
+    t0 = time.perf_counter()
+    done = 0
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        initializer=_init_worker,
+        initargs=(setup.name, len(setup.names), str(setup.workdir)),
+    ) as pool:
+        for rows in pool.map(_eval_chunk, chunks):
+            for m, lat, dev in rows:
+                latency[m], deviation[m] = lat, dev
+            done += len(rows)
+            if done % 512 == 0 or done == n:
+                el = time.perf_counter() - t0
+                print(f"  exhaustive: {done}/{n} in {el:.0f} s", flush=True)
+    seconds = time.perf_counter() - t0
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, latency=latency, deviation=deviation, seconds=seconds)
+    return {
+        "latency": latency,
+        "deviation": deviation,
+        "seconds": seconds,
+        "cached": False,
+        "path": str(path),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Objective space, hypervolume, placement
+# ------------------------------------------------------------------------------------------
+
+
+class Space:
+    """The 2-D objective space of one table (see ``NORMALIZATION``)."""
+
+    def __init__(
+        self, latency: np.ndarray, deviation: np.ndarray, floor: float = DEV_FLOOR
+    ) -> None:
+        ok = np.isfinite(deviation)
+        self.lat = latency
+        self.dev = deviation
+        self.ok = ok
+        self.floor = floor
+        self.y = np.log10(np.maximum(np.where(ok, deviation, 1.0), floor))
+        self.ref = (float(latency.max()) * 1.05, float(self.y[ok].max()) + 0.5)
+        self.xmin, self.xmax = float(latency.min()), float(latency.max())
+        self.ymin, self.ymax = float(self.y[ok].min()), float(self.y[ok].max())
+        self.front_idx = front_indices(latency[ok], self.y[ok], np.flatnonzero(ok))
+        self.true_hv = hypervolume(self.points(self.front_idx), self.ref)
+
+    def point(self, lat: float, dev: float) -> tuple[float, float]:
+        return lat, math.log10(max(dev, self.floor))
+
+    def points(self, idx: Any) -> list[tuple[float, float]]:
+        return [(float(self.lat[i]), float(self.y[i])) for i in idx if self.ok[i]]
+
+    def norm(self, p: tuple[float, float]) -> tuple[float, float]:
+        return (
+            (p[0] - self.xmin) / (self.xmax - self.xmin),
+            (p[1] - self.ymin) / (self.ymax - self.ymin),
+        )
+
+    def ratio(self, pts: list[tuple[float, float]]) -> float:
+        return hypervolume(pts, self.ref) / self.true_hv
+
+    def place(self, lat: float, dev: float) -> dict[str, Any]:
+        """Where a point lands against the true front."""
+        if not math.isfinite(dev):
+            return {"on_front": False, "note": "non-finite outputs"}
+        q = self.point(lat, dev)
+        fq = self.norm(q)
+        front = self.points(self.front_idx)
+        tol = 1e-12
+        dominators = [
+            p
+            for p in front
+            if p[0] <= q[0] + tol
+            and p[1] <= q[1] + tol
+            and (p[0] < q[0] - tol or p[1] < q[1] - tol)
+        ]
+        # Additive epsilon (normalized): how far q must move toward the origin, in both
+        # coordinates at once, to leave the region the front dominates (0 on the front).
+        eps = max((min(fq[0] - f[0], fq[1] - f[1]) for f in map(self.norm, front)), default=0.0)
+        best = min((p[0] for p in front if p[1] <= q[1] + tol), default=float("nan"))
+        return {
+            "on_front": not dominators,
+            "n_front_points_dominating": len(dominators),
+            "epsilon_normalized": max(0.0, eps),
+            "front_latency_at_this_deviation_ms": best,
+            "latency_gap_pct": 100.0 * (lat - best) / best if math.isfinite(best) else None,
+        }
+
+
+def front_indices(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> list[int]:
+    """Ids of the non-dominated points (minimize x and y), fastest first."""
+    order = np.lexsort((y, x))
+    out: list[int] = []
+    best = math.inf
+    for k in order:
+        if y[k] < best:
+            out.append(int(ids[k]))
+            best = float(y[k])
+    return out
+
+
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Exact 2-D hypervolume (both minimized) of ``points`` against ``ref``."""
+    pts = sorted((x, y) for x, y in points if x < ref[0] and y < ref[1])
+    area, best_y = 0.0, ref[1]
+    for x, y in pts:
+        if y < best_y:
+            area += (ref[0] - x) * (best_y - y)
+            best_y = y
+    return area
+
+
+# ------------------------------------------------------------------------------------------
+# The search (run_search itself)
+# ------------------------------------------------------------------------------------------
+
+
+def load_study(outcome: Any) -> Any:
+    """Reopens a finished search's study (SQLite URL or journal file)."""
+    import optuna
+
+    storage: Any = outcome.storage
+    if storage.endswith(".journal"):
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = optuna.storages.JournalStorage(JournalFileBackend(storage))
+    return optuna.load_study(study_name=outcome.study_name, storage=storage)
+
+
+def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    from amp_search.search.run import SearchConfig, run_search
+
+    storage = f"sqlite:///{workdir / f'seed{seed}.db'}"
+    t0 = time.perf_counter()
+    outcome = run_search(
+        SearchConfig(
+            model=setup.model_path,
+            data=setup.npz,
+            out=workdir / f"seed{seed}",
+            n_trials=trials,
+            storage=storage,
+            study_name=f"quality-{seed}",
+            seed=seed,
+            latency="estimated",
+            target="h100",
+            max_units=len(setup.names),
+        )
+    )
+    wall = time.perf_counter() - t0
+    study = load_study(outcome)
+    done = sorted(
+        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
+    )
+    seen: dict[str, tuple[float, float]] = {}
+    curve: list[float] = []
+    mismatch = 0.0
+    for t in done:
+        digest = str(t.user_attrs["digest"])
+        if digest in seen:
+            continue
+        lat, dev = float(t.values[0]), float(t.values[1])
+        seen[digest] = (lat, dev)
+        m = setup.mask_of_fp32(set(t.user_attrs["fp32_units"]))
+        if math.isfinite(dev):
+            mismatch = max(
+                mismatch,
+                abs(lat - space.lat[m]) / space.lat[m],
+                abs(dev - space.dev[m]) / max(space.dev[m], DEV_FLOOR),
+            )
+        curve.append(
+            space.ratio([space.point(a, b) for a, b in seen.values() if math.isfinite(b)])
+        )
+    reached = next((k + 1 for k, r in enumerate(curve) if r >= TARGET_HV), None)
+    front_masks = {setup.mask_of_fp32(set(p.fp32_units)) for p in outcome.front}
+    return {
+        "seed": seed,
+        "hv_ratio": curve[-1] if curve else 0.0,
+        "evaluations": len(seen),
+        "evaluated": [[lat, dev] for lat, dev in seen.values()],
+        "trials": outcome.n_trials,
+        "failed": outcome.n_failed,
+        "seconds": wall,
+        "evaluations_to_reach_target": reached,
+        "front_size": len(outcome.front),
+        "true_front_points_found": len(front_masks & set(space.front_idx)),
+        "max_rel_diff_vs_table": mismatch,
+        "hv_curve": [round(r, 5) for r in curve],
+        "front": [
+            {"latency_ms": p.latency_ms, "deviation": p.deviation, "fp32_units": p.fp32_units}
+            for p in outcome.front
+        ],
+    }
+
+
+def random_baseline(space: Space, n: int, draws: int = 200) -> dict[str, float]:
+    """HV ratio of ``n`` distinct uniformly random assignments (all-FP32 and all-FP16 always in),
+    straight from the table: what TPE has to beat."""
+    rng = np.random.default_rng(0)
+    size = space.lat.size
+    ratios = []
+    for _ in range(draws):
+        picks = rng.choice(np.arange(1, size - 1), size=n - 2, replace=False)
+        ratios.append(space.ratio(space.points([0, size - 1, *picks])))
+    return {
+        "draws": draws,
+        "evaluations": n,
+        "median": float(np.median(ratios)),
+        "p10": float(np.percentile(ratios, 10)),
+        "p90": float(np.percentile(ratios, 90)),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Peers
+# ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def count_sessions() -> Any:
+    """Counts ``onnxruntime.InferenceSession`` creations (measurement only)."""
+    import onnxruntime as ort
+
+    original = ort.InferenceSession.__init__
+    counter = [0]
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
+        counter[0] += 1
+        original(self, *args, **kwargs)
+
+    ort.InferenceSession.__init__ = counting  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        ort.InferenceSession.__init__ = original  # type: ignore[method-assign]
+
+
+def rel_l2_check(tol: float) -> Any:
+    """A ``validate_fn`` for the converter: worst output's relative L2 at most ``tol``."""
+
+    def validate(ref: list[np.ndarray], got: list[np.ndarray]) -> bool:
+        for a, b in zip(ref, got, strict=True):
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            if not np.isfinite(b64).all():
+                return False
+            if np.linalg.norm(b64 - a64) > tol * np.linalg.norm(a64):
+                return False
+        return True
+
+    return validate
+
+
+def _converter_child(
+    model: Any, feed: dict[str, Any], kwargs: dict[str, Any], folder: Path
+) -> None:
+    import onnx
+    from onnxconverter_common.auto_mixed_precision import auto_convert_mixed_precision
+
+    error = None
+    t0 = time.perf_counter()
+    with (
+        open(folder / "log.txt", "w", buffering=1) as log,
+        count_sessions() as sessions,
+        contextlib.redirect_stdout(log),
+    ):
+        try:
+            out = auto_convert_mixed_precision(model, feed, keep_io_types=True, **kwargs)
+            onnx.save(out, str(folder / "out.onnx"))
+        except Exception as exc:  # its own failure is a result
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    meta = {"ort_sessions": sessions[0], "wall_s": time.perf_counter() - t0, "error": error}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def peer_converter(
+    setup: Setup,
+    space: Space,
+    model: Any,
+    label: str,
+    feed: dict[str, Any],
+    timeout: float,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """onnxconverter-common's auto_convert_mixed_precision, unchanged, placed in our space."""
+    import multiprocessing
+
+    import onnx
+    from onnxconverter_common import float16
+
+    # In a child process, so that a run that does not converge can be stopped (as the models
+    # README did); the converter itself runs unchanged and prints its attempts to a log.
+    folder = Path(tempfile.mkdtemp(prefix="converter-", dir=setup.workdir))
+    child = multiprocessing.get_context("fork").Process(
+        target=_converter_child, args=(model, feed, kwargs, folder)
+    )
+    t0 = time.perf_counter()
+    child.start()
+    child.join(timeout)
+    timed_out = child.is_alive()
+    if timed_out:
+        child.terminate()
+        child.join()
+    wall = time.perf_counter() - t0
+    text = (folder / "log.txt").read_text() if (folder / "log.txt").is_file() else ""
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    attempts = text.count("Running attempt")
+    error = meta.get("error")
+    if timed_out:
+        error = f"no answer within {timeout:.0f} s (stopped after {attempts} attempts)"
+    elif not meta:
+        error = f"the converter's process died (exit code {child.exitcode})"
+    out_path = folder / "out.onnx"
+    row: dict[str, Any] = {
+        "peer": "onnxconverter-common auto_convert_mixed_precision",
+        "setting": label,
+        # Its attempts, plus the final validation run of the answer.
+        "evaluations": attempts + (1 if out_path.is_file() else 0),
+        "attempts": attempts,
+        "ort_sessions": meta.get("ort_sessions"),
+        "wall_s": meta.get("wall_s", wall),
+        "error": error,
+    }
+    if not out_path.is_file():
+        return row
+    out_model = onnx.load(str(out_path))
+    done = next((ln for ln in text.splitlines() if ln.startswith("Done:")), "Done: []")
+    blocked = set(ast.literal_eval(done[len("Done:") :].strip()))
+    kept = {
+        n.name
+        for n in model.graph.node
+        if n.name in blocked or n.op_type in float16.DEFAULT_OP_BLOCK_LIST
+    }
+    fp32_units = {u.name for u in setup.units if kept & set(u.nodes)}
+    mask = setup.mask_of_fp32(fp32_units)
+    row["nodes_kept_fp32"] = sorted(kept)
+    row["own_model_deviation"] = setup.deviation(out_model)
+    try:
+        row["own_model_latency_ms"] = float(setup.estimator.estimate(out_model))
+    except ValueError as exc:
+        row["own_model_latency_ms"] = None
+        row["own_model_latency_note"] = str(exc).splitlines()[0][:200]
+    row["mapped_fp32_units"] = sorted(fp32_units)
+    row["latency_ms"] = float(space.lat[mask])
+    row["deviation"] = float(space.dev[mask])
+    row["placed_with"] = "mapped assignment (a unit is FP32 if any of its nodes stayed FP32)"
+    row.update(space.place(row["latency_ms"], row["deviation"]))
+    return row
+
+
+class BisectMarker:
+    """Polygraphy's ``debug precision --mode bisect`` marker (tools/Polygraphy/polygraphy/
+    tools/debug/subtool/precision.py), over units instead of TensorRT layers."""
+
+    def __init__(self, max_layers: int, direction: str) -> None:
+        self.max_layers = max_layers
+        self.direction = direction
+        self.num_layers_to_mark = max_layers
+        self.good = max_layers + 1  # pretend marking every layer is accurate
+        self.bad = 0
+
+    def select(self) -> range:
+        if self.direction == "forward":
+            return range(0, self.num_layers_to_mark)
+        return range(self.max_layers - self.num_layers_to_mark, self.max_layers)
+
+    def step(self, success: bool) -> bool:
+        """Advances; True to stop (Polygraphy's exact rules)."""
+        if success:
+            self.good = self.num_layers_to_mark
+            round_func = math.floor
+        else:
+            self.bad = self.num_layers_to_mark
+            round_func = math.ceil
+        old = self.num_layers_to_mark
+        self.num_layers_to_mark = int(round_func((self.good + self.bad) / 2.0))
+        if old == self.num_layers_to_mark:
+            return True
+        if abs(self.good - self.bad) <= 1:
+            return True
+        return self.num_layers_to_mark > self.max_layers
+
+
+def peer_polygraphy(setup: Setup, space: Space, direction: str, tol: float) -> dict[str, Any]:
+    """Bisects the number of leading (forward) or trailing (reverse) units kept FP32."""
+    n = len(setup.names)
+    marker = BisectMarker(n, direction)
+    history = []
+    t0 = time.perf_counter()
+    while True:
+        fp32 = {setup.names[i] for i in marker.select()}
+        mask = setup.mask_of_fp32(fp32)
+        lat, dev = setup.evaluate(mask)  # really evaluated (equals the table: deterministic)
+        ok = dev <= tol
+        history.append({"fp32_units": marker.num_layers_to_mark, "deviation": dev, "pass": ok})
+        if marker.step(ok):
+            break
+    wall = time.perf_counter() - t0
+    row: dict[str, Any] = {
+        "peer": "Polygraphy debug precision (bisect)",
+        "setting": f"--dir {direction}, check rel. L2 <= {tol:g}",
+        "evaluations": len(history),
+        "wall_s": wall,
+        "history": history,
+    }
+    if marker.good > n:
+        row["error"] = "no configuration satisfied the check"
+        return row
+    k = marker.good
+    fp32 = set(setup.names[:k] if direction == "forward" else setup.names[n - k :])
+    mask = setup.mask_of_fp32(fp32)
+    row.update(
+        {
+            "answer": f"{'first' if direction == 'forward' else 'last'} {k} unit(s) FP32",
+            "mapped_fp32_units": sorted(fp32),
+            "latency_ms": float(space.lat[mask]),
+            "deviation": float(space.dev[mask]),
+            "placed_with": "its assignment",
+        }
+    )
+    row.update(space.place(row["latency_ms"], row["deviation"]))
+    return row
+
+
+def peers(
+    setup: Setup, space: Space, tolerances: list[float], timeout: float
+) -> list[dict[str, Any]]:
+    import onnx
+
+    from amp_search.testing import realmodels
+
+    feed = realmodels.calibration(setup.name)
+    rows = []
+    n = len(setup.names)
+    for label, mask in (("all-FP32", 0), ("all-FP16", (1 << n) - 1)):
+        lat, dev = float(space.lat[mask]), float(space.dev[mask])
+        row = {
+            "peer": label,
+            "setting": "",
+            "short": label,
+            "evaluations": 1,
+            "latency_ms": lat,
+            "deviation": dev,
+        }
+        row.update(space.place(lat, dev))
+        rows.append(row)
+    readme = {"rtol": 1e-2, "atol": 1e-3}
+    label = "rtol=1e-2, atol=1e-3 (README)"
+    row = peer_converter(
+        setup, space, setup.model, f"{label}, sanitized model", feed, timeout, **readme
+    )
+    rows.append({**row, "short": "converter, rtol 1e-2/atol 1e-3"})
+    shipped = onnx.load(str(setup.model_path))
+    row = peer_converter(
+        setup, space, shipped, f"{label}, model as shipped", feed, timeout, **readme
+    )
+    if any(row.get("nodes_kept_fp32", [])):  # an unsanitized graph's names do not map
+        for key in ("mapped_fp32_units", "latency_ms", "deviation", "on_front"):
+            row.pop(key, None)
+        row["placed_with"] = "not placed: its node names are not the sanitized ones"
+    rows.append({**row, "short": "converter, rtol 1e-2/atol 1e-3, as shipped"})
+    for tol in tolerances:
+        row = peer_converter(
+            setup,
+            space,
+            setup.model,
+            f"validate_fn rel. L2 <= {tol:g}, sanitized model",
+            feed,
+            timeout,
+            validate_fn=rel_l2_check(tol),
+        )
+        rows.append({**row, "short": f"converter, rel. L2 <= {tol:g}"})
+        for direction in ("forward", "reverse"):
+            row = peer_polygraphy(setup, space, direction, tol)
+            rows.append({**row, "short": f"Polygraphy bisect {direction}, <= {tol:g}"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Per-trial overhead on the largest model
+# ------------------------------------------------------------------------------------------
+
+
+def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[str, Any]:
+    """One search on ``name``: per-trial time outside the backend, from the reloaded study."""
+    from optuna.trial import TrialState
+
+    from amp_search.graph import find_units, load_model, sanitize
+    from amp_search.search.run import SearchConfig, run_search
+    from amp_search.testing import realmodels
+
+    model_path = realmodels.fetch(name)
+    model = sanitize(load_model(model_path))
+    npz = realmodels.write_npz(name, workdir / f"{name}.npz")
+    if storage_kind == "sqlite":
+        storage = f"sqlite:///{workdir / f'overhead-{name}.db'}"
+    else:
+        storage = str(workdir / f"overhead-{name}.journal")
+    t0 = time.perf_counter()
+    outcome = run_search(
+        SearchConfig(
+            model=model_path,
+            data=npz,
+            out=workdir / f"overhead-{name}-{storage_kind}",
+            n_trials=trials,
+            storage=storage,
+            study_name=f"overhead-{name}-{storage_kind}",
+            seed=0,
+            latency="estimated",
+            target="h100",
+        )
+    )
+    wall = time.perf_counter() - t0
+    study = load_study(outcome)
+    every = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    rows = []
+    for k, t in enumerate(every):
+        secs = (t.user_attrs.get("metrics") or {}).get("seconds") or {}
+        if t.state != TrialState.COMPLETE or "build" not in secs:
+            continue  # failed, or answered from the cache
+        total = (t.datetime_complete - t.datetime_start).total_seconds()
+        nxt = every[k + 1].datetime_start if k + 1 < len(every) else None
+        cycle = (nxt - t.datetime_start).total_seconds() if nxt else None
+        backend = secs["build"] + secs["run"]
+        rows.append(
+            {
+                "trial": t.number,
+                "total_s": total,
+                "cycle_s": cycle,
+                **secs,
+                "overhead_s": total - backend - secs.get("estimate", 0.0),
+                "overhead_incl_estimate_s": total - backend,
+            }
+        )
+
+    def med(key: str) -> float:
+        return float(statistics.median(r[key] for r in rows))
+
+    cycles = [r for r in rows if r["cycle_s"] is not None]
+    pct = [100 * r["overhead_s"] / r["total_s"] for r in rows]
+    pct_est = [100 * r["overhead_incl_estimate_s"] / r["total_s"] for r in rows]
+    pct_cycle = [100 * (r["cycle_s"] - r["build"] - r["run"]) / r["cycle_s"] for r in cycles]
+    return {
+        "model": name,
+        "storage": storage_kind,
+        "nodes": len(model.graph.node),
+        "units": len(find_units(model)),
+        "trials_measured": len(rows),
+        "search_wall_s": wall,
+        "median_ms": {
+            k: 1e3 * med(k)
+            for k in (
+                "total_s",
+                "rewrite",
+                "build",
+                "run",
+                "estimate",
+                "overhead_s",
+                "overhead_incl_estimate_s",
+            )
+        },
+        "median_overhead_pct": float(statistics.median(pct)),
+        "median_overhead_incl_estimate_pct": float(statistics.median(pct_est)),
+        "median_cycle_ms": 1e3 * float(statistics.median(r["cycle_s"] for r in cycles)),
+        "median_overhead_pct_of_cycle": float(statistics.median(pct_cycle)),
+        "definition": (
+            "Per trial: total = datetime_complete - datetime_start (sampling, rewrite incl. "
+            "writing the candidate, backend build + run, estimate, metrics, records); "
+            "overhead = total - build - run - estimate (= rewrite + the rest), as the issue "
+            "defines it; incl_estimate adds the roofline estimate; cycle = start of the next "
+            "trial - this start, which adds the after-trial callback (front, front.json). "
+            "Profiling before the first trial is not per-trial and is left out."
+        ),
+        "trials": rows,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------
+
+
+def plot(
+    space: Space,
+    seeds: list[dict[str, Any]],
+    peer_rows: list[dict[str, Any]],
+    path: Path,
+    title: str,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ok = space.ok
+    ax.scatter(
+        space.lat[ok],
+        10 ** space.y[ok],
+        s=6,
+        c="0.8",
+        label=f"all {ok.sum()} assignments",
+        zorder=1,
+    )
+    fx = [space.lat[i] for i in space.front_idx]
+    fy = [10 ** space.y[i] for i in space.front_idx]
+    ax.step(fx, fy, where="post", c="k", lw=1.5, label="true front", zorder=2)
+    ax.scatter(fx, fy, c="k", s=14, zorder=2)
+    markers = "os^vD<>ph*"
+    for k, s in enumerate(seeds):
+        pts = [(p["latency_ms"], max(p["deviation"], DEV_FLOOR)) for p in s["front"]]
+        ax.scatter(
+            *zip(*pts, strict=True),
+            s=40,
+            facecolors="none",
+            marker=markers[k % 10],
+            edgecolors=f"C{k}",
+            zorder=5,
+            label=f"search seed {s['seed']} (HV {s['hv_ratio']:.3f})",
+        )
+    for k, r in enumerate(p for p in peer_rows if "latency_ms" in p):
+        ax.scatter(
+            r["latency_ms"],
+            max(r["deviation"], DEV_FLOOR),
+            marker="P" if r["peer"].startswith("Polygraphy") else "X",
+            s=90,
+            c=f"C{(k + 5) % 10}",
+            edgecolors="k",
+            zorder=4,
+            label=r["short"],
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("estimated latency on H100 (ms, roofline)")
+    ax.set_ylabel(
+        f"relative L2 vs FP32 (ORT CPU, FP16 storage emulated; 0 shown at {DEV_FLOOR:g})"
+    )
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6.5, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("amp-search", "onnx", "onnxruntime", "optuna", "numpy", "onnxconverter-common"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def fmt(x: Any, spec: str = ".3g") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s, q = res["summary"], res["search"]
+    lines = [
+        f"# Search quality: {res['model']} ({res['units']} units)",
+        "",
+        f"Device: {res['device']}. Date: {res['date']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items())
+        + ".",
+        "",
+        f"Exhaustive: {res['exhaustive']['assignments']} assignments "
+        f"({res['exhaustive']['finite']} finite), {res['exhaustive']['seconds']:.0f} s "
+        f"({'cached' if res['exhaustive']['cached'] else 'computed'}); true front: "
+        f"{len(res['true_front'])} points. {NORMALIZATION}",
+        "",
+        f"## The search (run_search, TPE, {res['trials']} distinct evaluations)",
+        "",
+        "| seed | HV ratio | HV ratio, tight floor | evaluations | evaluations to reach 0.98 "
+        "| true-front points found | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in q:
+        lines.append(
+            f"| {r['seed']} | {r['hv_ratio']:.4f} | {r['hv_ratio_tight_floor']:.4f} | "
+            f"{r['evaluations']} | "
+            f"{fmt(r['evaluations_to_reach_target'])} | "
+            f"{r['true_front_points_found']}/{len(res['true_front'])} | "
+            f"{r['seconds']:.1f} |"
+        )
+    rb = res["random_baseline"]
+    lines += [
+        "",
+        f"**Median HV ratio: {s['median_hv_ratio']:.4f}** (goal >= {TARGET_HV}: "
+        f"{'met' if s['goal_met'] else 'NOT met'}); min {s['min_hv_ratio']:.4f}. "
+        f"Random search with the same {rb['evaluations']} evaluations (all-FP32 and all-FP16 "
+        f"included, {rb['draws']} draws from the table): median {rb['median']:.4f} "
+        f"(p10 {rb['p10']:.4f}, p90 {rb['p90']:.4f}). all-FP32 and all-FP16 alone (the first "
+        f"two seed trials of every search): {s['hv_ratio_all_fp32_and_all_fp16_alone']:.4f}.",
+        "",
+        f"Tight floor (deviation floored at the smallest nonzero deviation of the table, "
+        f"{s['tight_floor']:.3g}, instead of {DEV_FLOOR:g}, so that all-FP32 no longer owns a "
+        f"wide strip for free): search median {s['median_hv_ratio_tight_floor']:.4f}, random "
+        f"median {s['random_baseline_tight_floor']['median']:.4f}, all-FP32 and all-FP16 alone "
+        f"{s['hv_ratio_all_fp32_and_all_fp16_alone_tight_floor']:.4f}.",
+        "",
+        "Median HV ratio over seeds after k distinct evaluations: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in s["median_hv_ratio_by_evaluations"].items())
+        + ".",
+        "",
+        "The table: " + res["exhaustive"]["facts"],
+        "",
+        "## Peers in the same objective space",
+        "",
+        "| answer | setting | latency ms | deviation | evaluations | wall s | on the true front "
+        "| epsilon (normalized) | latency gap at its deviation |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res["peers"]:
+        gap = r.get("latency_gap_pct")
+        lines.append(
+            f"| {r['peer']} | {r['setting']} | {fmt(r.get('latency_ms'), '.4f')} | "
+            f"{fmt(r.get('deviation'))} | {r['evaluations']} | {fmt(r.get('wall_s'), '.1f')} | "
+            f"{fmt(r.get('on_front'))} | {fmt(r.get('epsilon_normalized'), '.3f')} | "
+            f"{'-' if gap is None else f'{gap:+.1f}%'} |"
+        )
+    lines += ["", "Peer notes:"]
+    for r in res["peers"]:
+        note = []
+        if r.get("error"):
+            note.append(f"{r['error']}")
+        if "ort_sessions" in r and not r.get("error"):
+            note.append(
+                f"{r['attempts']} attempts, {r['ort_sessions']} ORT sessions created, "
+                f"{len(r.get('nodes_kept_fp32', []))} nodes kept FP32; its own model: "
+                f"deviation {fmt(r.get('own_model_deviation'))}, estimate "
+                f"{fmt(r.get('own_model_latency_ms'))} "
+                f"({r.get('own_model_latency_note', 'priced')})"
+            )
+        if r.get("answer"):
+            note.append(f"answer: {r['answer']}")
+        if r.get("placed_with"):
+            note.append(f"placed with: {r['placed_with']}")
+        if note:
+            lines.append(f"- {r['peer']} [{r['setting']}]: " + "; ".join(note) + ".")
+    for o in res.get("overhead") or []:
+        m = o["median_ms"]
+        lines += [
+            "",
+            f"## Per-trial overhead outside the backend ({o['model']}, {o['nodes']} nodes, "
+            f"{o['units']} units, {o['trials_measured']} evaluated trials, {o['storage']} "
+            "storage)",
+            "",
+            f"Median per trial: total {m['total_s']:.0f} ms = build {m['build']:.0f} + run "
+            f"{m['run']:.0f} + estimate {m['estimate']:.1f} + rewrite {m['rewrite']:.0f} + "
+            f"other {m['overhead_s'] - m['rewrite']:.0f} ms. **Overhead (total - build - run - "
+            f"estimate): {m['overhead_s']:.0f} ms, {o['median_overhead_pct']:.1f}% of the trial** "
+            f"(goal < 10%); with the estimate {o['median_overhead_incl_estimate_pct']:.1f}%; "
+            f"per cycle including the after-trial callback ({o['median_cycle_ms']:.0f} ms): "
+            f"{o['median_overhead_pct_of_cycle']:.1f}%. {o['definition']}",
+        ]
+    lines += ["", f"Run: `{res['command']}`. Total wall time {res['wall_s'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model", default="ppocr_cls", help="real model (amp_search.testing.realmodels name)"
+    )
+    ap.add_argument("--units", type=int, default=12, help="group the units to this many")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=60, help="distinct evaluations per search")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes for the exhaustive table",
+    )
+    ap.add_argument(
+        "--tolerances",
+        default="1e-2,1e-3,1e-4",
+        help="rel. L2 checks for the peers (comma-separated)",
+    )
+    ap.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a converter run is stopped",
+    )
+    ap.add_argument("--overhead-model", default="ppocr_rec")
+    ap.add_argument("--overhead-trials", type=int, default=12)
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="amp-search-quality-"))
+    print(f"work folder: {work}", flush=True)
+    setup = Setup(args.model, args.units, work)
+    n = len(setup.names)
+    print(
+        f"{args.model}: {len(setup.model.graph.node)} nodes, {len(setup.all_units)} units "
+        f"grouped to {n}; exhaustive over {1 << n} assignments",
+        flush=True,
+    )
+    table = exhaustive(setup, args.workers)
+    space = Space(table["latency"], table["deviation"])
+    print(
+        f"  table: {table['seconds']:.0f} s ({'cached' if table['cached'] else 'computed'}); "
+        f"true front {len(space.front_idx)} points; HV {space.true_hv:.5g}",
+        flush=True,
+    )
+
+    seeds = []
+    for seed in range(args.seeds):
+        r = run_seed(setup, space, seed, args.trials, work)
+        seeds.append(r)
+        print(
+            f"  seed {seed}: HV ratio {r['hv_ratio']:.4f}, {r['evaluations']} evaluations, "
+            f"{r['seconds']:.1f} s (max rel. diff vs table {r['max_rel_diff_vs_table']:.1e})",
+            flush=True,
+        )
+    rb = random_baseline(space, args.trials)
+    tolerances = [float(t) for t in args.tolerances.split(",") if t.strip()]
+    peer_rows = peers(setup, space, tolerances, args.peer_timeout)
+    over = []
+    for kind in () if args.skip_overhead else ("sqlite", "journal"):
+        print(
+            f"overhead on {args.overhead_model} ({args.overhead_trials} trials, {kind})",
+            flush=True,
+        )
+        over.append(overhead(args.overhead_model, args.overhead_trials, work, kind))
+
+    ratios = [r["hv_ratio"] for r in seeds]
+    # Sensitivity to the floor: all-FP32 (deviation 0) alone owns the strip between the floor
+    # and the most accurate nonzero point; a floor at the smallest nonzero deviation shrinks it.
+    tight = Space(space.lat, space.dev, floor=float(np.min(space.dev[space.dev > 0])))
+    for r in seeds:
+        r["hv_ratio_tight_floor"] = tight.ratio(
+            [tight.point(a, b) for a, b in r["evaluated"] if math.isfinite(b)]
+        )
+    tight_ratios = [r["hv_ratio_tight_floor"] for r in seeds]
+    both = space.points([0, space.lat.size - 1])
+    by_k = {
+        k: float(statistics.median(r["hv_curve"][min(k, len(r["hv_curve"])) - 1] for r in seeds))
+        for k in (10, 20, 30, 40, 50, 60, args.trials)
+        if k <= args.trials
+    }
+    dev, lat = space.dev[space.ok], space.lat[space.ok]
+    nonzero = np.where(space.dev > 0, space.dev, np.inf)
+    best = int(np.argmin(nonzero))
+    singles = [nonzero[1 << b] for b in range(n)]
+    facts = (
+        f"finite deviations from {np.min(dev[dev > 0]):.3g} to {np.max(dev):.3g} (median "
+        f"{np.median(dev):.3g}; all-FP16 {space.dev[-1]:.3g}); {np.mean(dev < space.dev[-1]):.0%} "
+        "of the assignments are more accurate than all-FP16. The most accurate nonzero one "
+        f"has {bin(best).count('1')} FP16 units ({nonzero[best]:.3g}), while the best single "
+        f"FP16 unit gives {min(singles):.3g} and the worst {max(singles):.3g}: deviation is "
+        "not monotone in the FP16 set (rounding errors partly cancel). Estimated latency from "
+        f"{np.min(lat):.4f} ms to {np.max(lat):.4f} ms, all-FP32 {space.lat[0]:.4f} ms, "
+        f"all-FP16 {space.lat[-1]:.4f} ms; {np.mean(lat > space.lat[0]):.0%} of the "
+        "assignments are slower than all-FP32 (casts)."
+    )
+    result = {
+        "model": args.model,
+        "units": n,
+        "unit_names": setup.names,
+        "trials": args.trials,
+        "device": f"this {os.cpu_count()}-core CPU machine ({platform.processor() or 'cpu'}), "
+        "ONNX Runtime CPU; latency is the H100 roofline estimate",
+        "date": "2026-11-22",
+        "versions": versions(),
+        "command": "python benchmarks/search_quality.py " + " ".join(sys.argv[1:]),
+        "normalization": NORMALIZATION,
+        "reference_point": {"latency_ms": space.ref[0], "log10_deviation": space.ref[1]},
+        "deviation_floor": DEV_FLOOR,
+        "exhaustive": {
+            "assignments": int(space.lat.size),
+            "finite": int(space.ok.sum()),
+            "seconds": table["seconds"],
+            "cached": table["cached"],
+            "facts": facts,
+            "latency_range_ms": [space.xmin, space.xmax],
+            "deviation_range": [
+                float(np.nanmin(space.dev)),
+                float(np.nanmax(space.dev[space.ok])),
+            ],
+        },
+        "true_hypervolume": space.true_hv,
+        "true_front": [
+            {
+                "latency_ms": float(space.lat[i]),
+                "deviation": float(space.dev[i]),
+                "fp32_units": [u for b, u in enumerate(setup.names) if not i >> b & 1],
+            }
+            for i in space.front_idx
+        ],
+        "summary": {
+            "median_hv_ratio": float(statistics.median(ratios)),
+            "min_hv_ratio": float(min(ratios)),
+            "max_hv_ratio": float(max(ratios)),
+            "hv_ratio_all_fp32_and_all_fp16_alone": space.ratio(both),
+            "tight_floor": tight.floor,
+            "median_hv_ratio_tight_floor": float(statistics.median(tight_ratios)),
+            "median_hv_ratio_by_evaluations": by_k,
+            "hv_ratio_all_fp32_and_all_fp16_alone_tight_floor": tight.ratio(
+                tight.points([0, space.lat.size - 1])
+            ),
+            "random_baseline_tight_floor": random_baseline(tight, args.trials),
+            "goal": TARGET_HV,
+            "goal_met": bool(statistics.median(ratios) >= TARGET_HV),
+        },
+        "search": seeds,
+        "random_baseline": rb,
+        "peers": peer_rows,
+        "overhead": over,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "search_quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "search_quality.md").write_text(markdown(result))
+    plot(
+        space,
+        seeds,
+        peer_rows,
+        args.out / f"search_quality_{args.model}.png",
+        f"{args.model}, {n} units: {1 << n} assignments, the true front, the search "
+        f"({args.trials} evaluations) and peers",
+    )
+
+    print("\nseed  HV ratio  evaluations  seconds")
+    for r in seeds:
+        print(f"{r['seed']:>4}  {r['hv_ratio']:8.4f}  {r['evaluations']:>11}  {r['seconds']:7.1f}")
+    print(
+        f"median {result['summary']['median_hv_ratio']:.4f} (goal {TARGET_HV}); random "
+        f"search median {rb['median']:.4f}"
+    )
+    print("\npeer | setting | latency ms | deviation | evaluations | wall s | on front | eps")
+    for r in peer_rows:
+        print(
+            f"{r['peer']} | {r['setting']} | {fmt(r.get('latency_ms'), '.4f')} | "
+            f"{fmt(r.get('deviation'))} | {r['evaluations']} | {fmt(r.get('wall_s'), '.1f')} | "
+            f"{fmt(r.get('on_front'))} | {fmt(r.get('epsilon_normalized'), '.3f')}"
+        )
+    for o in over:
+        print(
+            f"overhead ({o['model']}, {o['storage']}): median {o['median_ms']['overhead_s']:.0f} "
+            f"ms = {o['median_overhead_pct']:.1f}% of {o['median_ms']['total_s']:.0f} ms per "
+            f"trial ({o['median_overhead_pct_of_cycle']:.1f}% of the cycle)"
+        )
+    print(f"wrote {args.out / 'search_quality.json'} ({result['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
