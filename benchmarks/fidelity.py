@@ -29,6 +29,7 @@ from amp_search.latency_model import LatencyEstimator  # noqa: E402
 from amp_search.profiling import profile_model  # noqa: E402
 from amp_search.timing import measure  # noqa: E402
 from amp_search.types import PrecisionAssignment  # noqa: E402
+from benchmarks._common import rel_l2  # noqa: E402
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -40,18 +41,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     rx = np.argsort(np.argsort(x)).astype(float)
     ry = np.argsort(np.argsort(y)).astype(float)
     return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def rel_l2(got: list[dict], ref: list[dict]) -> float:
-    num = den = 0.0
-    for g, r in zip(got, ref, strict=True):
-        for k in r:
-            a = g[k].astype(np.float64)
-            if not np.isfinite(a).all():
-                return float("inf")
-            num += float(np.sum((a - r[k]) ** 2))
-            den += float(np.sum(r[k].astype(np.float64) ** 2))
-    return (num / den) ** 0.5
 
 
 def main() -> int:

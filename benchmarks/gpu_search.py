@@ -125,23 +125,13 @@ def retime(name: str, cfg: SearchConfig, outcome, peers: Path, runs: int) -> lis
     from amp_search.search.run import draw_plots
     from amp_search.search.study import _storage
     from amp_search.timing import measure
+    from benchmarks._common import rel_l2
 
     backend = get_backend("onnxruntime")
     data = load_calibration(cfg.data, model_inputs(load_model(cfg.model)))
     ref_cand = backend.build(cfg.model, BuildConfig("cpu", {"emulate_fp16_storage": 0}))
     with backend.open(ref_cand) as r:
         ref = [r.infer(b) for b in data]
-
-    def rel_l2(outs: list[dict]) -> float:
-        num = den = 0.0
-        for g, rr in zip(outs, ref, strict=True):
-            for k in rr:
-                a = g[k].astype(np.float64)
-                if not np.isfinite(a).all():
-                    return float("inf")
-                num += float(np.sum((a - rr[k]) ** 2))
-                den += float(np.sum(rr[k].astype(np.float64) ** 2))
-        return (num / den) ** 0.5
 
     res = load_results(outcome.out)
     entries: list[tuple[str, Path, str]] = []
@@ -166,7 +156,7 @@ def retime(name: str, cfg: SearchConfig, outcome, peers: Path, runs: int) -> lis
             runner = backend.open(cand).__enter__()
             outs = [runner.infer(b) for b in data]
             runner.bind(data.first())
-            runners.append((label, kind, runner, rel_l2(outs), []))
+            runners.append((label, kind, runner, rel_l2(outs, ref), []))
         except Exception as exc:  # a peer's file that does not build is a result too
             rows.append({"label": label, "kind": kind, "latency_ms": float("nan"),
                          "deviation": float("nan"), "note": f"failed: {exc}"[:300]})  # fmt: skip

@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amp_search.backends import BuildConfig, get_backend  # noqa: E402
@@ -29,18 +27,7 @@ from amp_search.calibration import load_calibration, model_inputs  # noqa: E402
 from amp_search.graph import MixedPrecisionRewriter, load_model, sanitize, save_model  # noqa: E402
 from amp_search.timing import measure  # noqa: E402
 from amp_search.types import Precision, PrecisionAssignment  # noqa: E402
-
-
-def rel_l2(got: list[dict[str, np.ndarray]], ref: list[dict[str, np.ndarray]]) -> float:
-    num = den = 0.0
-    for g, r in zip(got, ref, strict=True):
-        for k in r:
-            a = g[k].astype(np.float64)
-            if not np.isfinite(a).all():
-                return float("inf")
-            num += float(np.sum((a - r[k]) ** 2))
-            den += float(np.sum(r[k].astype(np.float64) ** 2))
-    return (num / den) ** 0.5 if den else num**0.5
+from benchmarks._common import rel_l2  # noqa: E402
 
 
 def run(backend, path: Path, config: BuildConfig, data, runs: int) -> tuple[list, object, float]:
