@@ -68,6 +68,11 @@ class SearchCommand(Subcommand):
             help="rel_l2 (default), max_abs, mean_abs, cosine, top1, or file.py:function",
         )  # fmt: skip
         parser.add_argument(
+            "--record-metric", action="append", default=[], metavar="NAME",
+            help="also record this accuracy metric per trial (repeatable; each costs a pass "
+            "over every output)",
+        )  # fmt: skip
+        parser.add_argument(
             "--latency", choices=("measured", "estimated"),
             help="measured by the backend, or a roofline estimate for --target "
             "(default: estimated on cpu, measured on cuda)",
@@ -110,6 +115,7 @@ class SearchCommand(Subcommand):
             sampler=args.sampler,
             threshold=args.threshold,
             max_units=args.max_units,
+            record_metrics=tuple(args.record_metric),
         )
         return run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
 

@@ -49,7 +49,6 @@ __all__ = ["SearchConfig", "SearchOutcome", "run_search"]
 
 logger = logging.getLogger(__name__)
 
-ACCURACY_METRICS = ("rel_l2", "max_abs", "mean_abs", "cosine")
 
 
 @dataclass
@@ -76,6 +75,8 @@ class SearchConfig:
     threshold: float = 10000.0
     timing_runs: int = 20
     max_units: int | None = None
+    #: Other accuracy metrics to record per trial (each costs a pass over every output).
+    record_metrics: tuple[str, ...] = ()
 
 
 @dataclass
@@ -155,7 +156,7 @@ def run_search(
     if config.max_deviation is not None and not config.max_deviation > 0:
         raise UserInputError(f"--max-deviation must be positive, got {config.max_deviation}.")
     metric = load_metric(config.metric)
-    extra = [load_metric(m) for m in ACCURACY_METRICS if m != metric.name]
+    extra = [load_metric(m) for m in config.record_metrics if m != metric.name]
     backend = get_backend(config.backend)
     reason = backend.unavailable_reason()
     if reason:

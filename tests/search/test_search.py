@@ -65,6 +65,19 @@ def test_repeated_assignment_is_never_rebuilt(tmp_path, demo_model_path, demo_da
     assert all(after[p] == t for p, t in stamps.items())
 
 
+def test_only_the_chosen_metric_unless_more_are_recorded(
+    tmp_path, demo_model_path, demo_data_path
+):
+    out = run_search(_config(tmp_path, demo_model_path, demo_data_path, n_trials=2)).out
+    metrics = [json.loads(p.read_text()) for p in out.glob("candidates/*/metrics.json")]
+    assert metrics and all(list(m["deviations"]) == ["rel_l2"] for m in metrics)
+    cfg = _config(tmp_path / "b", demo_model_path, demo_data_path, n_trials=2,
+                  record_metrics=("max_abs", "cosine"))  # fmt: skip
+    out = run_search(cfg).out
+    metrics = [json.loads(p.read_text()) for p in out.glob("candidates/*/metrics.json")]
+    assert all(sorted(m["deviations"]) == ["cosine", "max_abs", "rel_l2"] for m in metrics)
+
+
 def test_failing_candidate_is_a_failed_trial_and_the_study_goes_on(
     tmp_path, demo_model_path, demo_data_path
 ):
