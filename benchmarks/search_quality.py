@@ -48,6 +48,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(tempfile.gettempdir()) / "amp_search_quality"
 DEV_FLOOR = 1e-7
 TARGET_HV = 0.98
+#: What the objectives depend on: a change here invalidates the cached table.
+SOURCES = (
+    "amp_search/graph",
+    "amp_search/backends",
+    "amp_search/profiling",
+    "amp_search/latency_model.py",
+    "amp_search/calibration.py",
+    "amp_search/testing/realmodels.py",
+    "objectives",
+)
 NORMALIZATION = (
     "Objectives (both minimized): x = estimated H100 latency in ms, y = log10(max(rel. L2, "
     f"{DEV_FLOOR:g})) (all-FP32 has deviation 0). Points with non-finite deviation are left "
@@ -77,7 +87,6 @@ class Setup:
             load_model,
             sanitize,
         )
-        from amp_search.graph.io import model_to_bytes
         from amp_search.latency_model import LatencyEstimator
         from amp_search.objective import load_metric
         from amp_search.profiling import profile_model
@@ -110,9 +119,13 @@ class Setup:
         self.config = BuildConfig("cpu")
         self.metric = load_metric("rel_l2")
         self.output_names = [o.name for o in self.model.graph.output]
-        digest = hashlib.sha256(model_to_bytes(self.model)).hexdigest()[:12]
-        units_key = hashlib.sha256(json.dumps(self.names).encode()).hexdigest()[:8]
-        self.key = f"{name}-{digest}-{units_key}"
+        # The cached table is valid for this model file, these units and this code.
+        h = hashlib.sha256(Path(self.model_path).read_bytes())
+        h.update(json.dumps(self.names).encode())
+        for src in sorted(SOURCES):
+            for f in sorted((ROOT / src).rglob("*.py")) if (ROOT / src).is_dir() else [ROOT / src]:
+                h.update(f.read_bytes())
+        self.key = f"{name}-{n_units}-{h.hexdigest()[:16]}"
         self._tmp = workdir / f"candidate-{os.getpid()}.onnx"
 
     def assignment(self, mask: int) -> Any:
@@ -315,6 +328,7 @@ def load_study(outcome: Any) -> Any:
 def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) -> dict[str, Any]:
     from optuna.trial import TrialState
 
+    from amp_search.results.pareto import record_of
     from amp_search.search.run import SearchConfig, run_search
 
     storage = f"sqlite:///{workdir / f'seed{seed}.db'}"
@@ -342,12 +356,12 @@ def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) 
     curve: list[float] = []
     mismatch = 0.0
     for t in done:
-        digest = str(t.user_attrs["digest"])
+        digest = str(record_of(t)["digest"])
         if digest in seen:
             continue
         lat, dev = float(t.values[0]), float(t.values[1])
         seen[digest] = (lat, dev)
-        m = setup.mask_of_fp32(set(t.user_attrs["fp32_units"]))
+        m = setup.mask_of_fp32(set(record_of(t)["fp32_units"]))
         if math.isfinite(dev):
             mismatch = max(
                 mismatch,
@@ -677,6 +691,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
     from optuna.trial import TrialState
 
     from amp_search.graph import find_units, load_model, sanitize
+    from amp_search.results.pareto import record_of
     from amp_search.search.run import SearchConfig, run_search
     from amp_search.testing import realmodels
 
@@ -706,7 +721,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
     every = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     rows = []
     for k, t in enumerate(every):
-        secs = (t.user_attrs.get("metrics") or {}).get("seconds") or {}
+        secs = (record_of(t).get("metrics") or {}).get("seconds") or {}
         if t.state != TrialState.COMPLETE or "build" not in secs:
             continue  # failed, or answered from the cache
         total = (t.datetime_complete - t.datetime_start).total_seconds()

@@ -18,7 +18,23 @@ from amp_search.results.store import ResultsStore
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["FrontPoint", "compute_front", "point_from_trial", "write_front"]
+__all__ = [
+    "RECORD_ATTR",
+    "FrontPoint",
+    "compute_front",
+    "point_from_trial",
+    "record_of",
+    "write_front",
+]
+
+#: The trial user attribute that holds a trial's figures (one dict: one storage write).
+RECORD_ATTR = "amp_search"
+
+
+def record_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's recorded figures (digest, latency source, fallback set, ...)."""
+    found = trial.user_attrs.get(RECORD_ATTR)
+    return dict(found) if isinstance(found, dict) else {}
 
 
 @dataclass
@@ -65,7 +81,7 @@ def point_from_trial(trial: optuna.trial.FrozenTrial) -> FrontPoint | None:
     """A :class:`FrontPoint` from a completed trial (None for trials without values)."""
     if trial.values is None or len(trial.values) != 2:
         return None
-    attrs = trial.user_attrs
+    attrs = record_of(trial)
     constraints = getattr(trial, "constraints", {}) or {}
     return FrontPoint(
         trial=trial.number,

@@ -35,8 +35,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_STUDIES_DIR = Path("studies")
-HOST_ATTR = "amp_search:host"
-PID_ATTR = "amp_search:pid"
+OWNER_ATTR = "amp_search:owner"
 
 
 def default_storage(study_name: str, studies_dir: Path = DEFAULT_STUDIES_DIR) -> str:
@@ -104,8 +103,7 @@ def open_study(
 
 def mark_trial_owner(trial: optuna.Trial) -> None:
     """Records which host/process runs the trial (for :func:`recover_dead_trials`)."""
-    trial.set_user_attr(HOST_ATTR, socket.gethostname())
-    trial.set_user_attr(PID_ATTR, os.getpid())
+    trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
 
 
 def _alive(pid: int) -> bool:
@@ -127,8 +125,8 @@ def recover_dead_trials(study: optuna.Study) -> int:
     storage = study._storage  # noqa: SLF001 - Optuna has no public API to fail a stale trial
     recovered = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner_host = t.user_attrs.get(HOST_ATTR)
-        pid = t.user_attrs.get(PID_ATTR)
+        owner = t.user_attrs.get(OWNER_ATTR) or {}
+        owner_host, pid = owner.get("host"), owner.get("pid")
         if owner_host != host or pid is None or _alive(int(pid)) and int(pid) != os.getpid():
             continue
         try:
