@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -80,9 +78,7 @@ def test_detector_cross_check_with_by_hand_mark_all(real_model, tmp_path):
     """inspect flags exactly the layers a by-hand mark-all analysis finds on a real page."""
     path, feeds = real_model("ppocr_det")
     np.savez(tmp_path / "page.npz", **feeds)
-    t0 = time.perf_counter()
-    report = inspect_model(path, tmp_path / "page.npz")
-    seconds = time.perf_counter() - t0
+    report = inspect_model(path, tmp_path / "page.npz")  # its time: benchmarks/RESULTS.md
     hot, overflow_w, flush_w = _by_hand_mark_all(path, feeds, threshold=10000)
 
     def rules(r):
@@ -101,4 +97,3 @@ def test_detector_cross_check_with_by_hand_mark_all(real_model, tmp_path):
     by_hand_flush = {r.unit.name for r in report.risks if set(r.unit.weights) & flush_w}
     flagged_flush = {r.unit.name for r in report.risks if "weight-flush" in rules(r)}
     assert by_hand_flush and by_hand_flush == flagged_flush
-    assert seconds < 60, f"inspect took {seconds:.1f} s on one page"
