@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
+from amp_search.search.sampler import make_sampler
 
 if TYPE_CHECKING:
     import optuna
@@ -78,16 +79,7 @@ def open_study(
     """Creates the two-objective study (latency, deviation), or loads it to resume."""
     import optuna
 
-    if sampler == "tpe":
-        smp: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, n_startup_trials=10
-        )
-    elif sampler == "nsga2":
-        smp = optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
-    elif sampler == "random":
-        smp = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        raise UserInputError(f"Unknown sampler {sampler!r}; use tpe, nsga2 or random.")
+    smp = make_sampler(sampler, seed)
     study = optuna.create_study(
         storage=_storage(storage),
         study_name=study_name,
