@@ -127,11 +127,16 @@ class CalibrationData:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")  # an empty .npz has no entry
+        if not is_zip:
+            raise ValueError("not an .npz (zip) archive")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
         raise UserInputError(
-            f"Cannot read calibration file {path}: {exc}. Save it with "
+            f"Cannot read calibration file {path}: {reason}. Save it with "
             "numpy.savez(path, **{input_name: array})."
         ) from exc
     if not arrays:

@@ -25,6 +25,8 @@ Options (all recorded with the candidate; they change both speed and correctness
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +39,7 @@ from amp_search.backends.base import Backend, BuildConfig, Candidate, Runner
 from amp_search.errors import BackendUnavailableError, CandidateBuildError, UserInputError
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime
 
 __all__ = ["CPU_DEFAULTS", "CUDA_DEFAULTS", "OnnxRuntimeBackend", "OnnxRuntimeRunner"]
@@ -153,6 +156,9 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime could not create a session for {model_path.name}: "
                 f"{str(exc).splitlines()[0][:300]}"
             ) from exc
+        finally:
+            if isinstance(source, str) and source != str(model_path):  # a twin over 2 GiB
+                shutil.rmtree(Path(source).parent, ignore_errors=True)
         build_time = time.perf_counter() - t0
         used = sess.get_providers()
         if config.device_type == "cuda" and "CUDAExecutionProvider" not in used:
@@ -234,9 +240,14 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
     ``Cast(to=FLOAT)``. ONNX Runtime keeps such explicit pairs (it only merges the casts it
     inserts itself), so rounding, overflow to inf and flush to zero happen at every node
     boundary, while each node computes in FP32 as ONNX Runtime CPU does anyway.
+
+    Returns the twin's bytes, or, when it is over the protobuf limit, the path of the twin
+    saved with external data in a new folder beside the model (the caller removes it).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from amp_search.graph.io import exceeds_protobuf_limit, save_model, typed_skeleton
 
     model = onnx.load(str(model_path))
     f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
@@ -246,10 +257,10 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
         if n.op_type == "Cast"
         for a in n.attribute
     )
-    if not has_fp16 or model.ByteSize() > 2**31 - 2**26:
+    if not has_fp16:
         return str(model_path)
     try:
-        typed = onnx.shape_inference.infer_shapes(model)
+        typed = onnx.shape_inference.infer_shapes(typed_skeleton(model))
     except Exception:  # fall back to the types the model states
         typed = model
     types = {
@@ -299,6 +310,9 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
         if o.name in fp16_graph_outputs:
             o.type.tensor_type.elem_type = f32
     # Graph outputs declared FP16 are produced FP32 (rounded): the runner reads them as is.
+    if exceeds_protobuf_limit(model):
+        scratch = tempfile.mkdtemp(prefix=".emulated-", dir=model_path.parent)
+        return str(save_model(model, Path(scratch) / model_path.name))
     data: bytes = model.SerializeToString()
     return data
 

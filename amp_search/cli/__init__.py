@@ -3,6 +3,7 @@
 ``main`` is the only place that configures logging. It turns an
 :class:`~amp_search.errors.AmpSearchError` into one line on stderr (plus ``Note:`` lines) and
 exit code 1 (runtime failure) or 2 (usage error); ``--debug`` shows the traceback instead.
+A full disk behind any other exception (the study database filling up) is one line too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from amp_search._atomic import disk_full_message
 from amp_search.cli._base import Subcommand
 from amp_search.cli.backends import BackendsCommand
 from amp_search.cli.demo import DemoCommand
@@ -93,8 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AmpSearchError as exc:
         if args.debug:
             raise
-        print(f"amp-search {args.command}: error: {exc}", file=sys.stderr)
+        full = disk_full_message(exc)  # says more than a wrapping storage error does
+        text = full if full and "No space left" not in str(exc) else exc
+        print(f"amp-search {args.command}: error: {text}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a full disk where no helper translated the error
+        full = disk_full_message(exc)
+        if full is None or args.debug:
+            raise
+        print(f"amp-search {args.command}: error: {full}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"amp-search {args.command}: interrupted", file=sys.stderr)
         return 130

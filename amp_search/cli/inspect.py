@@ -61,8 +61,11 @@ class InspectCommand(Subcommand):
         )
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search._atomic import check_writable
         from amp_search.profiling.report import inspect_model
 
+        if args.json:
+            check_writable(args.json)  # before the profile, not after it
         with stage_progress() as progress:
             report = inspect_model(
                 args.model,

@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from amp_search.graph._index import FLOAT, FLOAT16, GraphIndex
+from amp_search.graph.io import copy_without_initializers
 from amp_search.graph.units import FOLLOWER_OPS, Unit, find_units
 from amp_search.types import Precision, PrecisionAssignment
 
@@ -131,10 +132,9 @@ class MixedPrecisionRewriter:
         self._pos = {n.name: i for i, n in enumerate(model.graph.node)}
         self._params = [self.index.params(i) for i in range(len(model.graph.node))]
         self._fp16_init: dict[str, tuple[onnx.TensorProto, InitializerLoss]] = {}
-        template = onnx.ModelProto()
-        template.CopyFrom(model)
+        # Never a full copy: upb keeps deleted weights in the copy's arena (2x memory at 2 GiB).
+        template = copy_without_initializers(model)
         del template.graph.node[:]
-        del template.graph.initializer[:]
         del template.graph.value_info[:]
         self._template = template
         self._value_info = {vi.name: vi for vi in model.graph.value_info}

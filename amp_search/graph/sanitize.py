@@ -13,7 +13,10 @@ The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
    output its own name. Paddle exports write ``-1`` or ``"?"`` for every dynamic axis;
    TensorRT reads equal names as equal sizes, so a ``[N, 3, ?, ?]`` input with H != W could
    not be built.
-5. ONNX shape inference, so every tensor has an element type.
+5. The IR version is lowered to :data:`MAX_IR_VERSION` where it is newer (``onnx>=1.23``
+   writes IR 14 by default, which ONNX Runtime 1.2x/1.3x refuses; no opset up to
+   :data:`MAX_OPSET` needs more).
+6. ONNX shape inference, so every tensor has an element type.
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass
 
 from amp_search.errors import UserInputError
+from amp_search.graph.io import exceeds_protobuf_limit, typed_skeleton
 
-__all__ = ["MAX_OPSET", "MIN_OPSET", "CheckOpsetPass", "default_opset", "sanitize"]
+__all__ = [
+    "MAX_IR_VERSION",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "CheckOpsetPass",
+    "default_opset",
+    "sanitize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +45,8 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 7
 #: Newest default-domain opset accepted: what the installed ONNX Runtime 1.2x/1.3x runs.
 MAX_OPSET = 23
+#: The IR version of ONNX 1.18, the release that introduced opset 23.
+MAX_IR_VERSION = 11
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -66,10 +79,10 @@ class CheckOpsetPass(ir.passes.PassBase):
                 f"standard opset between {MIN_OPSET} and {MAX_OPSET}."
             )
         if not MIN_OPSET <= version <= MAX_OPSET:
-            hint = "older" if version > MAX_OPSET else "newer"
+            hint = "an older" if version > MAX_OPSET else "a newer"
             raise UserInputError(
                 f"Unsupported opset {version}: amp-search handles ai.onnx opsets "
-                f"{MIN_OPSET} to {MAX_OPSET}. Re-export with a {hint} opset, or convert "
+                f"{MIN_OPSET} to {MAX_OPSET}. Re-export with {hint} opset, or convert "
                 "with onnx.version_converter.convert_version(model, 17)."
             )
         return ir.passes.PassResult(model, modified=False)
@@ -133,9 +146,20 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
         ) from exc
     out = ir.to_proto(irm)
     name_dynamic_dims(out)
+    if out.ir_version > MAX_IR_VERSION:
+        logger.debug("IR version %d lowered to %d", out.ir_version, MAX_IR_VERSION)
+        out.ir_version = MAX_IR_VERSION
     try:
-        if out.ByteSize() < 2**31 - 2**26:
+        if not exceeds_protobuf_limit(out):
             out = onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)
+        else:  # over 2 GiB: infer on the weightless skeleton, keep what it found
+            typed = onnx.shape_inference.infer_shapes(
+                typed_skeleton(out), strict_mode=False, data_prop=True
+            )
+            out.graph.value_info.extend(typed.graph.value_info)
+            for mine, found in zip(out.graph.output, typed.graph.output, strict=True):
+                if found.type.HasField("tensor_type"):
+                    mine.type.CopyFrom(found.type)
     except Exception as exc:  # onnx raises InferenceError and others
         logger.warning("ONNX shape inference failed (%s); element types may be missing", exc)
     return out

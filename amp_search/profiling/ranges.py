@@ -198,7 +198,6 @@ def profile_model(
             _accumulate(stats, numpy_helper.to_array(init))
             prof.tensors[init.name] = stats
     graph_outputs = [o.name for o in model.graph.output]
-    fp32_model = mark_outputs(model, activations, idx.elem_type)
 
     unit_outputs: dict[str, list[str]] = {u.name: list(u.outputs) for u in units}
     fp16_runner = None
@@ -219,9 +218,12 @@ def profile_model(
                     wanted.append(pick)
                     half_types[pick] = onnx.TensorProto.FLOAT16 if pick == alt else FLOAT
             fp16_runner = _session(mark_outputs(half, wanted, half_types), tmp, "fp16", threads)
+            del half  # the session holds its own copy of the weights
             for u in units:
                 prof.deviations[u.name] = UnitDeviation(unit=u.name)
-        fp32_runner = _session(fp32_model, tmp, "fp32", threads)
+        # The marked copy lives only while saved (a second copy of the weights otherwise).
+        fp32_runner = _session(mark_outputs(model, activations, idx.elem_type), tmp, "fp32",
+                               threads)  # fmt: skip
         total = data.n_batches
         with fp32_runner:
             if fp16_runner is not None:
