@@ -9,9 +9,10 @@ Run: ``python benchmarks/search_quality.py`` (options: ``--model``, ``--units``,
    reference on ONNX Runtime CPU (FP16 storage emulated, the backend's default) and latency
    = the roofline estimate for an H100. The non-dominated set is the true front. The table is
    cached under ``/tmp/amp_search_quality/`` so a rerun is fast.
-2. ``run_search`` itself (seeds, TPE, the CandidateEvaluator) with ``--trials`` distinct
-   evaluations, for ``--seeds`` seeds: hypervolume of everything it evaluated over the true
-   front's hypervolume (objective space: latency in ms x log10 deviation, see ``NORMALIZATION``).
+2. ``run_search`` itself (seeds, the default sampler, the CandidateEvaluator) with ``--trials``
+   distinct evaluations, for ``--seeds`` seeds: hypervolume of everything it evaluated over the
+   true front's hypervolume (objective space: latency in ms x log10 deviation, see
+   ``NORMALIZATION``).
 3. Peers placed in the same objective space: onnxconverter-common's
    ``auto_convert_mixed_precision`` run unchanged (only its ONNX Runtime sessions are counted),
    and Polygraphy's ``debug precision --mode bisect`` algorithm (its ``BisectMarker``, written
@@ -19,7 +20,8 @@ Run: ``python benchmarks/search_quality.py`` (options: ``--model``, ``--units``,
 4. The search's per-trial overhead outside the backend on the largest real model.
 
 Writes ``benchmarks/results/search_quality.json``, ``search_quality.md`` and
-``search_quality_<model>.png``.
+``search_quality_<model>.png`` (``search_quality_<model>.json``/``.md`` for another model than
+the default).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(tempfile.gettempdir()) / "amp_search_quality"
 DEV_FLOOR = 1e-7
 TARGET_HV = 0.98
+DEFAULT_MODEL = "ppocr_cls"
 #: What the objectives depend on: a change here invalidates the cached table.
 SOURCES = (
     "amp_search/graph",
@@ -329,7 +332,9 @@ def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) 
     from optuna.trial import TrialState
 
     from amp_search.results.pareto import record_of
+    from amp_search.search.guide import GUIDE_ATTR
     from amp_search.search.run import SearchConfig, run_search
+    from amp_search.search.sampler import DEFAULT_SAMPLER
 
     storage = f"sqlite:///{workdir / f'seed{seed}.db'}"
     t0 = time.perf_counter()
@@ -345,6 +350,7 @@ def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) 
             latency="estimated",
             target="h100",
             max_units=len(setup.names),
+            sampler=DEFAULT_SAMPLER,
         )
     )
     wall = time.perf_counter() - t0
@@ -389,9 +395,13 @@ def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) 
                     **space.place(lat, dev),
                 }
             )
+    inspect = json.loads((outcome.out / "inspect.json").read_text())
     return {
         "seed": seed,
+        "sampler": DEFAULT_SAMPLER,
         "seed_trials": seed_trials,
+        "guide": study.user_attrs.get(GUIDE_ATTR),
+        "risk_order": [r["unit"] for r in inspect["units_by_risk"]],
         "hv_ratio": curve[-1] if curve else 0.0,
         "evaluations": len(seen),
         "evaluated": [[lat, dev] for lat, dev in seen.values()],
@@ -413,28 +423,40 @@ def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) 
 def replay(
     setup: Setup,
     space: Space,
-    seed_trials: list[dict[str, Any]],
+    live: dict[str, Any],
     samplers: list[str],
     budgets: list[int],
     seeds: int,
 ) -> dict[str, dict[str, Any]]:
     """The search's sampling loop replayed on the table (no model runs): the same study setup
-    (``open_study``), the same seed trials, the same stop rule (distinct evaluations)."""
+    (``open_study``), the same seed trials, guide and stop rule (distinct evaluations). The
+    live run's sampler gets the live seed trials and guide; the others get the seeds a live
+    run with them enqueues (``seed_params`` over the live run's risk order)."""
     import optuna
 
+    from amp_search.search.guide import GUIDE_ATTR
+    from amp_search.search.seeds import seed_params
     from amp_search.search.space import SearchSpace
     from amp_search.search.study import open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space_ = SearchSpace(setup.names)
     bit = {u: 1 << i for i, u in enumerate(setup.names)}
+    own = [
+        {"label": label, "params": params}
+        for label, params in seed_params(space_, live["risk_order"])
+    ]
     out: dict[str, dict[str, Any]] = {}
     for sampler in samplers:
         out[sampler] = {}
+        is_live = sampler == live["sampler"]
+        seed_trials = live["seed_trials"] if is_live else own
         for n in budgets:
             ratios = []
             for seed in range(seeds):
                 study = open_study(":memory:", "replay", seed=seed, sampler=sampler)
+                if is_live and live.get("guide") is not None:
+                    study.set_user_attr(GUIDE_ATTR, live["guide"])
                 for t in seed_trials:
                     study.enqueue_trial(t["params"], user_attrs={"seed": t["label"]})
                 seen: set[int] = set()
@@ -450,7 +472,11 @@ def replay(
 
                 study.optimize(objective, n_trials=3 * n + 10, callbacks=[stop])
                 ratios.append(space.ratio(space.points(sorted(seen))))
-            out[sampler][str(n)] = {"ratios": ratios, "median": float(np.median(ratios))}
+            out[sampler][str(n)] = {
+                "seed_trials": len(seed_trials),
+                "ratios": ratios,
+                "median": float(np.median(ratios)),
+            }
     return out
 
 
@@ -754,6 +780,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
     from amp_search.graph import find_units, load_model, sanitize
     from amp_search.results.pareto import record_of
     from amp_search.search.run import SearchConfig, run_search
+    from amp_search.search.sampler import DEFAULT_SAMPLER
     from amp_search.testing import realmodels
 
     model_path = realmodels.fetch(name)
@@ -775,6 +802,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
             seed=0,
             latency="estimated",
             target="h100",
+            sampler=DEFAULT_SAMPLER,
         )
     )
     wall = time.perf_counter() - t0
@@ -944,7 +972,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"({'cached' if res['exhaustive']['cached'] else 'computed'}); true front: "
         f"{len(res['true_front'])} points. {NORMALIZATION}",
         "",
-        f"## The search (run_search, TPE, {res['trials']} distinct evaluations)",
+        f"## The search (run_search, sampler {res['search'][0]['sampler']}, {res['trials']} "
+        "distinct evaluations)",
         "",
         "| seed | HV ratio | HV ratio, tight floor | evaluations | evaluations to reach 0.98 "
         "| true-front points found | seconds |",
@@ -995,12 +1024,14 @@ def markdown(res: dict[str, Any]) -> str:
         f"{'yes' if res['replay_matches_live'] else 'NO'}): median HV ratio over "
         f"{len(q)} seeds",
         "",
-        "| sampler | "
+        "| sampler | seed trials | "
         + " | ".join(f"{b} evaluations" for b in next(iter(res["replay"].values())))
         + " |",
-        "| --- | " + " | ".join("---" for _ in next(iter(res["replay"].values()))) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in next(iter(res["replay"].values()))) + " |",
         *(
-            f"| {name} | " + " | ".join(f"{v['median']:.4f}" for v in row.values()) + " |"
+            f"| {name} | {next(iter(row.values())).get('seed_trials', '-')} | "
+            + " | ".join(f"{v['median']:.4f}" for v in row.values())
+            + " |"
             for name, row in res["replay"].items()
         ),
         "",
@@ -1073,7 +1104,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--model", default="ppocr_cls", help="real model (amp_search.testing.realmodels name)"
+        "--model", default=DEFAULT_MODEL, help="real model (amp_search.testing.realmodels name)"
     )
     ap.add_argument("--units", type=int, default=12, help="group the units to this many")
     ap.add_argument("--seeds", type=int, default=5)
@@ -1139,12 +1170,12 @@ def main() -> int:
     rb = random_baseline(space, args.trials)
     budgets = sorted({args.trials, *(int(b) for b in args.replay_budgets.split(",") if b)})
     print(f"replaying the sampling loop on the table: budgets {budgets}", flush=True)
-    replayed = replay(
-        setup, space, seeds[0]["seed_trials"], ["tpe", "nsga2", "random"], budgets, args.seeds
-    )
+    from amp_search.search.sampler import DEFAULT_SAMPLER, SAMPLERS
+
+    replayed = replay(setup, space, seeds[0], list(SAMPLERS), budgets, args.seeds)
     live = [round(r["hv_ratio"], 10) for r in seeds]
     replay_matches_live = [
-        round(x, 10) for x in replayed["tpe"][str(args.trials)]["ratios"]
+        round(x, 10) for x in replayed[DEFAULT_SAMPLER][str(args.trials)]["ratios"]
     ] == live
     tolerances = [float(t) for t in args.tolerances.split(",") if t.strip()]
     peer_rows = peers(setup, space, tolerances, args.peer_timeout)
@@ -1244,8 +1275,9 @@ def main() -> int:
         "wall_s": time.perf_counter() - t_start,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search_quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "search_quality.md").write_text(markdown(result))
+    stem = "search_quality" if args.model == DEFAULT_MODEL else f"search_quality_{args.model}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
     plot(
         space,
         seeds,
@@ -1275,7 +1307,7 @@ def main() -> int:
             f"ms = {o['median_overhead_pct']:.1f}% of {o['median_ms']['total_s']:.0f} ms per "
             f"trial ({o['median_overhead_pct_of_cycle']:.1f}% of the cycle)"
         )
-    print(f"wrote {args.out / 'search_quality.json'} ({result['wall_s'] / 60:.1f} min)")
+    print(f"wrote {args.out / f'{stem}.json'} ({result['wall_s'] / 60:.1f} min)")
     return 0
 
 

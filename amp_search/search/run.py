@@ -255,7 +255,11 @@ def run_search(
     storage = config.storage or default_storage(study_name)
     study = open_study(storage, study_name, seed=config.seed, sampler=config.sampler)
     recover_dead_trials(study)
-    enqueue_seeds(study, space, [r.unit.name for r in risks])
+    enqueue_seeds(
+        study, space, [r.unit.name for r in risks], risks=risks,
+        estimate=None if estimator is None
+        else (lambda a: estimator.estimate_assignment(rewriter, a)),
+    )  # fmt: skip
     notes: list[str] = []
     if build_config.device_type == "cpu":
         notes.append(CPU_NOTE)

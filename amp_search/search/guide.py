@@ -1,0 +1,151 @@
+"""The guide: what the sampler knows about the assignments before any trial, kept in the study.
+
+Built once, by the process that creates and seeds the study, from what the search already has:
+
+- ``units`` and ``edges``: the free units (the parameters) and which unit feeds which;
+- ``latency``: the coefficients of a :class:`~amp_search.search.surrogate.LatencyModel` fitted on
+  the latency estimator's prices of a few assignments (none, all, each unit alone, each fed pair
+  of units; 2 + units + edges estimates), or None without an estimator;
+- ``unit_error``: each unit's own FP16 error from the profile's all-FP16 pass. The profile
+  measures the error accumulated at a unit's outputs; a unit's own share is what it adds to
+  the error of its inputs, ``sqrt(max(0, d_unit**2 - max(d_feeder)**2))``. None without that
+  pass.
+
+It is a study user attribute (:data:`GUIDE_ATTR`, plain JSON), so every worker that joins the
+study and every resumed run samples with the same guide, and a study made before guides
+existed simply has none (the guided sampler then falls back to TPE).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from amp_search.errors import AmpSearchError
+from amp_search.search.surrogate import LatencyModel
+
+if TYPE_CHECKING:
+    import optuna
+
+    from amp_search.profiling.sensitivity import UnitRisk
+    from amp_search.search.space import SearchSpace
+    from amp_search.types import PrecisionAssignment
+
+__all__ = ["GUIDE_ATTR", "GUIDE_VERSION", "build_guide", "load_guide", "own_errors"]
+
+logger = logging.getLogger(__name__)
+
+GUIDE_ATTR = "amp_search:guide"
+GUIDE_VERSION = 1
+#: Most estimator calls spent on the latency model (2 + units + edges are needed).
+MAX_ESTIMATES = 1000
+#: A unit whose FP16 output is non-finite gets this own error (relative L2 of a broken unit).
+NONFINITE_ERROR = 1.0
+
+
+def own_errors(risks: Sequence[UnitRisk], units: Sequence[str]) -> list[float] | None:
+    """Each unit's own FP16 error (see the module docstring), or None without deviations."""
+    measured = {r.unit.name: r.deviation for r in risks if r.deviation is not None}
+    if not measured:
+        return None
+
+    def acc(name: str) -> float:
+        d = measured.get(name)
+        if d is None or not d.numel:
+            return 0.0
+        if d.nonfinite or not math.isfinite(d.rel_l2):
+            return math.inf
+        return float(d.rel_l2)
+
+    feeders = {r.unit.name: r.unit.feeders for r in risks}
+    out = []
+    for u in units:
+        mine = acc(u)
+        inherited = max((acc(f) for f in feeders.get(u, ())), default=0.0)
+        if math.isinf(mine):
+            out.append(0.0 if math.isinf(inherited) else NONFINITE_ERROR)
+        else:
+            out.append(math.sqrt(max(0.0, mine * mine - min(inherited, mine) ** 2)))
+    return out
+
+
+def build_guide(
+    space: SearchSpace,
+    risks: Sequence[UnitRisk],
+    estimate: Callable[[PrecisionAssignment], float] | None = None,
+) -> dict[str, Any]:
+    """The guide of a search (see the module docstring).
+
+    Args:
+        space: The search space (its free units are the guide's units, in order).
+        risks: The profile's unit risks (units with their feeders, measured FP16 deviation).
+        estimate: Latency in ms of an assignment (the roofline estimator), or None.
+    """
+    units = list(space.free)
+    index = {u: i for i, u in enumerate(units)}
+    edges = sorted(
+        {
+            (index[f], index[r.unit.name])
+            for r in risks
+            if r.unit.name in index
+            for f in r.unit.feeders
+            if f in index and f != r.unit.name
+        }
+    )
+    guide: dict[str, Any] = {
+        "version": GUIDE_VERSION,
+        "units": units,
+        "edges": [list(e) for e in edges],
+        "unit_error": own_errors(risks, units),
+        "latency": None,
+    }
+    if estimate is not None and units:
+        guide["latency"] = _latency_model(space, units, edges, estimate)
+    return guide
+
+
+def _latency_model(
+    space: SearchSpace,
+    units: list[str],
+    edges: list[tuple[int, int]],
+    estimate: Callable[[PrecisionAssignment], float],
+) -> dict[str, Any] | None:
+    """The latency model's coefficients from the estimator's prices of its design rows."""
+    t0 = time.perf_counter()
+    model = LatencyModel(len(units), edges)
+    rows = model.design()
+    if len(rows) > MAX_ESTIMATES:
+        logger.info("Guide: no latency model (%d estimates needed, limit %d)", len(rows),
+                    MAX_ESTIMATES)  # fmt: skip
+        return None
+    try:
+        prices = np.array(
+            [estimate(space.assignment(space.params(
+                [u for u, b in zip(units, r, strict=True) if b]))) for r in rows]
+        )  # fmt: skip
+    except (ValueError, AmpSearchError) as exc:
+        logger.warning("Guide: no latency model, the estimator failed: %s", exc)
+        return None
+    residual = float(np.max(np.abs(model.fit(rows, prices).predict(rows) - prices)))
+    logger.info(
+        "Guide: latency model from %d estimates in %.1f s (max fit error %.2g ms)",
+        len(rows), time.perf_counter() - t0, residual,
+    )  # fmt: skip
+    return {
+        "coef": [float(c) for c in model.coefficients],
+        "estimates": len(rows),
+        "max_fit_error_ms": residual,
+    }
+
+
+def load_guide(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's guide, or None (no guide, or one of another version)."""
+    guide = study.user_attrs.get(GUIDE_ATTR)
+    if not isinstance(guide, dict) or guide.get("version") != GUIDE_VERSION:
+        return None
+    return guide

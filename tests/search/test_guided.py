@@ -1,0 +1,195 @@
+"""The guided sampler: its guide, its numerics, and a guided search on the demo model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import optuna
+import pytest
+
+from amp_search.graph import MixedPrecisionRewriter, find_units, sanitize
+from amp_search.profiling.ranges import UnitDeviation
+from amp_search.profiling.sensitivity import UnitRisk
+from amp_search.search import SearchConfig, run_search
+from amp_search.search.guide import GUIDE_ATTR, build_guide, own_errors
+from amp_search.search.guided import GuidedSampler, propose
+from amp_search.search.seeds import SEEDED_ATTR, enqueue_seeds, seed_params
+from amp_search.search.space import SearchSpace
+from amp_search.search.surrogate import LatencyModel, all_rows, expected_hvi, nondominated
+
+
+def _risk(name, feeders, rel_l2, nonfinite=0):
+    from amp_search.graph.units import Unit
+
+    unit = Unit(name=name, nodes=(name,), op_types=("Conv",), outputs=(f"{name}/y",),
+                weights=(), feeders=tuple(feeders))  # fmt: skip
+    dev = UnitDeviation(unit=name, rel_l2=rel_l2, nonfinite=nonfinite, numel=10)
+    return UnitRisk(unit=unit, deviation=dev)
+
+
+def test_own_error_is_what_a_unit_adds_to_its_inputs():
+    risks = [
+        _risk("a", [], 3e-3),
+        _risk("b", ["a"], 5e-3),  # adds sqrt(5^2 - 3^2) = 4e-3
+        _risk("c", ["b"], 4e-3),  # the error shrank: adds nothing
+        _risk("d", ["c"], math.inf, nonfinite=3),  # breaks here
+        _risk("e", ["d"], math.inf, nonfinite=3),  # inherits inf: unknown, 0
+    ]
+    got = own_errors(risks, ["a", "b", "c", "d", "e"])
+    assert got == pytest.approx([3e-3, 4e-3, 0.0, 1.0, 0.0])
+    assert own_errors([UnitRisk(unit=r.unit) for r in risks], ["a"]) is None
+
+
+def test_latency_model_is_the_estimator_on_the_demo_model(demo_data_path):
+    from amp_search.calibration import load_calibration, model_inputs
+    from amp_search.demo import build_demo_model
+    from amp_search.latency_model import LatencyEstimator
+    from amp_search.types import PrecisionAssignment
+
+    model = sanitize(build_demo_model())
+    units = find_units(model)
+    data = load_calibration(demo_data_path, model_inputs(model))
+    shapes = {k: tuple(v.shape) for k, v in data.first().items()}
+    estimator = LatencyEstimator(model, shapes, target="h100")
+    rewriter = MixedPrecisionRewriter(model, units)
+    space = SearchSpace([u.name for u in units])
+    risks = [UnitRisk(unit=u) for u in units]
+    calls = []
+
+    def estimate(a: PrecisionAssignment) -> float:
+        calls.append(a)
+        return estimator.estimate_assignment(rewriter, a)
+
+    guide = build_guide(space, risks, estimate)
+    n, edges = len(units), [tuple(e) for e in guide["edges"]]
+    assert len(calls) <= 2 + n + len(edges)  # none, all, each unit, each fed pair
+    assert guide["unit_error"] is None  # no FP16 pass in these risks
+    model_ = LatencyModel(n, edges, guide["latency"]["coef"])
+    rng = np.random.default_rng(0)
+    rows = (rng.random((25, n)) < rng.random((25, 1))).astype(np.uint8)
+    for row in rows:
+        a = PrecisionAssignment.with_fp16(
+            space.free, [u for u, b in zip(space.free, row, strict=True) if b]
+        )
+        want = estimator.estimate_assignment(rewriter, a)
+        assert model_.predict(row[None])[0] == pytest.approx(want, rel=1e-9)
+
+
+def test_expected_hvi_matches_sampling():
+    rng = np.random.default_rng(1)
+    front = nondominated([(1.0, -2.0), (2.0, -3.0), (3.0, -5.0), (2.5, -2.5)])
+    ref, floor = (4.0, -1.0), -6.0
+    x = np.array([0.5, 1.5, 2.2, 3.5, 4.5])
+    mu = np.array([-1.5, -3.5, -2.0, -5.5, -3.0])
+    sd = np.array([0.5, 1.0, 0.3, 0.8, 1.0])
+    got = expected_hvi(x, mu, sd, front, ref, floor)
+
+    def improvement(px: float, py: float) -> float:
+        py = max(py, floor)
+        total = 0.0
+        levels = np.linspace(py, ref[1], 2001)
+        for lo, hi in zip(levels[:-1], levels[1:], strict=True):
+            t = 0.5 * (lo + hi)
+            bound = min([p[0] for p in front if p[1] <= t] + [ref[0]])
+            total += max(0.0, bound - px) * (hi - lo)
+        return total
+
+    for k in range(len(x)):
+        ys = rng.normal(mu[k], sd[k], 400)
+        mc = np.mean([improvement(x[k], y) for y in ys])
+        assert got[k] == pytest.approx(mc, rel=0.15, abs=2e-3)
+    assert got[4] == 0.0  # past the reference point: nothing to gain
+
+
+def test_propose_never_repeats_and_follows_the_latency_model():
+    units = ["a", "b", "c", "d"]
+    guide = {"version": 1, "units": units, "edges": [[0, 1], [1, 2], [2, 3]],
+             "unit_error": [1e-3, 1e-4, 1e-4, 1e-3],
+             "latency": {"coef": [10.0, -2.0, -2.0, -2.0, -2.0, 0.1, 0.1, 0.1]}}  # fmt: skip
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.set_user_attr(GUIDE_ATTR, guide)
+    model = LatencyModel(4, [(0, 1), (1, 2), (2, 3)], guide["latency"]["coef"])
+    dist = {u: optuna.distributions.CategoricalDistribution(("fp32", "fp16")) for u in units}
+    rng = np.random.default_rng(0)
+
+    def deviation(row: np.ndarray) -> float:
+        e = np.array(guide["unit_error"])
+        return float(np.sqrt((row * e**2).sum()))
+
+    seen = set()
+    for k in range(16):
+        row = propose(guide, study.get_trials(deepcopy=False), -1, rng)
+        if k < 16 - 1:
+            assert row is not None
+        if row is None:
+            break
+        assert row.tobytes() not in seen
+        seen.add(row.tobytes())
+        params = {u: ("fp16" if b else "fp32") for u, b in zip(units, row, strict=True)}
+        values = [float(model.predict(row[None])[0]), deviation(row)]
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist,
+                                                  values=values))  # fmt: skip
+    assert len(seen) == 16 and all_rows(4).shape[0] == 16
+    # Exhausted: nothing left to propose.
+    assert propose(guide, study.get_trials(deepcopy=False), -1, rng) is None
+
+
+def test_without_a_guide_the_guided_sampler_is_tpe():
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=GuidedSampler(0))
+
+    def objective(trial):
+        x = trial.suggest_categorical("x", ("fp32", "fp16"))
+        return (1.0 if x == "fp32" else 0.5), (0.0 if x == "fp32" else 1e-3)
+
+    study.optimize(objective, n_trials=4)
+    assert len(study.trials) == 4
+
+
+def test_guided_search_on_the_demo_model(tmp_path, demo_model_path, demo_data_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    config = SearchConfig(
+        model=demo_model_path, out=tmp_path / "out", data=demo_data_path, n_trials=14,
+        storage=storage, study_name="g", latency="estimated", seed=0, sampler="guided",
+    )  # fmt: skip
+    outcome = run_search(config)
+    study = optuna.load_study(study_name="g", storage=storage)
+    assert study.user_attrs[SEEDED_ATTR] is True
+    guide = study.user_attrs[GUIDE_ATTR]
+    assert guide["latency"]["max_fit_error_ms"] < 1e-9  # the demo is a chain: exact
+    assert guide["unit_error"][guide["units"].index("amp4/Conv")] == 1.0  # its FP16 is inf
+    seeds = [t.user_attrs["seed"] for t in study.trials if "seed" in t.user_attrs]
+    assert seeds == ["all-fp32", "all-fp16", "ladder-1"]  # the short ladder, once each
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    keys = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(keys)) == len(keys) == outcome.n_complete >= 14  # never a repeat
+    # The proposals are not the ladder: they keep amp4 FP32 (the proxy says its FP16 is
+    # broken) and put units the ladder keeps FP32 in FP16.
+    report = json.loads((outcome.out / "inspect.json").read_text())
+    order = [r["unit"] for r in report["units_by_risk"]]
+    ladder = {tuple(sorted(p.items())) for _, p in seed_params(SearchSpace(guide["units"]), order)}
+    proposed = [t for t in done if "seed" not in t.user_attrs]
+    assert proposed and not {tuple(sorted(t.params.items())) for t in proposed} & ladder
+    assert sum(t.params["amp4/Conv"] == "fp32" for t in proposed) >= len(proposed) - 2
+    assert all("amp4/Conv" in p.fp32_units for p in outcome.front)
+    assert len(outcome.front) >= 3
+    # Resuming the study neither seeds it again nor repeats an assignment.
+    run_search(SearchConfig(**{**config.__dict__, "n_trials": 17}))
+    study = optuna.load_study(study_name="g", storage=storage)
+    assert sum("seed" in t.user_attrs for t in study.trials) == 3
+    done = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(set(done)) == len(done) >= 17
+
+
+def test_seeds_are_enqueued_once(tmp_path):
+    space = SearchSpace(["a", "b", "c", "d"])
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=GuidedSampler(0))
+    risks = [_risk(u, [], 1e-3) for u in space.units]
+    assert enqueue_seeds(study, space, ["d", "c", "b", "a"], risks=risks) == 3
+    assert enqueue_seeds(study, space, ["d", "c", "b", "a"], risks=risks) == 0
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
+    assert study.user_attrs[GUIDE_ATTR]["latency"] is None  # no estimator: learnt from trials
+    tpe = optuna.create_study(directions=["minimize", "minimize"])
+    assert enqueue_seeds(tpe, space, ["d", "c", "b", "a"], risks=risks) == 4  # full ladder
+    assert GUIDE_ATTR not in tpe.user_attrs
