@@ -16,6 +16,7 @@ __all__ = [
     "CandidateBuildError",
     "CandidateRunError",
     "InternalError",
+    "StorageUnavailableError",
     "UserInputError",
 ]
 
@@ -60,6 +61,10 @@ class CandidateBuildError(AmpSearchError):
 
 class CandidateRunError(AmpSearchError):
     """A built candidate failed while running calibration data; the trial fails."""
+
+
+class StorageUnavailableError(AmpSearchError):
+    """The study storage stopped answering and did not come back in time."""
 
 
 class InternalError(Exception):

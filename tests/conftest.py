@@ -83,3 +83,31 @@ def real_model() -> object:
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A PostgreSQL storage URL: ``$AMP_SEARCH_TEST_POSTGRES`` (what ``.ci/run`` starts), or a
+    throwaway server on loopback. Skips without the server binaries, unless
+    ``AMP_SEARCH_REQUIRE_POSTGRES=1`` (set by ``.ci/run``) makes that a failure."""
+    import os
+
+    url = os.environ.get("AMP_SEARCH_TEST_POSTGRES")
+    if url:
+        yield url
+        return
+    from amp_search.testing.postgres import PostgresServer, find_bindir
+
+    required = os.environ.get("AMP_SEARCH_REQUIRE_POSTGRES") == "1"
+    missing = None
+    if find_bindir() is None:
+        missing = "PostgreSQL server binaries not installed (apt-get install postgresql)"
+    elif importlib.util.find_spec("psycopg2") is None:
+        missing = "psycopg2 not installed (pip install -e '.[test]')"
+    if missing:
+        if required:
+            pytest.fail(missing)
+        pytest.skip(missing)
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    yield server.start()
+    server.stop(remove=True)

@@ -20,12 +20,14 @@ from amp_search.cli.demo import DemoCommand
 from amp_search.cli.inspect import InspectCommand
 from amp_search.cli.report import PickCommand, ReportCommand
 from amp_search.cli.search import SearchCommand
+from amp_search.cli.worker import WorkerCommand
 from amp_search.errors import AmpSearchError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS: list[type[Subcommand]] = [
     SearchCommand,
+    WorkerCommand,
     InspectCommand,
     ReportCommand,
     PickCommand,
@@ -70,7 +72,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
     try:
         from rich.logging import RichHandler
 
-        handlers.append(RichHandler(show_time=False, show_path=False, markup=False))
+        from amp_search.cli._base import console
+
+        # Logs go to stderr, beside the progress bar; stdout holds only results.
+        handlers.append(RichHandler(console=console(stderr=True), show_time=False,
+                                    show_path=False, markup=False))  # fmt: skip
         fmt = "%(message)s"
     except ImportError:
         handlers.append(logging.StreamHandler())

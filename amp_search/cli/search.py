@@ -12,6 +12,7 @@ from typing import Any
 
 from amp_search.cli._base import Subcommand, console
 from amp_search.cli.inspect import add_data_arguments
+from amp_search.cli.worker import add_storage_retry
 from amp_search.search.sampler import SAMPLERS
 
 __all__ = ["SearchCommand", "print_outcome"]
@@ -91,6 +92,7 @@ class SearchCommand(Subcommand):
             help="merge consecutive units into at most this many decision variables "
             "(keeps models with hundreds of layers searchable)",
         )  # fmt: skip
+        add_storage_retry(parser)
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.search import SearchConfig
@@ -117,6 +119,7 @@ class SearchCommand(Subcommand):
             threshold=args.threshold,
             max_units=args.max_units,
             record_metrics=tuple(args.record_metric),
+            storage_retry_s=args.storage_retry,
         )
         return run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
 

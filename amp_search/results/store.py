@@ -11,17 +11,26 @@
           engine.plan               the engine, where the backend makes one
           precision.json            unit -> fp16/fp32, and the FP32 fallback set
           metrics.json              latency (with its source), deviations, feasibility
+          error.json                why it failed to build or run (instead of metrics.json)
+          .claim                    while a worker evaluates it: that worker's host and pid
       front.json, front.csv         the Pareto front (feasible, non-dominated trials)
       pareto.png, pareto.html       the plots
 
 Every file is written to a temporary name in the same folder and renamed into place, so a
-crash never leaves a half-written file and concurrent workers never see one.
+crash never leaves a half-written file and concurrent workers never see one. Workers sharing
+the folder claim a candidate before evaluating it (:meth:`ResultsStore.claim`): a second
+worker that draws the same assignment waits for the first one's result instead of building
+it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +100,58 @@ class ResultsStore:
         found = self.read_json(self.candidate_dir(digest) / "metrics.json")
         return found if isinstance(found, dict) else None
 
+    def cached_error(self, digest: str, since: float = 0.0) -> str | None:
+        """Why the candidate failed, if an evaluation that ended after ``since`` failed."""
+        path = self.candidate_dir(digest) / "error.json"
+        try:
+            if path.stat().st_mtime < since:
+                return None
+        except OSError:
+            return None
+        found = self.read_json(path)
+        return str(found.get("error")) if isinstance(found, dict) else None
+
+    @contextlib.contextmanager
+    def claim(self, digest: str, poll_s: float = 0.2) -> Iterator[bool]:
+        """Claims one candidate for evaluation; yields False if another worker finished it.
+
+        The claim is a file created exclusively (``O_EXCL``) in the candidate folder. While
+        another live worker holds it, this waits; a claim whose owner died on this host is
+        taken over. A failure recorded before this call started does not count as finished
+        (failed candidates are tried again by a new evaluation). On exit the claim is removed.
+        """
+        since = time.time()
+        folder = self.candidate_dir(digest)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ".claim"
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        while True:
+            if self.cached_metrics(digest) is not None or self.cached_error(digest, since):
+                yield False
+                return
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if _claim_is_dead(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    continue
+                time.sleep(poll_s)
+                continue
+            except OSError as exc:
+                raise UserInputError(
+                    f"Cannot write in {folder}: {exc.strerror or exc}. Pass --out with a "
+                    "folder you can write to."
+                ) from exc
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     def run_info(self) -> dict[str, Any]:
         """The run identity (``run.json``)."""
         found = self.read_json(self.run_file)
@@ -100,3 +161,24 @@ class ResultsStore:
                 "Pass the --out folder of a search."
             )
         return found
+
+
+def _claim_is_dead(path: Path) -> bool:
+    """Whether a claim's owner is a process on this host that no longer runs."""
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        # Being written right now, or left empty by a crash between create and write.
+        try:
+            return time.time() - path.stat().st_mtime > 10
+        except FileNotFoundError:
+            return True
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False

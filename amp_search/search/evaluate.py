@@ -20,8 +20,8 @@ import numpy as np
 from amp_search._atomic import write_bytes_atomic
 from amp_search.backends.base import Backend, BuildConfig
 from amp_search.calibration import CalibrationData
-from amp_search.errors import CandidateRunError
-from amp_search.graph.io import PROTOBUF_LIMIT, save_model
+from amp_search.errors import CandidateBuildError, CandidateRunError
+from amp_search.graph.io import exceeds_protobuf_limit, save_model
 from amp_search.graph.precision import MixedPrecisionRewriter
 from amp_search.objective import EvalContext, Objective
 from amp_search.results.store import ResultsStore
@@ -130,7 +130,7 @@ class CandidateEvaluator:
         self.latency = latency
         self.estimator = estimator
         self.output_names = [o.name for o in rewriter.model.graph.output]
-        self._small_model = rewriter.model.ByteSize() < PROTOBUF_LIMIT
+        self._small_model = not exceeds_protobuf_limit(rewriter.model)
         if latency.source == "estimated" and estimator is None:
             raise ValueError("an estimated latency needs an estimator")
         self._source_label = (
@@ -138,12 +138,43 @@ class CandidateEvaluator:
         )
 
     def evaluate(self, assignment: PrecisionAssignment) -> Evaluation:
-        """Scores one assignment (from the cache when it was evaluated before)."""
+        """Scores one assignment (from the cache when it was evaluated before).
+
+        Workers sharing the results directory never evaluate one assignment twice: the first
+        claims it, the others wait for its metrics (or its error) and answer from those.
+        """
         digest = assignment.digest()
         fp32_units = sorted(assignment.fp32_units)
+        found = self._cached(digest, fp32_units)
+        if found is not None:
+            return found
+        t_claim = time.time()
+        with self.store.claim(digest) as mine:
+            if not mine:  # another worker evaluated it meanwhile
+                found = self._cached(digest, fp32_units)
+                if found is not None:
+                    return found
+                error = self.store.cached_error(digest, since=t_claim)
+                if error is not None:
+                    raise CandidateBuildError(f"{error} (evaluated by another worker)")
+            try:
+                return self._evaluate(assignment, digest, fp32_units)
+            except (CandidateBuildError, CandidateRunError) as exc:
+                self.store.write_json(
+                    self.store.candidate_dir(digest) / "error.json",
+                    {"error": str(exc), "kind": type(exc).__name__},
+                )
+                raise
+
+    def _cached(self, digest: str, fp32_units: list[str]) -> Evaluation | None:
         cached = self.store.cached_metrics(digest)
         if cached is not None and self.metric.name in cached.get("deviations", {}):
             return _from_cache(cached, digest, fp32_units)
+        return None
+
+    def _evaluate(
+        self, assignment: PrecisionAssignment, digest: str, fp32_units: list[str]
+    ) -> Evaluation:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         folder = self.store.candidate_dir(digest)

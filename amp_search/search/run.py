@@ -46,13 +46,19 @@ from amp_search.search.space import SearchSpace
 from amp_search.search.study import (
     default_storage,
     mark_trial_owner,
-    open_study,
+    open_or_create_study,
     recover_dead_trials,
+    storage_errors,
 )
 
-__all__ = ["SearchConfig", "SearchOutcome", "run_search"]
+__all__ = ["CONFIG_ATTR", "SearchConfig", "SearchOutcome", "run_search"]
 
 logger = logging.getLogger(__name__)
+
+#: Study user attribute holding the search settings, for workers that join it.
+CONFIG_ATTR = "amp_search:config"
+#: Seconds between checks for trials of dead workers on this host.
+RECOVER_EVERY_S = 15.0
 
 
 @dataclass
@@ -81,6 +87,35 @@ class SearchConfig:
     max_units: int | None = None
     #: Other accuracy metrics to record per trial (each costs a pass over every output).
     record_metrics: tuple[str, ...] = ()
+    #: Join an existing study only (``amp-search worker``): never create it or seed it.
+    join: bool = False
+    #: How long to keep retrying when the study storage stops answering.
+    storage_retry_s: float = 120.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings a worker needs to join this search (paths made absolute)."""
+        out: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            if k in ("join", "storage_retry_s"):
+                continue
+            if isinstance(v, Path):
+                v = str(v.resolve())
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[k] = v
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], **overrides: Any) -> SearchConfig:
+        """A config from :meth:`to_json` (unknown keys ignored), with ``overrides``."""
+        names = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in obj.items() if k in names}
+        for k in ("model", "out", "data"):
+            if kw.get(k) is not None:
+                kw[k] = Path(kw[k])
+        kw["record_metrics"] = tuple(kw.get("record_metrics") or ())
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
 
 
 @dataclass
@@ -211,7 +246,8 @@ def run_search(
             "model": str(config.model),
             "model_digest": model_digest,
             "backend": config.backend,
-            "device": config.device,
+            # The device kind, not its index: workers on cuda:0 and cuda:1 share one folder.
+            "device": build_config.device_type,
             "options": identity.get("options", {}),
             "identity": identity,
             "data": data.describe(),
@@ -253,13 +289,21 @@ def run_search(
 
     study_name = config.study_name or f"{config.model.stem}-{model_digest[:8]}"
     storage = config.storage or default_storage(study_name)
-    study = open_study(storage, study_name, seed=config.seed, sampler=config.sampler)
+    study, created = open_or_create_study(
+        storage, study_name, seed=config.seed, sampler=config.sampler, must_exist=config.join
+    )
     recover_dead_trials(study)
-    enqueue_seeds(
-        study, space, [r.unit.name for r in risks], risks=risks,
-        estimate=None if estimator is None
-        else (lambda a: estimator.estimate_assignment(rewriter, a)),
-    )  # fmt: skip
+    if created:
+        study.set_user_attr(CONFIG_ATTR, {**config.to_json(), "storage": storage,
+                                          "study_name": study_name})  # fmt: skip
+    # Only the worker that created the study seeds it: workers started together all see it
+    # empty, and creating is the one step the storage makes atomic.
+    if created:
+        enqueue_seeds(
+            study, space, [r.unit.name for r in risks], risks=risks,
+            estimate=None if estimator is None
+            else (lambda a: estimator.estimate_assignment(rewriter, a)),
+        )  # fmt: skip
     notes: list[str] = []
     if build_config.device_type == "cpu":
         notes.append(CPU_NOTE)
@@ -269,13 +313,18 @@ def run_search(
             "--latency estimated (default on CPU) or a GPU backend for speed decisions."
         )
 
-    evaluated = _evaluated_digests(study)
+    # Digest -> a COMPLETE trial of it, study-wide (every worker's), refreshed after each trial.
+    evaluated = _evaluated_trials(study)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         mark_trial_owner(trial)
         assignment = space.suggest(trial)
-        if assignment.digest() in evaluated:
-            trial.set_user_attr("duplicate", True)  # the sampler re-proposed it: cached
+        prior = evaluated.get(assignment.digest())
+        if prior is not None:
+            trial.set_user_attr("duplicate", True)  # re-proposed: answered without a rebuild
+            if evaluator.store.cached_metrics(assignment.digest()) is None:
+                # Evaluated by a worker whose results folder this one does not share.
+                return _answer_from_trial(trial, prior)
         try:
             ev = evaluator.evaluate(assignment)
         except (CandidateBuildError, CandidateRunError) as exc:
@@ -300,12 +349,15 @@ def run_search(
         "notes": notes,
     }
     target = config.n_trials
-    remaining = None if target is None else max(0, target - len(evaluated))
-    with _Interrupt() as interrupt:
+    last_recovery = time.monotonic()
+    with _Interrupt() as interrupt, _quiet_heartbeat_errors():
 
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if trial.state.name == "COMPLETE":
-                evaluated.add(str(record_of(trial).get("digest")))
+            nonlocal last_recovery
+            evaluated.update(_evaluated_trials(study))
+            if time.monotonic() - last_recovery > RECOVER_EVERY_S:
+                recover_dead_trials(study)  # a worker beside this one may have died
+                last_recovery = time.monotonic()
             front = compute_front(study)
             write_front(store, front, {**meta, "baselines": baselines(study)})
             if progress:
@@ -320,21 +372,41 @@ def run_search(
                         "error": trial.user_attrs.get("error"),
                     }
                 )
-            if interrupt.requested or (target is not None and len(evaluated) >= target):
+            if interrupt.requested or (
+                target is not None and len(evaluated) >= target and not _waiting(study)
+            ):
                 study.stop()
 
-        # n_trials is a target of distinct evaluated assignments for the study: a rerun of
-        # the same command resumes up to it, and re-proposed assignments (answered from the
-        # cache) do not count. The cap bounds the loop once the space is nearly exhausted.
-        cap = None if remaining is None else 3 * remaining + 10
-        if remaining != 0:
-            study.optimize(
-                objective,
-                n_trials=cap,
-                timeout=config.timeout,
-                catch=(CandidateBuildError, CandidateRunError),
-                callbacks=[after_trial],
-            )
+        # n_trials is a target of distinct evaluated assignments for the study (all workers
+        # together): a rerun of the same command resumes up to it, and re-proposed assignments
+        # (answered from the cache) do not count. The cap bounds the loop once the space is
+        # nearly exhausted. A storage outage is retried for storage_retry_s, then reported.
+        while True:
+            remaining = None if target is None else max(0, target - len(evaluated))
+            # Enqueued trials (a seed whose worker died) run even once the target is met.
+            waiting = _waiting(study)
+            if (remaining == 0 and not waiting) or interrupt.requested:
+                break
+            left = None if config.timeout is None else config.timeout - (
+                time.perf_counter() - t_start)  # fmt: skip
+            if left is not None and left <= 0:
+                break
+            try:
+                study.optimize(
+                    objective,
+                    n_trials=None if remaining is None else 3 * remaining + 10 + waiting,
+                    timeout=left,
+                    catch=(CandidateBuildError, CandidateRunError),
+                    callbacks=[after_trial],
+                )
+                break
+            except Exception as exc:
+                lost = _storage_error_in(exc)
+                if lost is None:
+                    raise
+                study = _reconnect(config, storage, study_name, lost)
+                recover_dead_trials(study)  # this worker's own interrupted trial
+                evaluated.update(_evaluated_trials(study))
     front = compute_front(study)
     if config.max_deviation is not None and not front:
         notes.append(
@@ -361,14 +433,100 @@ def run_search(
     )
 
 
-def _evaluated_digests(study: Any) -> set[str]:
+def _evaluated_trials(study: Any) -> dict[str, Any]:
     from optuna.trial import TrialState
 
-    return {
-        str(record_of(t)["digest"])
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "digest" in record_of(t)
-    }
+    out: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        digest = record_of(t).get("digest")
+        if digest is not None and str(digest) not in out:
+            out[str(digest)] = t
+    return out
+
+
+def _answer_from_trial(trial: Any, prior: Any) -> tuple[float, float]:
+    """A re-proposed assignment answered from the trial that evaluated it."""
+    record = dict(record_of(prior))
+    record["cached"] = True
+    trial.set_user_attr(RECORD_ATTR, record)
+    for name, value in prior.constraints.items():
+        trial.set_constraint(name, value)
+    return float(prior.values[0]), float(prior.values[1])
+
+
+def _waiting(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _storage_error_in(exc: BaseException) -> BaseException | None:
+    """The storage error behind ``exc``, if any.
+
+    Optuna can raise a secondary error (an UnboundLocalError from its own trial bookkeeping)
+    while handling a lost connection; the storage error is then in the exception's context.
+    """
+    errors = storage_errors()
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, errors):
+            # A full disk does not heal by waiting: let the CLI say so at once.
+            return None if "disk is full" in str(cur) else cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _reconnect(config: SearchConfig, storage: str, study_name: str, first: BaseException) -> Any:
+    """Reopens the study once its storage answers again, or gives up after storage_retry_s."""
+    from amp_search.errors import StorageUnavailableError
+
+    text = str(first).strip()
+    reason = text.splitlines()[0][:200] if text else type(first).__name__
+    logger.warning("Lost the study storage (%s); retrying for %.0f s", reason,
+                   config.storage_retry_s)  # fmt: skip
+    deadline = time.monotonic() + config.storage_retry_s
+    retryable: tuple[type[BaseException], ...] = (UserInputError, *storage_errors())
+    while True:
+        try:
+            study, _ = open_or_create_study(storage, study_name, seed=config.seed,
+                                            sampler=config.sampler, must_exist=True)  # fmt: skip
+            study.get_trials(deepcopy=False)
+            logger.warning("The study storage answers again; resuming")
+            return study
+        except retryable as exc:
+            if time.monotonic() >= deadline:
+                raise StorageUnavailableError(
+                    f"The study storage {storage} did not answer for {config.storage_retry_s:.0f}"
+                    f" s ({reason}). Every finished trial is stored there and every evaluated "
+                    f"candidate in {config.out}; rerun the same command once the storage is "
+                    "back to resume."
+                ) from exc
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+class _quiet_heartbeat_errors:  # noqa: N801 - used as a context manager
+    """Optuna's heartbeat thread dies with a traceback when the storage is down; log one line."""
+
+    def __enter__(self) -> None:
+        import threading
+
+        self._previous = threading.excepthook
+        errors = storage_errors()
+
+        def hook(args: Any) -> None:
+            if args.exc_type is not None and issubclass(args.exc_type, errors):
+                logger.warning("Heartbeat not recorded: the study storage does not answer")
+                return
+            self._previous(args)
+
+        threading.excepthook = hook
+
+    def __exit__(self, *exc: object) -> None:
+        import threading
+
+        threading.excepthook = self._previous
 
 
 def baselines(study: Any) -> dict[str, dict[str, Any]]:

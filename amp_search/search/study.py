@@ -5,13 +5,17 @@ storage URL works (``postgresql://...``), a path ending in ``.journal`` or ``.lo
 Optuna's ``JournalFileBackend``, and ``:memory:`` keeps the study in memory (tests). The
 database opens in optuna-dashboard as is.
 
-Every trial records the host and process that runs it. When a study is opened again, a
-RUNNING trial whose process is gone on this host (``kill -9``, a crash) is marked FAIL, and,
-if it was an enqueued seed, enqueued again, so nothing but that one trial's work is lost.
+Every trial records the host and process that runs it. When a study is opened again, and
+after every trial while workers run, a RUNNING trial whose process is gone on this host
+(``kill -9``, a crash) is marked FAIL, and, if it was an enqueued seed, enqueued again, so
+nothing but that one trial's work is lost. On a database server (PostgreSQL, MySQL), where
+workers run on several hosts, Optuna's heartbeat does the same across hosts: a trial whose
+worker stopped beating for :data:`GRACE_PERIOD_S` is failed by the next worker that starts one.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
@@ -30,13 +34,36 @@ __all__ = [
     "default_storage",
     "mark_trial_owner",
     "open_study",
+    "open_or_create_study",
     "recover_dead_trials",
+    "storage_errors",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STUDIES_DIR = Path("studies")
 OWNER_ATTR = "amp_search:owner"
+#: Age after which a RUNNING trial that never recorded its owner counts as dead.
+UNOWNED_STALE_S = 120
+#: Seconds between a running trial's heartbeats on a database server.
+HEARTBEAT_INTERVAL_S = 20
+#: Seconds without a heartbeat after which a running trial counts as dead.
+GRACE_PERIOD_S = 90
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the study storage is unreachable (retry, then give up)."""
+    import optuna
+
+    errors: list[type[BaseException]] = [optuna.exceptions.StorageInternalError]
+    try:
+        import sqlalchemy.exc
+
+        errors += [sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                   sqlalchemy.exc.DisconnectionError]  # fmt: skip
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def default_storage(study_name: str, studies_dir: Path = DEFAULT_STUDIES_DIR) -> str:
@@ -58,8 +85,17 @@ def _storage(url: str) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    server = not url.startswith("sqlite")
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=HEARTBEAT_INTERVAL_S if server else None,
+                grace_period=GRACE_PERIOD_S if server else None,
+                heartbeat_stale_trial_callback=_requeue_seed if server else None,
+            )
     except Exception as exc:  # sqlalchemy raises many types for bad URLs / dead servers
         raise UserInputError(
             f"Cannot open the study storage {url!r}: {str(exc).splitlines()[0][:200]}. "
@@ -99,20 +135,61 @@ def open_study(
     storage: str, study_name: str, *, seed: int | None = None, sampler: str = "tpe"
 ) -> optuna.Study:
     """Creates the two-objective study (latency, deviation), or loads it to resume."""
+    return open_or_create_study(storage, study_name, seed=seed, sampler=sampler)[0]
+
+
+def open_or_create_study(
+    storage: str,
+    study_name: str,
+    *,
+    seed: int | None = None,
+    sampler: str = "tpe",
+    must_exist: bool = False,
+) -> tuple[optuna.Study, bool]:
+    """The study and whether this call created it (exactly one of several racing workers does).
+
+    Args:
+        storage: Storage URL or journal path (see the module docstring).
+        study_name: The study.
+        seed: Sampler seed (a worker that loads an existing study mixes in its process id).
+        sampler: ``tpe``, ``nsga2`` or ``random``.
+        must_exist: Join an existing study only (``amp-search worker``).
+    """
     import optuna
 
+    backend = _storage(storage)
     smp = make_sampler(sampler, seed)
-    study = optuna.create_study(
-        storage=_storage(storage),
-        study_name=study_name,
-        directions=["minimize", "minimize"],
-        sampler=smp,
-        load_if_exists=True,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["latency_ms", "deviation"])
-    return study
+    created = False
+    try:
+        if must_exist:
+            study = optuna.load_study(study_name=study_name, storage=backend, sampler=smp)
+        else:
+            try:
+                study = optuna.create_study(
+                    storage=backend, study_name=study_name, sampler=smp,
+                    directions=["minimize", "minimize"],
+                )  # fmt: skip
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=study_name, storage=backend, sampler=smp)
+    except KeyError as exc:
+        raise UserInputError(
+            f"No study {study_name!r} in {storage}. Start it with 'amp-search search' (same "
+            "--storage and --study), then add workers."
+        ) from exc
+    if len(study.directions) != 2:
+        raise UserInputError(
+            f"Study {study_name!r} in {storage} is not an amp-search study (it has "
+            f"{len(study.directions)} objective(s)). Pass another --study name."
+        )
+    if not created and seed is not None:
+        # Workers joining one study must not draw the same proposals in lockstep.
+        study.sampler = make_sampler(sampler, (seed * 1_000_003 + os.getpid()) % 2**32)
+    if created:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["latency_ms", "deviation"])
+    return study, created
 
 
 def mark_trial_owner(trial: optuna.Trial) -> None:
@@ -130,27 +207,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _requeue_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A failed seed trial is enqueued again (seeds are the front's anchors)."""
+    if "seed" in trial.user_attrs:
+        params = trial.system_attrs.get("fixed_params") or dict(trial.params)
+        study.enqueue_trial(dict(params), user_attrs={"seed": trial.user_attrs["seed"]})
+
+
 def recover_dead_trials(study: optuna.Study) -> int:
-    """Fails RUNNING trials whose process on this host is gone; re-enqueues seeds among them."""
+    """Fails RUNNING trials whose process on this host is gone; re-enqueues seeds among them.
+
+    This process's own RUNNING trials count as dead too: call it only between trials.
+    """
     import optuna
     from optuna.trial import TrialState
 
     host = socket.gethostname()
     storage = study._storage  # noqa: SLF001 - Optuna has no public API to fail a stale trial
     recovered = 0
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(OWNER_ATTR) or {}
         owner_host, pid = owner.get("host"), owner.get("pid")
-        if owner_host != host or pid is None or _alive(int(pid)) and int(pid) != os.getpid():
+        if not owner:
+            # A worker killed between Optuna creating the trial and the trial recording its
+            # owner (milliseconds): dead once it is older than any live start could be.
+            started = t.datetime_start or now
+            if (now - started).total_seconds() < UNOWNED_STALE_S:
+                continue
+        elif owner_host != host or pid is None or _alive(int(pid)) and int(pid) != os.getpid():
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, "error", "worker died during this trial")  # noqa: SLF001
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue
-        if "seed" in t.user_attrs:
-            params = t.system_attrs.get("fixed_params") or dict(t.params)
-            study.enqueue_trial(dict(params), user_attrs={"seed": t.user_attrs["seed"]})
+        _requeue_seed(study, t)
         recovered += 1
     if recovered:
         logger.warning("Marked %d trial(s) of a dead worker as failed", recovered)
