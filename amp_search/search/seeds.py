@@ -1,10 +1,18 @@
 """Seed trials and the study's guide, set once before sampling.
 
-Seeds: all FP32 and all FP16, the two ends of every front, then the risk ladder, which keeps
-the k riskiest units FP32 (k = 1, 2, 4, ...) in the order of the FP16 risk report, as people
-fix models by hand. With the guided sampler (the default) only the ladder's first rung is
-kept: its Gaussian process needs two finite, nonzero deviations to start from, and on the
-PP-OCR classifier the deeper rungs were dominated evaluations taken from the budget.
+Seeds are all FP32 and all FP16, the two ends of every front, then either
+
+- the risk ladder (other samplers): the k riskiest units kept FP32 (k = 1, 2, 4, ...) in the
+  order of the FP16 risk report, as people fix models by hand; or
+- the prefix sweep (the guided sampler): the first k units in graph order kept FP32 (k = 1,
+  2, 3, 5, 8), each a single block (one pair of Casts) so it costs little latency. Error that
+  FP16 adds early is carried and amplified by everything after it; on the PP-OCR models the
+  most accurate fast assignments keep the first units FP32, while the ladder (ordered by the
+  error accumulated at a unit, which grows with depth) keeps the last ones. The sweep also
+  gives the Gaussian process points across the whole latency range before it proposes.
+
+With the sweep, units the report marks critical (inf/NaN or overflow in FP16) stay FP32 in
+every seed but all-FP16, and an extra "all-fp16-safe" seed is all FP16 but them.
 
 The guide (:mod:`amp_search.search.guide`) is what the guided sampler knows before any trial;
 it is stored in the study with the seeds. Both are set once per study (a study user attribute
@@ -14,7 +22,7 @@ records it), so several workers never enqueue them twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from amp_search.search.guide import GUIDE_ATTR, build_guide
@@ -26,34 +34,50 @@ if TYPE_CHECKING:
     from amp_search.profiling.sensitivity import UnitRisk
     from amp_search.types import PrecisionAssignment
 
-__all__ = ["SEEDED_ATTR", "enqueue_seeds", "seed_params"]
+__all__ = ["PREFIXES", "SEEDED_ATTR", "enqueue_seeds", "seed_params"]
 
 logger = logging.getLogger(__name__)
 
 SEEDED_ATTR = "amp_search:seeded"
+#: The prefix sweep of the guided sampler (k first units kept FP32).
+PREFIXES = (1, 2, 3, 5, 8)
 
 
 def seed_params(
-    space: SearchSpace, risk_order: list[str], *, ladder: int | None = None
+    space: SearchSpace,
+    risk_order: list[str],
+    *,
+    prefixes: Sequence[int] | None = None,
+    critical: Iterable[str] = (),
 ) -> list[tuple[str, dict[str, str]]]:
     """(label, params) of every seed, without duplicates.
 
     Args:
         space: The search space.
         risk_order: Unit names, riskiest first.
-        ladder: How many rungs of the risk ladder (k = 1, 2, 4, ...); None: every rung.
+        prefixes: Seed the prefix sweep with these k instead of the risk ladder.
+        critical: Units kept FP32 in every seed but all-FP16.
     """
     free = space.free
+    keep = {u for u in critical if u in set(free)}
     ordered = [u for u in risk_order if u in set(free)]
     seeds: list[tuple[str, dict[str, str]]] = [
         ("all-fp32", space.params([])),
         ("all-fp16", space.params(free)),
     ]
-    k = 1
-    while k < len(free) and (ladder is None or k < 1 << ladder):
-        keep = set(ordered[:k])
-        seeds.append((f"ladder-{k}", space.params([u for u in free if u not in keep])))
-        k *= 2
+    if keep:
+        seeds.append(("all-fp16-safe", space.params([u for u in free if u not in keep])))
+    if prefixes is not None:
+        for k in prefixes:
+            if 0 < k < len(free):
+                fp16 = [u for u in free[k:] if u not in keep]
+                seeds.append((f"prefix-{k}", space.params(fp16)))
+    else:
+        k = 1
+        while k < len(free):
+            top = set(ordered[:k]) | keep
+            seeds.append((f"ladder-{k}", space.params([u for u in free if u not in top])))
+            k *= 2
     out: list[tuple[str, dict[str, str]]] = []
     seen: set[tuple[tuple[str, str], ...]] = set()
     for label, params in seeds:
@@ -78,19 +102,22 @@ def enqueue_seeds(
         study: The study.
         space: The search space.
         risk_order: Unit names, riskiest first.
-        risks: The profile's unit risks; with them a study sampled by the guided sampler gets
-            its guide and the shorter ladder.
+        risks: The profile's unit risks: their critical units stay FP32 in the seeds, and a
+            study sampled by the guided sampler gets its guide and the prefix sweep.
         estimate: Latency in ms of an assignment (the roofline estimator) for the guide's
             latency model; None when latency is measured.
     """
     if study.user_attrs.get(SEEDED_ATTR):
         return 0
+    from amp_search.profiling.sensitivity import RiskLevel
     from amp_search.search.guided import GuidedSampler
 
-    guided = isinstance(study.sampler, GuidedSampler)
-    if guided and risks is not None:
+    if risks is not None and isinstance(study.sampler, GuidedSampler):
         study.set_user_attr(GUIDE_ATTR, build_guide(space, risks, estimate))
-    seeds = seed_params(space, risk_order, ladder=1 if guided and risks is not None else None)
+        critical = [r.unit.name for r in risks if r.level >= RiskLevel.CRITICAL]
+        seeds = seed_params(space, risk_order, prefixes=PREFIXES, critical=critical)
+    else:
+        seeds = seed_params(space, risk_order)
     for label, params in seeds:
         study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
     study.set_user_attr(SEEDED_ATTR, True)

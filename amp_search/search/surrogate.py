@@ -46,6 +46,11 @@ POOL_SIZE = 4000
 #: Length scales (in flipped units) and noise levels the GP chooses from.
 LENGTH_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)
 NOISES = (1e-3, 1e-2, 1e-1)
+#: Smallest prior variance of log10 deviation (decades squared). Fitted by likelihood alone,
+#: the variance collapses when the first trials happen to deviate alike (the PP-OCR
+#: recognizer: every early trial near 1e-2, while rare assignments reach 3e-4), and the
+#: sampler stops exploring; this floor keeps roughly half a decade of doubt everywhere.
+MIN_VARIANCE = 0.3
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
@@ -184,6 +189,7 @@ class DeviationGP:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of log10 deviation at ``rows``."""
         chol, beta, alpha, sig2 = self._state
+        sig2 = max(sig2, MIN_VARIANCE)
         ks = np.exp(-_hamming(np.asarray(rows, np.uint8), self.rows) / self.length_scale)
         f = self._basis(prior if self.use_prior else None, ks.shape[0])
         mu = f @ beta + ks @ alpha

@@ -15,7 +15,7 @@ from amp_search.profiling.sensitivity import UnitRisk
 from amp_search.search import SearchConfig, run_search
 from amp_search.search.guide import GUIDE_ATTR, build_guide, own_errors
 from amp_search.search.guided import GuidedSampler, propose
-from amp_search.search.seeds import SEEDED_ATTR, enqueue_seeds, seed_params
+from amp_search.search.seeds import PREFIXES, SEEDED_ATTR, enqueue_seeds, seed_params
 from amp_search.search.space import SearchSpace
 from amp_search.search.surrogate import LatencyModel, all_rows, expected_hvi, nondominated
 
@@ -150,7 +150,7 @@ def test_without_a_guide_the_guided_sampler_is_tpe():
 def test_guided_search_on_the_demo_model(tmp_path, demo_model_path, demo_data_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     config = SearchConfig(
-        model=demo_model_path, out=tmp_path / "out", data=demo_data_path, n_trials=14,
+        model=demo_model_path, out=tmp_path / "out", data=demo_data_path, n_trials=18,
         storage=storage, study_name="g", latency="estimated", seed=0, sampler="guided",
     )  # fmt: skip
     outcome = run_search(config)
@@ -159,36 +159,46 @@ def test_guided_search_on_the_demo_model(tmp_path, demo_model_path, demo_data_pa
     guide = study.user_attrs[GUIDE_ATTR]
     assert guide["latency"]["max_fit_error_ms"] < 1e-9  # the demo is a chain: exact
     assert guide["unit_error"][guide["units"].index("amp4/Conv")] == 1.0  # its FP16 is inf
-    seeds = [t.user_attrs["seed"] for t in study.trials if "seed" in t.user_attrs]
-    assert seeds == ["all-fp32", "all-fp16", "ladder-1"]  # the short ladder, once each
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    keys = [tuple(sorted(t.params.items())) for t in done]
-    assert len(set(keys)) == len(keys) == outcome.n_complete >= 14  # never a repeat
-    # The proposals are not the ladder: they keep amp4 FP32 (the proxy says its FP16 is
-    # broken) and put units the ladder keeps FP32 in FP16.
+    seeded = [t for t in study.trials if "seed" in t.user_attrs]
+    labels = [t.user_attrs["seed"] for t in seeded]
+    assert labels == ["all-fp32", "all-fp16", "all-fp16-safe"] + [
+        f"prefix-{k}" for k in PREFIXES
+    ]  # once each
+    # Every seed but all-FP16 keeps the overflowing unit FP32; the prefix sweep holds
+    # points the risk ladder does not (it keeps the first units FP32, the ladder the riskiest).
+    assert all(
+        t.params["amp4/Conv"] == "fp32" for t in seeded if t.user_attrs["seed"] != "all-fp16"
+    )
     report = json.loads((outcome.out / "inspect.json").read_text())
     order = [r["unit"] for r in report["units_by_risk"]]
     ladder = {tuple(sorted(p.items())) for _, p in seed_params(SearchSpace(guide["units"]), order)}
+    sweep = {tuple(sorted(t.params.items())) for t in seeded if "prefix" in t.user_attrs["seed"]}
+    assert len(sweep - ladder) >= 4
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    keys = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(keys)) == len(keys) == outcome.n_complete >= 18  # never a repeat
+    # The proposals keep amp4 FP32 (its FP16 gave inf) and are neither seeds nor ladder rungs.
     proposed = [t for t in done if "seed" not in t.user_attrs]
-    assert proposed and not {tuple(sorted(t.params.items())) for t in proposed} & ladder
-    assert sum(t.params["amp4/Conv"] == "fp32" for t in proposed) >= len(proposed) - 2
+    assert len(proposed) >= 10
+    assert not {tuple(sorted(t.params.items())) for t in proposed} & ladder
+    assert sum(t.params["amp4/Conv"] == "fp32" for t in proposed) >= len(proposed) - 1
     assert all("amp4/Conv" in p.fp32_units for p in outcome.front)
-    assert len(outcome.front) >= 3
+    assert len(outcome.front) >= 5
     # Resuming the study neither seeds it again nor repeats an assignment.
-    run_search(SearchConfig(**{**config.__dict__, "n_trials": 17}))
+    run_search(SearchConfig(**{**config.__dict__, "n_trials": 21}))
     study = optuna.load_study(study_name="g", storage=storage)
-    assert sum("seed" in t.user_attrs for t in study.trials) == 3
+    assert sum("seed" in t.user_attrs for t in study.trials) == len(labels)
     done = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(set(done)) == len(done) >= 17
+    assert len(set(done)) == len(done) >= 21
 
 
 def test_seeds_are_enqueued_once(tmp_path):
     space = SearchSpace(["a", "b", "c", "d"])
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=GuidedSampler(0))
     risks = [_risk(u, [], 1e-3) for u in space.units]
-    assert enqueue_seeds(study, space, ["d", "c", "b", "a"], risks=risks) == 3
+    assert enqueue_seeds(study, space, ["d", "c", "b", "a"], risks=risks) == 5  # prefix 1-3
     assert enqueue_seeds(study, space, ["d", "c", "b", "a"], risks=risks) == 0
-    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 5
     assert study.user_attrs[GUIDE_ATTR]["latency"] is None  # no estimator: learnt from trials
     tpe = optuna.create_study(directions=["minimize", "minimize"])
     assert enqueue_seeds(tpe, space, ["d", "c", "b", "a"], risks=risks) == 4  # full ladder
