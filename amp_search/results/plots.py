@@ -8,12 +8,14 @@ dashed line, and optional reference points (peers such as other tools' answers).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from amp_search._atomic import write_bytes_atomic
 from amp_search._optional import try_import
 
 if TYPE_CHECKING:
@@ -164,12 +166,12 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
     if data.notes:
         fig.text(0.01, 0.01, "; ".join(data.notes), fontsize=7, color="#555555")
     fig.tight_layout()
-    dest = Path(path)
-    tmp = dest.with_name(f".{dest.name}.tmp.png")
-    fig.savefig(tmp)
+    # Rendered in memory, then written atomically under a unique temp name: several workers
+    # of one study redraw the same plot at the same time.
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, dest)
-    return dest
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
@@ -177,7 +179,6 @@ def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
     _plotly.check()
     import plotly.graph_objects as go
 
-    from amp_search._atomic import write_bytes_atomic
 
     ceiling = _finite_dev(data.points)
     fig = go.Figure()
