@@ -13,7 +13,7 @@ from typing import Any
 from amp_search.cli._base import Subcommand, console
 from amp_search.cli.inspect import add_data_arguments
 from amp_search.cli.worker import add_storage_retry
-from amp_search.search.sampler import SAMPLERS
+from amp_search.search.sampler import DEFAULT_SAMPLER, SAMPLERS
 
 __all__ = ["SearchCommand", "print_outcome"]
 
@@ -84,7 +84,8 @@ class SearchCommand(Subcommand):
         parser.add_argument("--study", dest="study_name", help="study name (default: model)")
         parser.add_argument("--out", default=None, help="results folder (results/<model>)")
         parser.add_argument("--seed", type=int, default=0, help="sampler seed (%(default)s)")
-        parser.add_argument("--sampler", default="tpe", choices=SAMPLERS)
+        parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                            help="how candidates are proposed (%(default)s)")  # fmt: skip
         parser.add_argument("--threshold", type=float, default=10000.0,
                             help="near-overflow threshold of the risk report")  # fmt: skip
         parser.add_argument(

@@ -179,7 +179,6 @@ def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
     _plotly.check()
     import plotly.graph_objects as go
 
-
     ceiling = _finite_dev(data.points)
     fig = go.Figure()
     groups = [

@@ -41,6 +41,7 @@ from amp_search.results.pareto import (
 )
 from amp_search.results.store import ResultsStore
 from amp_search.search.evaluate import CandidateEvaluator, Evaluation, LatencySettings
+from amp_search.search.sampler import DEFAULT_SAMPLER
 from amp_search.search.seeds import enqueue_seeds
 from amp_search.search.space import SearchSpace
 from amp_search.search.study import (
@@ -81,7 +82,7 @@ class SearchConfig:
     storage: str | None = None
     study_name: str | None = None
     seed: int | None = 0
-    sampler: str = "tpe"
+    sampler: str = DEFAULT_SAMPLER
     threshold: float = 10000.0
     timing_runs: int = 20
     max_units: int | None = None

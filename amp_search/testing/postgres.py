@@ -109,9 +109,7 @@ class PostgresServer:
         if not (self.data / "PG_VERSION").exists():
             self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
                       "--no-sync")  # fmt: skip
-        opts = (
-            f"-h 127.0.0.1 -p {self.port} -k {self.home} -c fsync=off -c max_connections=200"
-        )
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.home} -c fsync=off -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w",
                   "start")  # fmt: skip
         deadline = time.monotonic() + 30

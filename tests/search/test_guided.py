@@ -203,3 +203,22 @@ def test_seeds_are_enqueued_once(tmp_path):
     tpe = optuna.create_study(directions=["minimize", "minimize"])
     assert enqueue_seeds(tpe, space, ["d", "c", "b", "a"], risks=risks) == 4  # full ladder
     assert GUIDE_ATTR not in tpe.user_attrs
+
+
+def test_guided_search_with_measured_latency(tmp_path, demo_model_path, demo_data_path):
+    """The GPU default (measured latency) has no estimator: the latency model learns from the
+    trials, and the sampler still proposes new assignments past the seeds."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    config = SearchConfig(
+        model=demo_model_path, out=tmp_path / "out", data=demo_data_path, n_trials=14,
+        storage=storage, study_name="m", latency="measured", timing_runs=3, seed=1,
+    )  # fmt: skip
+    assert config.sampler == "guided"  # the default
+    outcome = run_search(config)
+    study = optuna.load_study(study_name="m", storage=storage)
+    assert study.user_attrs[GUIDE_ATTR]["latency"] is None
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    keys = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(keys)) == len(keys) == outcome.n_complete >= 14
+    assert sum("seed" not in t.user_attrs for t in done) >= 4
+    assert outcome.front
