@@ -9,15 +9,17 @@ within the model's deviation budget with its speedup over all-FP32. Writes
 ``OUT_DIR/gpu_search.json`` and ``OUT_DIR/<name>.png`` (the Pareto plot).
 
 With ``--peers DIR`` (files ``<peer>_<model>.onnx`` from benchmarks/peers.py), the same
-process then times, on the same EP and data, every peer answer and, again, all-FP32, all-FP16
-and the best front point within budget (``--retime-runs`` timed runs each, interleaved in
-rounds so drift hits all alike), and draws the peers on the plot.
+process then runs ``amp-search refine`` on the front within the budget with every peer answer
+compared alike: all-FP32, all-FP16, each front point within budget and each peer, on the same
+EP and data, ``--retime-runs`` timed runs each in 5 interleaved rounds; amp-search's answer is
+the fastest refined point within budget (what ``pick`` copies). The peers go on the plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -114,61 +116,48 @@ def main() -> int:
 
 
 def retime(name: str, cfg: SearchConfig, outcome, peers: Path, runs: int) -> list[dict]:
-    """Times peers and our key points in one process, same EP and data; redraws the plot."""
-    import numpy as np
+    """``amp-search refine`` of the front within budget, with every peer answer compared alike.
+
+    One process, same EP, options and data: all-FP32, all-FP16, every front point within the
+    budget and every peer, timed in interleaved rounds; amp-search's answer is the fastest
+    refined point within budget (what ``amp-search pick`` then copies). Redraws the plot.
+    """
     import optuna
 
-    from amp_search.backends import BuildConfig, get_backend
     from amp_search.calibration import load_calibration, model_inputs
     from amp_search.graph import load_model
     from amp_search.results.plots import PlotPoint
+    from amp_search.search.refine import refine_front
     from amp_search.search.run import draw_plots
     from amp_search.search.study import _storage
-    from amp_search.timing import measure
-    from benchmarks._common import rel_l2
 
-    backend = get_backend("onnxruntime")
-    data = load_calibration(cfg.data, model_inputs(load_model(cfg.model)))
-    ref_cand = backend.build(cfg.model, BuildConfig("cpu", {"emulate_fp16_storage": 0}))
-    with backend.open(ref_cand) as r:
-        ref = [r.infer(b) for b in data]
-
-    res = load_results(outcome.out)
-    entries: list[tuple[str, Path, str]] = []
-    for key in ("all-fp32", "all-fp16"):
-        b = res.baselines.get(key)
-        if b:
-            entries.append((key, res.store.candidate_dir(b["digest"]) / "model.onnx", "ours"))
     budget = BUDGETS.get(name, 1e-2)
-    within = [p for p in res.front if p.deviation <= budget]
-    if within:
-        best = min(within, key=lambda p: p.latency_ms)
-        entries.append((f"amp-search #{best.trial}", res.store.candidate_dir(best.digest) /
-                        "model.onnx", "ours"))  # fmt: skip
-    for f in sorted(peers.glob(f"*_{name}.onnx")):
-        entries.append((f.name[: -len(f"_{name}.onnx")], f, "peer"))
-    config = BuildConfig(cfg.device)
-    runners = []
+    res = load_results(outcome.out)
+    data = load_calibration(cfg.data, model_inputs(load_model(cfg.model)))
+    files = sorted(peers.glob(f"*_{name}.onnx"))
+    ref = refine_front(res, data=data, device=cfg.device, runs=runs, rounds=5,
+                       max_deviation=budget, compare=files)  # fmt: skip
     rows: list[dict] = []
-    for label, path, kind in entries:
-        try:
-            cand = backend.build(path, config)
-            runner = backend.open(cand).__enter__()
-            outs = [runner.infer(b) for b in data]
-            runner.bind(data.first())
-            runners.append((label, kind, runner, rel_l2(outs, ref), []))
-        except Exception as exc:  # a peer's file that does not build is a result too
-            rows.append({"label": label, "kind": kind, "latency_ms": float("nan"),
-                         "deviation": float("nan"), "note": f"failed: {exc}"[:300]})  # fmt: skip
-    for _ in range(5):  # interleaved rounds
-        for _, _, runner, _, samples in runners:
-            st = measure(runner.run_once, source=runner.source, warmup=3, runs=runs // 5)
-            samples.extend(st.samples_ms)
-    for label, kind, runner, dev, samples in runners:
-        runner.__exit__(None, None, None)
-        rows.append({"label": label, "kind": kind, "latency_ms": float(np.median(samples)),
-                     "p90_ms": float(np.percentile(samples, 90)), "deviation": dev,
-                     "runs": len(samples)})  # fmt: skip
+    for p in [*ref.points, *ref.compared]:
+        label = str(p.metrics["label"])
+        peer = label.startswith("compare:")
+        if peer:
+            label = label[len("compare:"): -len(f"_{name}.onnx")]
+        rows.append({"label": label, "kind": "peer" if peer else "ours",
+                     "trial": None if peer else p.trial, "n_fp32": None if peer else p.n_fp32,
+                     "latency_ms": p.latency_ms, "p90_ms": p.metrics["p90_ms"],
+                     "deviation": p.deviation, "runs": p.metrics["runs"],
+                     "search_latency_ms": p.metrics.get("search_latency_ms"),
+                     "on_front": any(q.digest == p.digest for q in ref.front)})  # fmt: skip
+    for f in ref.failed:
+        rows.append({"label": f["label"], "kind": "failed", "latency_ms": math.nan,
+                     "deviation": math.nan, "note": f"failed: {f['error']}"[:290]})  # fmt: skip
+    within = [p for p in ref.front if p.deviation <= budget]
+    if within:
+        best = min(within, key=lambda p: (p.latency_ms, p.deviation))
+        rows.append({"label": f"amp-search best (#{best.trial})", "kind": "answer",
+                     "trial": best.trial, "n_fp32": best.n_fp32, "latency_ms": best.latency_ms,
+                     "p90_ms": best.metrics["p90_ms"], "deviation": best.deviation})  # fmt: skip
     fp32 = next((r["latency_ms"] for r in rows if r["label"] == "all-fp32"), None)
     for r in rows:
         if fp32 and r["latency_ms"] == r["latency_ms"]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -151,6 +151,10 @@ class Runner(abc.ABC):
         """One synchronous inference on the bound inputs (used by :mod:`amp_search.timing`)."""
         self._run_once()
 
+    def timer(self) -> Callable[[Callable[[], None]], float] | None:
+        """The device-side timer for :func:`amp_search.timing.measure` (None: wall clock)."""
+        return None
+
     def _activate(self) -> None:  # noqa: B027 - optional hook
         """Acquires device resources."""
 
@@ -175,6 +179,9 @@ class Backend(abc.ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: The amp-search extra that installs them.
     extra: ClassVar[str] = ""
+    #: Options that trade engine speed for build time (a search may lower them): ``amp-search
+    #: refine`` rebuilds the front with their defaults unless they are given again.
+    refine_defaults: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def is_available(cls) -> bool:

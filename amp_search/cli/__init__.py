@@ -18,6 +18,7 @@ from amp_search.cli._base import Subcommand
 from amp_search.cli.backends import BackendsCommand
 from amp_search.cli.demo import DemoCommand
 from amp_search.cli.inspect import InspectCommand
+from amp_search.cli.refine import RefineCommand
 from amp_search.cli.report import PickCommand, ReportCommand
 from amp_search.cli.search import SearchCommand
 from amp_search.cli.worker import WorkerCommand
@@ -30,6 +31,7 @@ SUBCOMMANDS: list[type[Subcommand]] = [
     WorkerCommand,
     InspectCommand,
     ReportCommand,
+    RefineCommand,
     PickCommand,
     DemoCommand,
     BackendsCommand,

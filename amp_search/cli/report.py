@@ -20,10 +20,18 @@ class ReportCommand(Subcommand):
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.results.report import load_results
+        from amp_search.search.refine import is_current, load_refinement
 
         results = load_results(args.results)
         con = console()
         results.render(con)
+        refinement = load_refinement(results.store.root)
+        if refinement is not None:
+            from amp_search.cli.refine import render
+
+            render(refinement, con)
+            if not is_current(refinement, results):
+                con.print("refined.json is older than the front: run 'amp-search refine' again.")
         if not args.no_plots:
             import optuna
 
@@ -52,14 +60,35 @@ class PickCommand(Subcommand):
         group.add_argument("--max-deviation", type=float, help="accuracy budget")
         group.add_argument("--trial", type=int, help="a front point's trial number")
         parser.add_argument("--to", required=True, help="destination folder or .onnx path")
+        parser.add_argument(
+            "--search-figures", action="store_true",
+            help="rank by the search's own figures even where 'amp-search refine' measured again",
+        )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
-        from amp_search.results.report import copy_candidate, load_results, pick_point
+        from amp_search.results.report import Results, copy_candidate, load_results, pick_point
+        from amp_search.search.refine import is_current, load_refinement
 
         results = load_results(args.results)
-        point = pick_point(results, max_deviation=args.max_deviation, trial=args.trial)
-        written = copy_candidate(results, point, args.to)
         con = console()
+        ranked = results
+        refinement = None if args.search_figures else load_refinement(results.store.root)
+        if refinement is not None and not is_current(refinement, results):
+            con.print(
+                "refined.json is older than the front (the search went on): ranking by the "
+                "search's figures; run 'amp-search refine' again to use refined ones."
+            )
+        elif refinement is not None:
+            if args.trial is not None:  # a trial off the refined set keeps its search figures
+                refined = {p.trial: p for p in refinement.points}
+                front = [refined.get(p.trial, p) for p in results.front]
+            else:
+                front = refinement.front
+            ranked = Results(results.store, {**results.meta, **refinement.meta}, front)
+            con.print(f"ranking by refined figures ({refinement.meta['latency_source']} on "
+                      f"{refinement.meta['device']}, {refinement.meta['refined']})")  # fmt: skip
+        point = pick_point(ranked, max_deviation=args.max_deviation, trial=args.trial)
+        written = copy_candidate(results, point, args.to)
         con.print(
             f"picked trial {point.trial}: {point.latency_ms:.4g} ms ({point.latency_source}), "
             f"deviation {point.deviation:.3g} ({point.metric})"

@@ -15,10 +15,11 @@ from amp_search.cli.inspect import add_data_arguments
 from amp_search.cli.worker import add_storage_retry
 from amp_search.search.sampler import DEFAULT_SAMPLER, SAMPLERS
 
-__all__ = ["SearchCommand", "print_outcome"]
+__all__ = ["SearchCommand", "add_option_argument", "parse_options", "print_outcome"]
 
 
-def _options(values: list[str] | None) -> dict[str, Any]:
+def parse_options(values: list[str] | None) -> dict[str, Any]:
+    """``--option KEY=VALUE`` flags as a dict (values parsed as JSON where they are)."""
     from amp_search.errors import UserInputError
 
     out: dict[str, Any] = {}
@@ -33,15 +34,26 @@ def _options(values: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def add_option_argument(parser: argparse.ArgumentParser) -> None:
+    """``--option KEY=VALUE`` (repeatable), shared by search and refine."""
+    parser.add_argument(
+        "--option", action="append", metavar="KEY=VALUE",
+        help="backend option, e.g. prefer_nhwc=1 or builder_optimization_level=0 (repeatable; "
+        "recorded with results)",
+    )  # fmt: skip
+
+
 class SearchCommand(Subcommand):
     """Search per-unit FP16/FP32 precisions for the Pareto front of latency vs. deviation.
 
     An Optuna study (persisted: rerunning the same command resumes it) treats each unit's
-    precision as a decision variable. It is seeded with all-FP32, all-FP16 and the risk
-    ladder of 'amp-search inspect' (the k riskiest units FP32, k = 1, 2, 4, ...). Each
-    candidate is rewritten, built and run on the calibration data; its deviation from strict
-    FP32 and its latency are the two objectives. Results go to --out: front.json/.csv,
-    pareto.png/.html and one folder per candidate. Ctrl-C stops after the running trial.
+    precision as a decision variable. It is seeded with all-FP32, all-FP16 and a few
+    assignments that keep the first units FP32 (with --sampler tpe|nsga2|random: the risk
+    ladder of 'amp-search inspect'); the guided sampler then proposes the candidate of largest
+    expected hypervolume improvement. Each candidate is rewritten, built and run on the
+    calibration data; its deviation from strict FP32 and its latency are the two objectives.
+    Results go to --out: front.json/.csv, pareto.png/.html and one folder per candidate.
+    Ctrl-C stops after the running trial; 'amp-search refine' then re-times the front.
     """
 
     name = "search"
@@ -51,10 +63,7 @@ class SearchCommand(Subcommand):
         add_data_arguments(parser)
         parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt")
         parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-        parser.add_argument(
-            "--option", action="append", metavar="KEY=VALUE",
-            help="backend option, e.g. prefer_nhwc=1 (repeatable; recorded with results)",
-        )  # fmt: skip
+        add_option_argument(parser)
         parser.add_argument(
             "--n-trials", type=int, default=60,
             help="distinct candidates the study should hold (%(default)s); rerunning the "
@@ -106,7 +115,7 @@ class SearchCommand(Subcommand):
             synthetic=args.synthetic,
             backend=args.backend,
             device=args.device,
-            options=_options(args.option),
+            options=parse_options(args.option),
             n_trials=args.n_trials,
             timeout=args.timeout,
             max_deviation=args.max_deviation,

@@ -208,6 +208,7 @@ class CandidateEvaluator:
                     source=runner.source,
                     warmup=self.latency.warmup,
                     runs=self.latency.runs,
+                    timer=runner.timer(),
                 )
                 seconds["time"] = time.perf_counter() - t0
         if self.latency.source == "estimated":

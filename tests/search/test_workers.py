@@ -121,8 +121,12 @@ def test_three_workers_share_one_study(kind, request, tmp_path, cls_files):
     # Two workers start the same search command at once (one creates and seeds the study);
     # a third joins with 'amp-search worker', which reads the settings from the study.
     procs = [
-        subprocess.Popen(_search(cls_files, storage, study, out, target), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        subprocess.Popen(
+            _search(cls_files, storage, study, out, target),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
         for _ in range(2)
     ]
     _wait(lambda: len(_trials_or_empty(storage, study)) > 0, procs, what="study")
@@ -185,8 +189,11 @@ def test_kill_9_one_worker_the_others_go_on(postgres_url, tmp_path, cls_files):
     trials = _trials(postgres_url, study)
     killed = [t for t in trials if (t.user_attrs.get(OWNER_ATTR) or {}).get("pid") == b.pid
               and t.state == TrialState.FAIL]  # fmt: skip
-    assert len(killed) == 1, [(t.number, t.state, t.user_attrs) for t in trials
-                              if (t.user_attrs.get(OWNER_ATTR) or {}).get("pid") == b.pid]
+    assert len(killed) == 1, [
+        (t.number, t.state, t.user_attrs)
+        for t in trials
+        if (t.user_attrs.get(OWNER_ATTR) or {}).get("pid") == b.pid
+    ]
     # Failed by the survivor or the rerun (same host: the pid is gone), or by the heartbeat.
     assert killed[0].user_attrs.get("error", "worker died") == "worker died during this trial"
     complete = _check_accounting(trials, target)

@@ -75,6 +75,8 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     requires = ("tensorrt",)
     extra = "tensorrt"
+    #: Search at a low level (``--option builder_optimization_level=0``), refine at the default.
+    refine_defaults = ("builder_optimization_level",)
 
     @classmethod
     def is_available(cls) -> bool:

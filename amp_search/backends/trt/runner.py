@@ -336,6 +336,10 @@ class TensorRTRunner(Runner):
         self._enqueue()
         _cuda.stream_synchronize(self._stream)
 
+    def timer(self) -> Callable[[Callable[[], None]], float]:
+        """CUDA events (:meth:`event_timer`): the figure every search and refine records."""
+        return self.event_timer
+
     def event_timer(self, step: Callable[[], None]) -> float:
         """One step's elapsed milliseconds, measured with CUDA events on the runner's stream.
 

@@ -1,0 +1,154 @@
+"""``amp-search refine``: the front rebuilt with final options and timed again, side by side."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from amp_search.cli._base import Subcommand, console
+
+if TYPE_CHECKING:
+    from amp_search.calibration import CalibrationData
+    from amp_search.results.report import Results
+    from amp_search.search.refine import Refinement
+
+__all__ = ["RefineCommand"]
+
+
+class RefineCommand(Subcommand):
+    """Rebuild the front (within the budget), all-FP32 and all-FP16, and measure them again.
+
+    Each is built on --device with the final options (TensorRT: builder optimization level
+    back to its default unless --option sets it), its deviation measured there against the
+    strict FP32 reference, and all are timed in interleaved rounds so drift hits them alike.
+    Writes refined.json into the results folder; 'amp-search pick' then prefers these figures.
+    A search run on the CPU with estimated latency can be refined on the GPU machine.
+    """
+
+    name = "refine"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
+        from amp_search.cli.inspect import add_data_arguments
+        from amp_search.cli.search import add_option_argument
+
+        parser.add_argument("results", help="a search's --out folder")
+        add_data_arguments(parser)
+        parser.add_argument("--device", help="where to measure (default: the search's device)")
+        add_option_argument(parser)
+        parser.add_argument(
+            "--compare", action="append", default=[], metavar="MODEL.onnx",
+            help="another model with the same inputs and outputs (the one in production, "
+            "another tool's answer) measured alike, for comparison (repeatable)",
+        )  # fmt: skip
+        for flag, default, what in (
+            ("--runs", 100, "timed runs per candidate in all"),
+            ("--rounds", 5, "interleaved rounds the runs are split over"),
+            ("--warmup", 10, "untimed runs before each block of runs"),
+        ):
+            parser.add_argument(flag, type=int, default=default, help=f"{what} (%(default)s)")
+        parser.add_argument(
+            "--max-deviation", type=float,
+            help="refine front points within this budget only (default: the search's budget, "
+            "else the whole front)",
+        )  # fmt: skip
+
+    def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.cli._progress import stage_progress
+        from amp_search.cli.search import parse_options
+        from amp_search.results.report import load_results
+        from amp_search.search.refine import refine_front
+
+        results = load_results(args.results)
+        data = _calibration(results, args)
+        with stage_progress() as stage:
+            refinement = refine_front(
+                results, data=data, device=args.device, options=parse_options(args.option),
+                runs=args.runs, rounds=args.rounds, warmup=args.warmup,
+                max_deviation=args.max_deviation, compare=args.compare, progress=stage,
+            )  # fmt: skip
+        render(refinement, console())
+        con = console()
+        con.print(f"wrote {results.store.root / 'refined.json'}")
+        return 0
+
+
+def _calibration(results: Results, args: argparse.Namespace) -> CalibrationData:
+    """--data/--synthetic as given, else the search's own (from its study)."""
+    from amp_search.calibration import load_calibration, model_inputs
+    from amp_search.errors import UserInputError
+    from amp_search.graph import load_model, sanitize
+
+    data, synthetic = args.data, args.synthetic
+    if data is None and not synthetic:
+        saved = _search_config(results)
+        data, synthetic = saved.get("data"), bool(saved.get("synthetic"))
+        if data is None and not synthetic:
+            raise UserInputError(
+                "The search's calibration data is not recorded in its study: pass --data."
+            )
+    model = sanitize(load_model(str(results.meta.get("model"))))
+    return load_calibration(data, model_inputs(model), synthetic=synthetic)
+
+
+def _search_config(results: Results) -> dict[str, Any]:
+    import optuna
+
+    from amp_search.search.run import CONFIG_ATTR
+    from amp_search.search.study import _storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    meta = results.meta
+    try:
+        study = optuna.load_study(study_name=meta["study"], storage=_storage(meta["storage"]))
+    except Exception:  # a moved or deleted study: the caller asks for --data
+        return {}
+    return dict(study.user_attrs.get(CONFIG_ATTR) or {})
+
+
+def render(refinement: Refinement, con: Any) -> None:
+    """Prints every refined point, fastest first, and the fastest within the budget."""
+    from rich.table import Table
+
+    from amp_search.search.refine import summarize
+
+    m = refinement.meta
+    t = m["timing"]
+    table = Table(
+        title=f"Refined on {m['backend']} ({m['device']}): {t['runs']} runs in {t['rounds']} "
+        f"interleaved rounds, {t['timer']}",
+        title_justify="left",
+    )
+    for col in ("point", "latency ms", "p90 ms", "search ms", "deviation", "search dev.",
+                "FP32 units", "vs all-FP32", "front"):  # fmt: skip
+        table.add_column(col)
+    by_label = {refinement.label(p): p for p in refinement.points}
+    fp32 = by_label.get("all-fp32")
+    on_front = {p.digest for p in refinement.front}
+    for p in [*refinement.points, *refinement.compared]:
+        mx = p.metrics
+        compared = "path" in mx
+        table.add_row(
+            refinement.label(p),
+            f"{p.latency_ms:.4g}",
+            f"{float(mx['p90_ms']):.4g}",
+            "-" if compared else f"{float(mx['search_latency_ms']):.4g}",
+            f"{p.deviation:.3g}",
+            "-" if compared else f"{float(mx['search_deviation']):.3g}",  # "inf" read back
+            "-" if compared else f"{p.n_fp32}/{p.n_units}",
+            f"{fp32.latency_ms / p.latency_ms:.2f}x" if fp32 else "-",
+            "compared"
+            if compared
+            else "yes"
+            if p.digest in on_front
+            else "infeasible"
+            if not p.feasible
+            else "",
+        )
+    con.print(table)
+    con.print(f"latency: {m['latency_source']}; deviation: {m['metric']} vs strict FP32")
+    for line in summarize(refinement, m.get("max_deviation")):
+        con.print(line)
+    for f in refinement.failed:
+        con.print(f"{f['label']} failed here: {f['error']}")
+    for note in m.get("notes", []):
+        con.print(f"Note: {note}", style="dim")
