@@ -22,8 +22,16 @@ if TYPE_CHECKING:
     import optuna
 
     from amp_search.results.pareto import FrontPoint
+    from amp_search.search.refine import Refinement
 
-__all__ = ["PlotData", "PlotPoint", "plot_data_from_study", "write_html", "write_png"]
+__all__ = [
+    "PlotData",
+    "PlotPoint",
+    "plot_data_from_refinement",
+    "plot_data_from_study",
+    "write_html",
+    "write_png",
+]
 
 with try_import() as _mpl:
     import matplotlib
@@ -98,6 +106,38 @@ def plot_data_from_study(
     if latency_source.startswith("measured") and latency_source.endswith("cpu"):
         notes.append("CPU latency: says nothing about GPU FP16 speed")
     return PlotData(points, title, x_label, f"deviation from FP32 ({metric})", budget, notes)
+
+
+def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData:
+    """The plot data of a refinement: its points and compared models, from one timing run."""
+    on_front = {id(p) for p in refinement.front}
+    front_digests = {p.digest for p in refinement.front}
+    points = [
+        PlotPoint(
+            latency_ms=p.latency_ms,
+            deviation=p.deviation,
+            label=refinement.label(p).replace("all-fp", "all FP"),
+            feasible=p.feasible and math.isfinite(p.deviation),
+            on_front=id(p) in on_front or p.digest in front_digests,
+        )
+        for p in refinement.points
+    ]
+    points += [
+        PlotPoint(p.latency_ms, p.deviation, Path(str(p.metrics["path"])).name + " (compared)",
+                  kind="reference")  # fmt: skip
+        for p in refinement.compared
+        if math.isfinite(p.latency_ms)
+    ]
+    m = refinement.meta
+    t = m.get("timing", {})
+    notes = [
+        f"{t.get('runs')} runs each in {t.get('rounds')} interleaved rounds, {m.get('refined')}"
+    ]
+    if str(m.get("device", "")).startswith("cpu"):
+        notes.append("CPU latency: says nothing about GPU FP16 speed")
+    return PlotData(points, title, f"latency, ms ({m.get('latency_source')})",
+                    f"deviation from FP32 ({m.get('metric')})", m.get("max_deviation"),
+                    notes)  # fmt: skip
 
 
 def _finite_dev(points: list[PlotPoint]) -> float:

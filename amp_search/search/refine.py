@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "REFINED_FILE",
     "Refinement",
+    "draw_refined",
     "is_current",
     "load_refinement",
     "refine_front",
@@ -292,7 +293,25 @@ def refine_front(
         },  # fmt: skip
     )
     write_json_atomic(results.store.root / REFINED_FILE, refinement.to_json())
+    draw_refined(refinement, results.store.root, str(meta.get("model", "")))
     return refinement
+
+
+def draw_refined(refinement: Refinement, folder: Path, model: str) -> list[Path]:
+    """Writes ``refined.png``/``refined.html`` (skipped with a warning without plot extras)."""
+    from amp_search.results.plots import plot_data_from_refinement, write_html, write_png
+
+    title = f"amp-search refine: {Path(model).name} on {refinement.meta['backend']} " + (
+        f"({refinement.meta['device']})"
+    )
+    data = plot_data_from_refinement(refinement, title=title)
+    written = []
+    for writer, name in ((write_png, "refined.png"), (write_html, "refined.html")):
+        try:
+            written.append(writer(data, folder / name))
+        except BackendUnavailableError as exc:
+            logger.warning("%s not drawn: %s", name, exc.message)
+    return written
 
 
 def _failure(point: FrontPoint, exc: Exception) -> dict[str, Any]:

@@ -79,6 +79,7 @@ def test_refine_measures_every_front_point_and_both_baselines(
     doc = json.loads((searched / REFINED_FILE).read_text())
     assert doc["device"] == "cpu" and doc["timing"]["rounds"] == 3
     assert any("CPU" in n for n in doc["notes"])  # CPU timings are said to mean nothing
+    assert (searched / "refined.png").stat().st_size > 10_000  # one plot, one timing run
     back = load_refinement(searched)
     assert back is not None and [p.digest for p in back.front] == [p.digest for p in ref.front]
     assert [p.metrics["path"] for p in back.compared] == [str(demo_model_path)]
