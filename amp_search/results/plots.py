@@ -123,8 +123,12 @@ def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData
         for p in refinement.points
     ]
     points += [
-        PlotPoint(p.latency_ms, p.deviation, Path(str(p.metrics["path"])).name + " (compared)",
-                  kind="reference")  # fmt: skip
+        PlotPoint(
+            p.latency_ms,
+            p.deviation,
+            Path(str(p.metrics["path"])).name + " (compared)",
+            kind="reference",
+        )  # fmt: skip
         for p in refinement.compared
         if math.isfinite(p.latency_ms)
     ]

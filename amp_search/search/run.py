@@ -51,6 +51,7 @@ from amp_search.search.study import (
     recover_dead_trials,
     storage_errors,
 )
+from amp_search.types import PrecisionAssignment
 
 __all__ = ["CONFIG_ATTR", "SearchConfig", "SearchOutcome", "run_search"]
 
@@ -319,7 +320,19 @@ def run_search(
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         mark_trial_owner(trial)
+        # The sampler proposes every unit at once; evaluating that proposal starts now, while
+        # Optuna writes the parameters one by one (one storage write per unit).
+        ahead = None
+        if "seed" not in trial.user_attrs:  # a seed's fixed parameters win over the sampler
+            early = space.proposed(trial)
+            if early is not None and early.digest() not in evaluated:
+                ahead = _Ahead(evaluator.evaluate, early)
         assignment = space.suggest(trial)
+        if ahead is not None and ahead.assignment != assignment:
+            ahead.wait()  # a wrong guess (a trial enqueued by hand): discarded
+            ahead = None
+            logger.debug("trial %d: fixed parameters differ from the sampler's proposal; "
+                         "evaluating them instead", trial.number)  # fmt: skip
         prior = evaluated.get(assignment.digest())
         if prior is not None:
             trial.set_user_attr("duplicate", True)  # re-proposed: answered without a rebuild
@@ -327,7 +340,7 @@ def run_search(
                 # Evaluated by a worker whose results folder this one does not share.
                 return _answer_from_trial(trial, prior)
         try:
-            ev = evaluator.evaluate(assignment)
+            ev = ahead.result() if ahead is not None else evaluator.evaluate(assignment)
         except (CandidateBuildError, CandidateRunError) as exc:
             trial.set_user_attr("error", str(exc)[:1000])
             raise
@@ -432,6 +445,39 @@ def run_search(
         latency_source=label,
         notes=notes,
     )
+
+
+class _Ahead:
+    """One evaluation run in a background thread (ONNX Runtime and numpy release the GIL)."""
+
+    def __init__(self, evaluate: Callable[[PrecisionAssignment], Evaluation],
+                 assignment: PrecisionAssignment) -> None:  # fmt: skip
+        import threading
+
+        self.assignment = assignment
+        self._value: Evaluation | None = None
+        self._error: BaseException | None = None
+        # A daemon: a second Ctrl-C does not wait for it (its claim is taken over later).
+        self._thread = threading.Thread(target=self._run, args=(evaluate,), daemon=True)
+        self._thread.start()
+
+    def _run(self, evaluate: Callable[[PrecisionAssignment], Evaluation]) -> None:
+        try:
+            self._value = evaluate(self.assignment)
+        except BaseException as exc:  # handed to the trial's thread by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Waits for the evaluation to end, whatever its outcome."""
+        self._thread.join()
+
+    def result(self) -> Evaluation:
+        """The evaluation, or its exception raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 def _evaluated_trials(study: Any) -> dict[str, Any]:

@@ -39,6 +39,18 @@ class SearchSpace:
         chosen = {u: trial.suggest_categorical(u, CHOICES) for u in self.free}
         return self.assignment(chosen)
 
+    def proposed(self, trial: optuna.Trial) -> PrecisionAssignment | None:
+        """The sampler's proposal for every free unit, before any parameter is written.
+
+        That is ``trial.relative_params``; None when the sampler left some unit to later
+        sampling. For a trial enqueued with fixed parameters those win over the proposal:
+        callers use this only as a guess and check it against :meth:`suggest`.
+        """
+        proposal = trial.relative_params
+        if not all(proposal.get(u) in CHOICES for u in self.free):
+            return None
+        return self.assignment({u: proposal[u] for u in self.free})
+
     def assignment(self, params: dict[str, str]) -> PrecisionAssignment:
         """The assignment of a parameter dict (locked and missing units FP32)."""
         return PrecisionAssignment.from_mapping(

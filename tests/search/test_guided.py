@@ -222,3 +222,50 @@ def test_guided_search_with_measured_latency(tmp_path, demo_model_path, demo_dat
     assert len(set(keys)) == len(keys) == outcome.n_complete >= 14
     assert sum("seed" not in t.user_attrs for t in done) >= 4
     assert outcome.front
+    # The search evaluates the sampler's proposal while Optuna writes the parameters: the
+    # proposal (trial.relative_params, all units at once) is what the suggestions return.
+    from amp_search.search.space import SearchSpace
+
+    study = optuna.load_study(study_name="m", storage=storage, sampler=GuidedSampler(seed=3))
+    space = SearchSpace(study.user_attrs[GUIDE_ATTR]["units"])
+    for _ in range(3):
+        trial = study.ask()
+        early = space.proposed(trial)
+        assert early is not None and early == space.suggest(trial)
+        assert early.digest() not in {space.assignment(t.params).digest() for t in done}
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def test_an_enqueued_trial_is_evaluated_as_enqueued(
+    tmp_path, demo_model_path, demo_data_path, caplog
+):
+    """A trial someone enqueued (fixed parameters, no seed label) differs from the sampler's
+    proposal, which the search starts evaluating early: the enqueued assignment still wins."""
+    from amp_search.results.pareto import record_of
+    from amp_search.search.space import SearchSpace
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    config = SearchConfig(
+        model=demo_model_path, out=tmp_path / "out", data=demo_data_path, n_trials=12,
+        storage=storage, study_name="e", latency="estimated", seed=0,
+    )  # fmt: skip
+    run_search(config)
+    study = optuna.load_study(study_name="e", storage=storage)
+    space = SearchSpace(study.user_attrs[GUIDE_ATTR]["units"])
+    want = space.params([u for u in space.free if u not in ("amp4/Conv", "tiny/Conv", "fc/Gemm")])
+    assert space.assignment(want).digest() not in {
+        record_of(t)["digest"] for t in study.trials if t.state.name == "COMPLETE"
+    }
+    study.enqueue_trial(want)
+    with caplog.at_level("DEBUG", logger="amp_search.search.run"):
+        run_search(SearchConfig(**{**config.__dict__, "n_trials": 13}))
+    assert "differ from the sampler's proposal" in caplog.text  # the early guess was wrong
+    study = optuna.load_study(study_name="e", storage=storage)
+    (trial,) = [t for t in study.trials if t.params == want]
+    assert trial.state.name == "COMPLETE"
+    assert record_of(trial)["digest"] == space.assignment(want).digest()
+    metrics = json.loads(
+        (tmp_path / "out" / "candidates" / space.assignment(want).digest() / "metrics.json")
+        .read_text()
+    )  # fmt: skip
+    assert trial.values[1] == pytest.approx(metrics["deviation"])
