@@ -42,7 +42,7 @@ from amp_search.results.pareto import (
 from amp_search.results.store import ResultsStore
 from amp_search.search.evaluate import CandidateEvaluator, Evaluation, LatencySettings
 from amp_search.search.sampler import DEFAULT_SAMPLER
-from amp_search.search.seeds import enqueue_seeds
+from amp_search.search.seeds import SEED_PARAMS_ATTR, enqueue_seeds
 from amp_search.search.space import SearchSpace
 from amp_search.search.study import (
     default_storage,
@@ -323,10 +323,14 @@ def run_search(
         # The sampler proposes every unit at once; evaluating that proposal starts now, while
         # Optuna writes the parameters one by one (one storage write per unit).
         ahead = None
-        if "seed" not in trial.user_attrs:  # a seed's fixed parameters win over the sampler
-            early = space.proposed(trial)
-            if early is not None and early.digest() not in evaluated:
-                ahead = _Ahead(evaluator.evaluate, early)
+        early: PrecisionAssignment | None
+        seed_params = trial.user_attrs.get(SEED_PARAMS_ATTR)
+        if isinstance(seed_params, dict):  # a seed: its fixed parameters win over the sampler
+            early = space.assignment(seed_params)
+        else:
+            early = None if "seed" in trial.user_attrs else space.proposed(trial)
+        if early is not None and early.digest() not in evaluated:
+            ahead = _Ahead(evaluator.evaluate, early)
         assignment = space.suggest(trial)
         if ahead is not None and ahead.assignment != assignment:
             ahead.wait()  # a wrong guess (a trial enqueued by hand): discarded

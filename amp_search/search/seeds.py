@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     from amp_search.profiling.sensitivity import UnitRisk
     from amp_search.types import PrecisionAssignment
 
-__all__ = ["PREFIXES", "SEEDED_ATTR", "enqueue_seeds", "seed_params"]
+__all__ = ["PREFIXES", "SEEDED_ATTR", "SEED_PARAMS_ATTR", "enqueue_seeds", "seed_params"]
 
 logger = logging.getLogger(__name__)
 
 SEEDED_ATTR = "amp_search:seeded"
+#: A seed trial's user attribute holding its parameters.
+SEED_PARAMS_ATTR = "seed_params"
 #: The prefix sweep of the guided sampler (k first units kept FP32).
 PREFIXES = (1, 2, 3, 5, 8)
 
@@ -119,6 +121,9 @@ def enqueue_seeds(
     else:
         seeds = seed_params(space, risk_order)
     for label, params in seeds:
-        study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
+        # The parameters in a user attribute too: the trial's own (fixed) ones are private to
+        # Optuna until suggested, and the search starts evaluating before that.
+        attrs = {"seed": label, SEED_PARAMS_ATTR: params}
+        study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
     study.set_user_attr(SEEDED_ATTR, True)
     return len(seeds)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
 from amp_search.search.sampler import make_sampler
+from amp_search.search.seeds import SEED_PARAMS_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -211,7 +212,8 @@ def _requeue_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A failed seed trial is enqueued again (seeds are the front's anchors)."""
     if "seed" in trial.user_attrs:
         params = trial.system_attrs.get("fixed_params") or dict(trial.params)
-        study.enqueue_trial(dict(params), user_attrs={"seed": trial.user_attrs["seed"]})
+        attrs = {"seed": trial.user_attrs["seed"], SEED_PARAMS_ATTR: dict(params)}
+        study.enqueue_trial(dict(params), user_attrs=attrs)
 
 
 def recover_dead_trials(study: optuna.Study) -> int:
