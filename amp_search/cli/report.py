@@ -73,10 +73,18 @@ class PickCommand(Subcommand):
         con = console()
         ranked = results
         refinement = None if args.search_figures else load_refinement(results.store.root)
+        covered = None if refinement is None else refinement.meta.get("max_deviation")
+        budget = args.max_deviation
         if refinement is not None and not is_current(refinement, results):
             con.print(
                 "refined.json is older than the front (the search went on): ranking by the "
                 "search's figures; run 'amp-search refine' again to use refined ones."
+            )
+        elif covered is not None and budget is not None and budget > covered:
+            con.print(
+                f"refined.json covers front points within {covered:g} only: ranking by the "
+                f"search's figures; run 'amp-search refine --max-deviation {budget:g}'"
+                " to refine the rest."
             )
         elif refinement is not None:
             if args.trial is not None:  # a trial off the refined set keeps its search figures
@@ -87,7 +95,7 @@ class PickCommand(Subcommand):
             ranked = Results(results.store, {**results.meta, **refinement.meta}, front)
             con.print(f"ranking by refined figures ({refinement.meta['latency_source']} on "
                       f"{refinement.meta['device']}, {refinement.meta['refined']})")  # fmt: skip
-        point = pick_point(ranked, max_deviation=args.max_deviation, trial=args.trial)
+        point = pick_point(ranked, max_deviation=budget, trial=args.trial)
         written = copy_candidate(results, point, args.to)
         con.print(
             f"picked trial {point.trial}: {point.latency_ms:.4g} ms ({point.latency_source}), "

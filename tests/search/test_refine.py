@@ -175,3 +175,25 @@ def test_cli_refine_of_a_folder_without_a_search(tmp_path, capsys):
     assert main(["refine", str(tmp_path), "--device", "cpu"]) != 0
     err = capsys.readouterr().err
     assert "no front.json" in err and "Traceback" not in err
+
+
+def test_pick_beyond_the_refined_budget_uses_search_figures(searched, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(searched, out)
+    devs = sorted(p.deviation for p in load_results(out).front)
+    small, large = devs[1], devs[-1] * 2
+    assert main(["refine", str(out), "--device", "cpu", "--runs", "2", "--rounds", "1",
+                 "--max-deviation", str(small)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["pick", str(out), "--max-deviation", str(small), "--to",
+                 str(tmp_path / "a.onnx")]) == 0  # fmt: skip
+    assert "ranking by refined figures" in capsys.readouterr().out
+    assert main(["pick", str(out), "--max-deviation", str(large), "--to",
+                 str(tmp_path / "b.onnx")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"covers front points within {small:g} only" in printed
+    want = min((p for p in load_results(out).front if p.deviation <= large),
+               key=lambda p: (p.latency_ms, p.deviation))  # fmt: skip
+    assert f"picked trial {want.trial}:" in printed
