@@ -225,11 +225,13 @@ class CandidateEvaluator:
             output_names=self.output_names,
         )
         deviations: dict[str, float] = {}
+        t0 = time.perf_counter()
         for m in [self.metric, *self.extra_metrics]:
             try:
                 deviations[m.name] = float(m.evaluate(ctx))
             except Exception as exc:  # a user metric that fails fails the trial, not the study
                 raise CandidateRunError(f"Metric {m.name!r} failed: {exc}") from exc
+        seconds["metric"] = time.perf_counter() - t0
         deviation = deviations[self.metric.name]
         if not finite or math.isnan(deviation):
             deviation = float("inf")
