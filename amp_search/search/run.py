@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -456,8 +457,6 @@ class _Ahead:
 
     def __init__(self, evaluate: Callable[[PrecisionAssignment], Evaluation],
                  assignment: PrecisionAssignment) -> None:  # fmt: skip
-        import threading
-
         self.assignment = assignment
         self._value: Evaluation | None = None
         self._error: BaseException | None = None
@@ -561,8 +560,6 @@ class _quiet_heartbeat_errors:  # noqa: N801 - used as a context manager
     """Optuna's heartbeat thread dies with a traceback when the storage is down; log one line."""
 
     def __enter__(self) -> None:
-        import threading
-
         self._previous = threading.excepthook
         errors = storage_errors()
 
@@ -575,8 +572,6 @@ class _quiet_heartbeat_errors:  # noqa: N801 - used as a context manager
         threading.excepthook = hook
 
     def __exit__(self, *exc: object) -> None:
-        import threading
-
         threading.excepthook = self._previous
 
 
