@@ -60,9 +60,14 @@ class PickCommand(Subcommand):
         group.add_argument("--max-deviation", type=float, help="accuracy budget")
         group.add_argument("--trial", type=int, help="a front point's trial number")
         parser.add_argument("--to", required=True, help="destination folder or .onnx path")
-        parser.add_argument(
+        figures = parser.add_mutually_exclusive_group()
+        figures.add_argument(
             "--search-figures", action="store_true",
             help="rank by the search's own figures even where 'amp-search refine' measured again",
+        )  # fmt: skip
+        figures.add_argument(
+            "--refined", action="store_true",
+            help="rank by refined.json even when it was measured on the CPU",
         )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
@@ -75,7 +80,13 @@ class PickCommand(Subcommand):
         refinement = None if args.search_figures else load_refinement(results.store.root)
         covered = None if refinement is None else refinement.meta.get("max_deviation")
         budget = args.max_deviation
-        if refinement is not None and not is_current(refinement, results):
+        on_cpu = refinement is not None and str(refinement.meta.get("device")).startswith("cpu")
+        if on_cpu and not args.refined:
+            con.print(
+                "refined.json was measured on the CPU, where FP16 timings say nothing about a "
+                "GPU: ranking by the search's figures (--refined uses it anyway)."
+            )
+        elif refinement is not None and not is_current(refinement, results):
             con.print(
                 "refined.json is older than the front (the search went on): ranking by the "
                 "search's figures; run 'amp-search refine' again to use refined ones."

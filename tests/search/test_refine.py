@@ -151,8 +151,13 @@ def test_cli_refine_then_pick_ranks_by_refined_figures(searched, tmp_path, capsy
     budget = max(p.deviation for p in ref.front)
     want = min((p for p in ref.front if p.deviation <= budget),
                key=lambda p: (p.latency_ms, p.deviation))  # fmt: skip
+    # A CPU refinement ranks nothing by default (CPU timings say nothing about a GPU) ...
     assert main(["pick", str(out), "--max-deviation", str(budget), "--to",
-                 str(tmp_path / "m.onnx")]) == 0  # fmt: skip
+                 str(tmp_path / "c.onnx")]) == 0  # fmt: skip
+    assert "measured on the CPU" in capsys.readouterr().out
+    # ... only when asked for.
+    assert main(["pick", str(out), "--max-deviation", str(budget), "--to",
+                 str(tmp_path / "m.onnx"), "--refined"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "ranking by refined figures" in printed
     assert f"picked trial {want.trial}:" in printed
@@ -165,7 +170,7 @@ def test_cli_refine_then_pick_ranks_by_refined_figures(searched, tmp_path, capsy
     doc["front_digests"] = doc["front_digests"][1:]
     (out / REFINED_FILE).write_text(json.dumps(doc))
     assert main(["pick", str(out), "--max-deviation", str(budget), "--to",
-                 str(tmp_path / "t.onnx")]) == 0  # fmt: skip
+                 str(tmp_path / "t.onnx"), "--refined"]) == 0  # fmt: skip
     assert "older than the front" in capsys.readouterr().out
     assert main(["report", str(out), "--no-plots"]) == 0
     assert "Refined on onnxruntime (cpu)" in capsys.readouterr().out
@@ -188,10 +193,10 @@ def test_pick_beyond_the_refined_budget_uses_search_figures(searched, tmp_path, 
                  "--max-deviation", str(small)]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["pick", str(out), "--max-deviation", str(small), "--to",
-                 str(tmp_path / "a.onnx")]) == 0  # fmt: skip
+                 str(tmp_path / "a.onnx"), "--refined"]) == 0  # fmt: skip
     assert "ranking by refined figures" in capsys.readouterr().out
     assert main(["pick", str(out), "--max-deviation", str(large), "--to",
-                 str(tmp_path / "b.onnx")]) == 0  # fmt: skip
+                 str(tmp_path / "b.onnx"), "--refined"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert f"covers front points within {small:g} only" in printed
     want = min((p for p in load_results(out).front if p.deviation <= large),
