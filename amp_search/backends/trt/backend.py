@@ -155,6 +155,7 @@ class TensorRTBackend(Backend):
     def _build(self, model_path: Path, config: BuildConfig) -> Candidate:
         opts = self.resolve_options(config)
         identity = self.identity(config)
+        _select_device(config.device_id)
         built = build_engine(
             model_path,
             options={**opts, "module": identity["module"]},
@@ -226,3 +227,16 @@ def _io_names(model_path: Path) -> tuple[list[str], list[str]]:
     inits = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in inits]
     return inputs, [o.name for o in model.graph.output]
+
+
+def _select_device(device_id: int) -> None:
+    """Makes the configured GPU current in this thread: the builder tunes on the current one.
+
+    The search builds in a worker thread, and a new thread starts on device 0. Without
+    cuda-python (TensorRT-RTX's build-only path) the builder keeps its default device.
+    """
+    if not (is_importable("cuda.bindings") or is_importable("cuda.cudart")):
+        return
+    from amp_search.backends.trt import _cuda
+
+    _cuda.set_device(device_id)
