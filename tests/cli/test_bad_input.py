@@ -53,11 +53,23 @@ def _params() -> list[object]:
     return out
 
 
-def _room_for_large_model() -> bool:
+def _available_memory() -> int:
+    """MemAvailable (free plus reclaimable page cache), else the free pages."""
     try:
-        free_mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        return False
+        return 0
+
+
+def _room_for_large_model() -> bool:
+    free_mem = _available_memory()
     import tempfile
 
     free_disk = shutil.disk_usage(tempfile.gettempdir()).free
