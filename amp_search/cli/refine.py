@@ -60,9 +60,11 @@ class RefineCommand(Subcommand):
 
         results = load_results(args.results)
         data = _calibration(results, args)
+        device = args.device or str(results.meta.get("device", "cpu"))
+        options = parse_options(args.option, args.threads, device)
         with stage_progress() as stage:
             refinement = refine_front(
-                results, data=data, device=args.device, options=parse_options(args.option),
+                results, data=data, device=args.device, options=options,
                 runs=args.runs, rounds=args.rounds, warmup=args.warmup,
                 max_deviation=args.max_deviation, compare=args.compare, progress=stage,
             )  # fmt: skip

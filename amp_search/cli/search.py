@@ -18,8 +18,14 @@ from amp_search.search.sampler import DEFAULT_SAMPLER, SAMPLERS
 __all__ = ["SearchCommand", "add_option_argument", "parse_options", "print_outcome"]
 
 
-def parse_options(values: list[str] | None) -> dict[str, Any]:
-    """``--option KEY=VALUE`` flags as a dict (values parsed as JSON where they are)."""
+def parse_options(
+    values: list[str] | None, threads: int = 0, device: str = "cpu"
+) -> dict[str, Any]:
+    """``--option KEY=VALUE`` flags as a dict (values parsed as JSON where they are).
+
+    On the CPU, ``--threads N`` (N > 0) becomes ONNX Runtime's ``intra_op_num_threads``
+    unless an option sets it.
+    """
     from amp_search.errors import UserInputError
 
     out: dict[str, Any] = {}
@@ -31,6 +37,8 @@ def parse_options(values: list[str] | None) -> dict[str, Any]:
             out[key] = json.loads(raw)
         except ValueError:
             out[key] = raw
+    if threads > 0 and device.startswith("cpu"):
+        out.setdefault("intra_op_num_threads", threads)
     return out
 
 
@@ -115,7 +123,7 @@ class SearchCommand(Subcommand):
             synthetic=args.synthetic,
             backend=args.backend,
             device=args.device,
-            options=parse_options(args.option),
+            options=parse_options(args.option, args.threads, args.device),
             n_trials=args.n_trials,
             timeout=args.timeout,
             max_deviation=args.max_deviation,

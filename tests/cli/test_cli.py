@@ -119,3 +119,12 @@ def test_demo_then_report_then_pick(tmp_path):
     assert r.returncode == 0  # all-FP32 (deviation 0) always meets a budget
     r = _cli("pick", str(tmp_path / "nowhere"), "--trial", "3", "--to", str(tmp_path / "x"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_threads_become_the_cpu_thread_option_only_on_the_cpu():
+    from amp_search.cli.search import parse_options
+
+    assert parse_options(["prefer_nhwc=1"], 4, "cuda:1") == {"prefer_nhwc": 1}
+    assert parse_options(None, 4, "cpu") == {"intra_op_num_threads": 4}
+    assert parse_options(["intra_op_num_threads=2"], 4, "cpu") == {"intra_op_num_threads": 2}
+    assert parse_options(["level=all"], 0, "cpu") == {"level": "all"}
