@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,11 +138,18 @@ class CandidateEvaluator:
             f"estimated:{latency.target}" if latency.source == "estimated" else None
         )
 
-    def evaluate(self, assignment: PrecisionAssignment) -> Evaluation:
+    def evaluate(
+        self, assignment: PrecisionAssignment, *, before_timing: Callable[[], object] | None = None
+    ) -> Evaluation:
         """Scores one assignment (from the cache when it was evaluated before).
 
         Workers sharing the results directory never evaluate one assignment twice: the first
         claims it, the others wait for its metrics (or its error) and answer from those.
+
+        Args:
+            assignment: What to evaluate.
+            before_timing: Called before the timed runs (measured latency); returns once
+                nothing else in this process competes with them for the CPU.
         """
         digest = assignment.digest()
         fp32_units = sorted(assignment.fp32_units)
@@ -158,7 +166,7 @@ class CandidateEvaluator:
                 if error is not None:
                     raise CandidateBuildError(f"{error} (evaluated by another worker)")
             try:
-                return self._evaluate(assignment, digest, fp32_units)
+                return self._evaluate(assignment, digest, fp32_units, before_timing)
             except (CandidateBuildError, CandidateRunError) as exc:
                 self.store.write_json(
                     self.store.candidate_dir(digest) / "error.json",
@@ -173,7 +181,11 @@ class CandidateEvaluator:
         return None
 
     def _evaluate(
-        self, assignment: PrecisionAssignment, digest: str, fp32_units: list[str]
+        self,
+        assignment: PrecisionAssignment,
+        digest: str,
+        fp32_units: list[str],
+        before_timing: Callable[[], object] | None = None,
     ) -> Evaluation:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -201,6 +213,8 @@ class CandidateEvaluator:
                 outputs.append(runner.infer(batch))
             seconds["run"] = time.perf_counter() - t0
             if self.latency.source == "measured":
+                if before_timing is not None:
+                    before_timing()
                 t0 = time.perf_counter()
                 runner.bind(self.data.first())
                 stats = measure(

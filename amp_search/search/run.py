@@ -332,7 +332,11 @@ def run_search(
             early = None if "seed" in trial.user_attrs else space.proposed(trial)
         if early is not None and early.digest() not in evaluated:
             ahead = _Ahead(evaluator.evaluate, early)
-        assignment = space.suggest(trial)
+        try:
+            assignment = space.suggest(trial)
+        finally:
+            if ahead is not None:
+                ahead.params_written.set()  # its timed runs may start: this thread now waits
         if ahead is not None and ahead.assignment != assignment:
             ahead.wait()  # a wrong guess (a trial enqueued by hand): discarded
             ahead = None
@@ -455,18 +459,21 @@ def run_search(
 class _Ahead:
     """One evaluation run in a background thread (ONNX Runtime and numpy release the GIL)."""
 
-    def __init__(self, evaluate: Callable[[PrecisionAssignment], Evaluation],
+    def __init__(self, evaluate: Callable[..., Evaluation],
                  assignment: PrecisionAssignment) -> None:  # fmt: skip
         self.assignment = assignment
+        #: Set once the trial's parameters are written: timed runs wait for it, so the
+        #: storage writes of this thread never compete with a measurement.
+        self.params_written = threading.Event()
         self._value: Evaluation | None = None
         self._error: BaseException | None = None
         # A daemon: a second Ctrl-C does not wait for it (its claim is taken over later).
         self._thread = threading.Thread(target=self._run, args=(evaluate,), daemon=True)
         self._thread.start()
 
-    def _run(self, evaluate: Callable[[PrecisionAssignment], Evaluation]) -> None:
+    def _run(self, evaluate: Callable[..., Evaluation]) -> None:
         try:
-            self._value = evaluate(self.assignment)
+            self._value = evaluate(self.assignment, before_timing=self.params_written.wait)
         except BaseException as exc:  # handed to the trial's thread by result()
             self._error = exc
 
