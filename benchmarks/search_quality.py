@@ -788,6 +788,8 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
     npz = realmodels.write_npz(name, workdir / f"{name}.npz")
     if storage_kind == "sqlite":
         storage = f"sqlite:///{workdir / f'overhead-{name}.db'}"
+    elif storage_kind == "memory":  # no storage cost at all: the floor of the rest
+        storage = ":memory:"
     else:
         storage = str(workdir / f"overhead-{name}.journal")
     t0 = time.perf_counter()
@@ -806,7 +808,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
         )
     )
     wall = time.perf_counter() - t0
-    study = load_study(outcome)
+    study = outcome.study if storage_kind == "memory" else load_study(outcome)
     every = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     rows = []
     for k, t in enumerate(every):
@@ -1193,7 +1195,7 @@ def main() -> int:
     peer_rows = peers(setup, space, tolerances, args.peer_timeout)
     over = []
     for name in [] if args.skip_overhead else args.overhead_model.split(","):
-        for kind in ("sqlite", "journal"):
+        for kind in ("sqlite", "journal", "memory"):
             print(f"overhead on {name} ({args.overhead_trials} trials, {kind})", flush=True)
             over.append(overhead(name, args.overhead_trials, work, kind))
 
@@ -1327,7 +1329,8 @@ def only_overhead(args: argparse.Namespace, work: Path) -> int:
     path = args.out / f"{stem}.json"
     result = json.loads(path.read_text())
     over = []
-    runs = [(m, k) for m in args.overhead_model.split(",") for k in ("sqlite", "journal")]
+    kinds = ("sqlite", "journal", "memory")
+    runs = [(m, k) for m in args.overhead_model.split(",") for k in kinds]
     for name, kind in runs:
         print(f"overhead on {name} ({args.overhead_trials} trials, {kind})")
         over.append(overhead(name, args.overhead_trials, work, kind))

@@ -136,6 +136,8 @@ class SearchOutcome:
     study_name: str
     latency_source: str
     notes: list[str] = field(default_factory=list)
+    #: The study itself (the only handle on an in-memory one).
+    study: Any = field(default=None, repr=False)
 
 
 def _digest_files(paths: list[Path]) -> str:
@@ -453,6 +455,7 @@ def run_search(
         study_name=study_name,
         latency_source=label,
         notes=notes,
+        study=study,
     )
 
 
