@@ -185,10 +185,10 @@ def refine_front(
     for other in map(Path, compare):
         if not other.is_file():
             raise UserInputError(f"--compare {other}: no such file.")
-        label = {"label": f"compare:{other.name}", "path": str(other)}
+        attrs = {"label": f"compare:{other.name}", "path": str(other)}
         point = FrontPoint(trial=-1, digest="", latency_ms=math.nan, latency_source="",
                            deviation=math.nan, metric="", n_fp32=0, n_units=0,
-                           metrics=label)  # fmt: skip
+                           metrics=attrs)  # fmt: skip
         entries.append((point, other))
     metric = load_metric(str(meta.get("metric", "rel_l2")))
     reference = _reference(results, data)
@@ -214,7 +214,7 @@ def refine_front(
                 finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
                 deviation = float(metric.evaluate(ctx)) if finite else math.inf
                 runner.bind(data.first())
-            except AmpSearchError as exc:
+            except (AmpSearchError, ValueError) as exc:  # ValueError: outputs that differ
                 runner.__exit__(None, None, None)
                 failed.append(_failure(point, exc))
                 continue

@@ -99,9 +99,20 @@ def test_refine_within_a_budget_and_a_broken_candidate(
     within = [p for p in results.front if p.deviation <= budget]
     broken = next(p for p in within if p.n_fp32 not in (0, p.n_units))
     (results.store.candidate_dir(broken.digest) / "model.onnx").write_bytes(b"not onnx")
+    # A model to compare whose output is named otherwise: reported as failed, nothing else.
+    import onnx
+
+    other = onnx.load(str(demo_model_path))
+    old_name = other.graph.output[0].name
+    for node in other.graph.node:
+        node.output[:] = ["renamed" if o == old_name else o for o in node.output]
+    other.graph.output[0].name = "renamed"
+    onnx.save(other, str(tmp_path / "renamed.onnx"))
     ref = refine_front(results, data=_data(demo_model_path, demo_data_path), device="cpu",
-                       runs=2, rounds=1, warmup=0, max_deviation=budget)  # fmt: skip
-    assert [f["digest"] for f in ref.failed] == [broken.digest]
+                       runs=2, rounds=1, warmup=0, max_deviation=budget,
+                       compare=[tmp_path / "renamed.onnx"])  # fmt: skip
+    assert [f["digest"] for f in ref.failed] == [broken.digest, ""]
+    assert ref.failed[1]["label"] == "compare:renamed.onnx" and not ref.compared
     refined = {p.digest for p in ref.points}
     assert refined == ({p.digest for p in within} - {broken.digest}) | {
         str(b["digest"]) for b in results.baselines.values()
