@@ -64,12 +64,12 @@ class RefineCommand(Subcommand):
         options = parse_options(args.option, args.threads, device)
         with stage_progress() as stage:
             refinement = refine_front(
-                results, data=data, device=args.device, options=options,
+                results, data=data, device=device, options=options,
                 runs=args.runs, rounds=args.rounds, warmup=args.warmup,
                 max_deviation=args.max_deviation, compare=args.compare, progress=stage,
             )  # fmt: skip
-        render(refinement, console())
         con = console()
+        render(refinement, con)
         con.print(f"wrote {results.store.root / 'refined.json'}")
         return 0
 

@@ -9,6 +9,7 @@ dashed line, and optional reference points (peers such as other tools' answers).
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,8 +31,11 @@ __all__ = [
     "plot_data_from_refinement",
     "plot_data_from_study",
     "write_html",
+    "write_plots",
     "write_png",
 ]
+
+logger = logging.getLogger(__name__)
 
 with try_import() as _mpl:
     import matplotlib
@@ -110,7 +114,6 @@ def plot_data_from_study(
 
 def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData:
     """The plot data of a refinement: its points and compared models, from one timing run."""
-    on_front = {id(p) for p in refinement.front}
     front_digests = {p.digest for p in refinement.front}
     points = [
         PlotPoint(
@@ -118,7 +121,7 @@ def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData
             deviation=p.deviation,
             label=refinement.label(p).replace("all-fp", "all FP"),
             feasible=p.feasible and math.isfinite(p.deviation),
-            on_front=id(p) in on_front or p.digest in front_digests,
+            on_front=p.digest in front_digests,
         )
         for p in refinement.points
     ]
@@ -216,6 +219,19 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return write_bytes_atomic(path, buf.getvalue())
+
+
+def write_plots(data: PlotData, folder: str | os.PathLike[str], stem: str) -> list[Path]:
+    """Writes ``<stem>.png`` and ``<stem>.html`` (without a plotting package: a warning)."""
+    from amp_search.errors import BackendUnavailableError
+
+    written = []
+    for writer, suffix in ((write_png, ".png"), (write_html, ".html")):
+        try:
+            written.append(writer(data, Path(folder) / f"{stem}{suffix}"))
+        except BackendUnavailableError as exc:
+            logger.warning("%s%s not drawn: %s", stem, suffix, exc.message)
+    return written
 
 
 def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:

@@ -17,7 +17,6 @@ estimated latency can be refined on a GPU machine: that is where its figures bec
 from __future__ import annotations
 
 import datetime
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -45,8 +44,6 @@ __all__ = [
     "refine_front",
     "summarize",
 ]
-
-logger = logging.getLogger(__name__)
 
 REFINED_FILE = "refined.json"
 CPU_TIMING_NOTE = (
@@ -299,19 +296,12 @@ def refine_front(
 
 def draw_refined(refinement: Refinement, folder: Path, model: str) -> list[Path]:
     """Writes ``refined.png``/``refined.html`` (skipped with a warning without plot extras)."""
-    from amp_search.results.plots import plot_data_from_refinement, write_html, write_png
+    from amp_search.results.plots import plot_data_from_refinement, write_plots
 
     title = f"amp-search refine: {Path(model).name} on {refinement.meta['backend']} " + (
         f"({refinement.meta['device']})"
     )
-    data = plot_data_from_refinement(refinement, title=title)
-    written = []
-    for writer, name in ((write_png, "refined.png"), (write_html, "refined.html")):
-        try:
-            written.append(writer(data, folder / name))
-        except BackendUnavailableError as exc:
-            logger.warning("%s not drawn: %s", name, exc.message)
-    return written
+    return write_plots(plot_data_from_refinement(refinement, title=title), folder, "refined")
 
 
 def _failure(point: FrontPoint, exc: Exception) -> dict[str, Any]:

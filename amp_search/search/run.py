@@ -610,8 +610,7 @@ def baselines(study: Any) -> dict[str, dict[str, Any]]:
 def draw_plots(store: ResultsStore, study: Any, front: list[FrontPoint], meta: dict[str, Any],
                references: list[Any] | None = None) -> list[Path]:  # fmt: skip
     """Writes pareto.png and pareto.html (skipped with a warning without the plot extras)."""
-    from amp_search.errors import BackendUnavailableError
-    from amp_search.results.plots import plot_data_from_study, write_html, write_png
+    from amp_search.results.plots import plot_data_from_study, write_plots
 
     data = plot_data_from_study(
         study, front, title=f"amp-search: {Path(str(meta['model'])).name} "
@@ -620,13 +619,7 @@ def draw_plots(store: ResultsStore, study: Any, front: list[FrontPoint], meta: d
         budget=meta.get("max_deviation"),
     )  # fmt: skip
     data.points.extend(references or [])
-    written = []
-    for writer, name in ((write_png, "pareto.png"), (write_html, "pareto.html")):
-        try:
-            written.append(writer(data, store.root / name))
-        except BackendUnavailableError as exc:
-            logger.warning("%s not drawn: %s", name, exc.message)
-    return written
+    return write_plots(data, store.root, "pareto")
 
 
 def _record(trial: Any, ev: Evaluation, metric: str, n_units: int) -> None:
