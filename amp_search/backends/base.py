@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -182,6 +182,8 @@ class Backend(abc.ABC):
     #: Options that trade engine speed for build time (a search may lower them): ``amp-search
     #: refine`` rebuilds the front with their defaults unless they are given again.
     refine_defaults: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`build` takes the model's bytes (so its file can be written meanwhile).
+    builds_from_memory: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls) -> bool:
@@ -203,12 +205,31 @@ class Backend(abc.ABC):
         """Devices this backend can build for on this machine."""
         return ["cpu"]
 
-    def build(self, model_path: str | os.PathLike[str], config: BuildConfig) -> Candidate:
-        """Builds a candidate from a mixed-precision ONNX file."""
+    def build(
+        self,
+        model_path: str | os.PathLike[str],
+        config: BuildConfig,
+        *,
+        model_bytes: Sequence[bytes] | None = None,
+    ) -> Candidate:
+        """Builds a candidate from a mixed-precision ONNX file.
+
+        Args:
+            model_path: The ONNX file (the candidate's path, artifacts go beside it).
+            config: Device and backend options.
+            model_bytes: The file's content in chunks (joined, they are the file), when the
+                caller has it in memory; the file may still be being written. Only for
+                backends with ``builds_from_memory``. Joining them is the backend's part, in
+                place of reading the file.
+        """
         reason = self.unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"Backend '{self.name}' is unavailable: {reason}")
         path = Path(model_path)
+        if model_bytes is not None:
+            if not self.builds_from_memory:
+                raise ValueError(f"backend {self.name!r} builds from files only")
+            return self._build_from_memory(path, config, model_bytes)
         if not path.is_file():
             raise UserInputError(f"Model file not found: {path}")
         return self._build(path, config)
@@ -225,6 +246,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _build(self, model_path: Path, config: BuildConfig) -> Candidate: ...
+
+    def _build_from_memory(
+        self, model_path: Path, config: BuildConfig, model_bytes: Sequence[bytes]
+    ) -> Candidate:
+        """Backends with ``builds_from_memory`` build from ``model_bytes`` here."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def _open(self, candidate: Candidate) -> Runner: ...

@@ -28,7 +28,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     requires = ("onnxruntime",)
     extra = "gpu"
+    builds_from_memory = True
 
     def devices(self) -> list[str]:  # noqa: D102
         ort = _ort()
@@ -142,14 +143,23 @@ class OnnxRuntimeBackend(Backend):
         return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
     def _build(self, model_path: Path, config: BuildConfig) -> Candidate:
+        return self._build_from_memory(model_path, config, None)
+
+    def _build_from_memory(
+        self, model_path: Path, config: BuildConfig, model_bytes: Sequence[bytes] | None
+    ) -> Candidate:
         ort = _ort()
         opts = self.resolve_options(config)
         providers = self._providers(config, opts)
         t0 = time.perf_counter()
         source: str | bytes = str(model_path)
+        if model_bytes is not None:
+            source = model_bytes[0] if len(model_bytes) == 1 else b"".join(model_bytes)
         try:
             if config.device_type == "cpu" and int(opts.get("emulate_fp16_storage", 0)):
-                source = _emulating_fp16_storage(model_path)
+                source = _emulating_fp16_storage(
+                    model_path, source if isinstance(source, bytes) else None
+                )
             sess = ort.InferenceSession(source, self._session_options(opts), providers=providers)
         except Exception as exc:  # ORT raises its own exception types
             raise CandidateBuildError(
@@ -232,7 +242,7 @@ class OnnxRuntimeRunner(Runner):
             self._sess.run(None, self._feeds)
 
 
-def _emulating_fp16_storage(model_path: Path) -> str | bytes:
+def _emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -> str | bytes:
     """An FP32 twin of the model that rounds every FP16 tensor through an explicit Cast pair.
 
     FP16 initializers become FP32 initializers holding the FP16-rounded values; every FP16
@@ -243,13 +253,17 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
 
     Returns the twin's bytes, or, when it is over the protobuf limit, the path of the twin
     saved with external data in a new folder beside the model (the caller removes it).
+    ``model_bytes``, when given, is the model (its file may not be written yet).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from amp_search.graph.io import exceeds_protobuf_limit, save_model, typed_skeleton
+    from amp_search.graph.io import save_model, serialize_within_limit, typed_skeleton
 
-    model = onnx.load(str(model_path))
+    if model_bytes is None:
+        model = onnx.load(str(model_path))
+    else:
+        model = onnx.load_from_string(model_bytes)
     f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
     has_fp16 = any(t.data_type == f16 for t in model.graph.initializer) or any(
         a.name == "to" and a.i == f16
@@ -258,7 +272,7 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
         for a in n.attribute
     )
     if not has_fp16:
-        return str(model_path)
+        return str(model_path) if model_bytes is None else model_bytes
     try:
         typed = onnx.shape_inference.infer_shapes(typed_skeleton(model))
     except Exception:  # fall back to the types the model states
@@ -310,10 +324,10 @@ def _emulating_fp16_storage(model_path: Path) -> str | bytes:
         if o.name in fp16_graph_outputs:
             o.type.tensor_type.elem_type = f32
     # Graph outputs declared FP16 are produced FP32 (rounded): the runner reads them as is.
-    if exceeds_protobuf_limit(model):
+    data = serialize_within_limit(model)
+    if data is None:
         scratch = tempfile.mkdtemp(prefix=".emulated-", dir=model_path.parent)
         return str(save_model(model, Path(scratch) / model_path.name))
-    data: bytes = model.SerializeToString()
     return data
 
 

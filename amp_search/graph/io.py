@@ -29,6 +29,7 @@ __all__ = [
     "load_model",
     "model_to_bytes",
     "save_model",
+    "serialize_within_limit",
     "typed_skeleton",
 ]
 
@@ -118,17 +119,36 @@ def exceeds_protobuf_limit(model: onnx.ModelProto) -> bool:
     The initializers' sizes are counted from their shapes first: sizing a large message
     with ``ByteSize()`` costs a full serialization before upb refuses it.
     """
-    weights = sum(
-        _nbytes(t)
-        for t in model.graph.initializer
-        if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type in _ITEMSIZE
-    )
-    if weights > PROTOBUF_LIMIT:
+    if _inline_weight_bytes(model) > PROTOBUF_LIMIT:
         return True
     try:
         return bool(model.ByteSize() > PROTOBUF_LIMIT)
     except (EncodeError, ValueError):  # upb refuses to size a message over 2 GiB
         return True
+
+
+def serialize_within_limit(model: onnx.ModelProto) -> bytes | None:
+    """The model's serialization, or None when it is over :data:`PROTOBUF_LIMIT`.
+
+    One serialization instead of :func:`exceeds_protobuf_limit`'s ``ByteSize()`` (a full
+    sizing pass) followed by one.
+    """
+    if _inline_weight_bytes(model) > PROTOBUF_LIMIT:
+        return None
+    try:
+        data = model.SerializeToString()
+    except (EncodeError, ValueError):  # upb refuses a message over 2 GiB
+        return None
+    return data if len(data) <= PROTOBUF_LIMIT else None
+
+
+def _inline_weight_bytes(model: onnx.ModelProto) -> int:
+    """The initializers' sizes from their shapes (no serialization)."""
+    return sum(
+        _nbytes(t)
+        for t in model.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type in _ITEMSIZE
+    )
 
 
 def _itemsizes() -> dict[int, int]:

@@ -14,11 +14,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from amp_search._atomic import write_bytes_atomic
+from amp_search._atomic import BackgroundWrite, write_bytes_atomic
 from amp_search.backends.base import Backend, BuildConfig
 from amp_search.calibration import CalibrationData
 from amp_search.errors import CandidateBuildError, CandidateRunError
@@ -190,9 +191,18 @@ class CandidateEvaluator:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         folder = self.store.candidate_dir(digest)
+        folder.mkdir(parents=True, exist_ok=True)
+        writing: BackgroundWrite | None = None
+        model_bytes: list[bytes] | None = None
         if self._small_model:  # bytes from cached weight encodings: no per-trial weight copy
             parts, model, report = self.rewriter.apply_serialized(assignment)
-            path = write_bytes_atomic(folder / "model.onnx", parts)
+            if self.backend.builds_from_memory:
+                # The backend builds from memory while the file is written beside it.
+                model_bytes = parts
+                writing = BackgroundWrite(folder / "model.onnx", parts)
+                path = writing.path
+            else:
+                path = write_bytes_atomic(folder / "model.onnx", parts)
         else:
             model, report = self.rewriter.apply(assignment)
             path = save_model(model, folder / "model.onnx")
@@ -202,9 +212,30 @@ class CandidateEvaluator:
              "fp16_nodes": report.fp16_nodes, "forced_fp32": report.forced_fp32},
         )  # fmt: skip
         seconds["rewrite"] = time.perf_counter() - t0
+        try:
+            return self._build_and_score(
+                assignment, digest, fp32_units, path, model_bytes, model, report, seconds,
+                writing, before_timing,
+            )  # fmt: skip
+        finally:
+            if writing is not None:  # the model file is in place before its metrics or error
+                writing.wait()
 
+    def _build_and_score(
+        self,
+        assignment: PrecisionAssignment,
+        digest: str,
+        fp32_units: list[str],
+        path: Path,
+        model_bytes: list[bytes] | None,
+        model: Any,
+        report: Any,
+        seconds: dict[str, float],
+        writing: BackgroundWrite | None,
+        before_timing: Callable[[], object] | None,
+    ) -> Evaluation:
         t0 = time.perf_counter()
-        candidate = self.backend.build(path, self.config)
+        candidate = self.backend.build(path, self.config, model_bytes=model_bytes)
         seconds["build"] = time.perf_counter() - t0
         outputs: list[dict[str, np.ndarray]] = []
         t0 = time.perf_counter()
@@ -213,6 +244,8 @@ class CandidateEvaluator:
                 outputs.append(runner.infer(batch))
             seconds["run"] = time.perf_counter() - t0
             if self.latency.source == "measured":
+                if writing is not None:
+                    writing.wait()  # nothing else in this process competes with the timing
                 if before_timing is not None:
                     before_timing()
                 t0 = time.perf_counter()
@@ -263,7 +296,9 @@ class CandidateEvaluator:
                 "artifacts": {k: str(v) for k, v in candidate.artifacts.items()},
             },
         )
-        self.store.write_json(folder / "metrics.json", result.to_json())
+        if writing is not None:
+            writing.wait()
+        self.store.write_json(self.store.candidate_dir(digest) / "metrics.json", result.to_json())
         return result
 
 

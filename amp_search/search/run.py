@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
@@ -46,6 +47,7 @@ from amp_search.search.sampler import DEFAULT_SAMPLER
 from amp_search.search.seeds import SEED_PARAMS_ATTR, enqueue_seeds
 from amp_search.search.space import SearchSpace
 from amp_search.search.study import (
+    WorkerLock,
     default_storage,
     mark_trial_owner,
     open_or_create_study,
@@ -187,6 +189,16 @@ def run_search(
             latency within budget, state).
         stage: Called with (stage, done, total) during preparation (profiling).
     """
+    with contextlib.ExitStack() as held:  # the worker lock, released when the search ends
+        return _run_search(config, progress, stage, held)
+
+
+def _run_search(
+    config: SearchConfig,
+    progress: Callable[[dict[str, Any]], None] | None,
+    stage: Callable[[str, int, int], None] | None,
+    held: contextlib.ExitStack,
+) -> SearchOutcome:
     import optuna
 
     from amp_search.objective import load_metric
@@ -297,7 +309,7 @@ def run_search(
     study, created = open_or_create_study(
         storage, study_name, seed=config.seed, sampler=config.sampler, must_exist=config.join
     )
-    recover_dead_trials(study)
+    recover_dead_trials(study, alone=held.enter_context(WorkerLock(storage)).alone)
     if created:
         study.set_user_attr(CONFIG_ATTR, {**config.to_json(), "storage": storage,
                                           "study_name": study_name})  # fmt: skip
@@ -321,7 +333,12 @@ def run_search(
     # Digest -> a COMPLETE trial of it, study-wide (every worker's), refreshed after each trial.
     evaluated = _evaluated_trials(study)
 
+    # The trial this process runs now: after a storage outage it is failed by number, since
+    # the outage may have hit the write that records its owner.
+    current: list[int] = []
+
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        current[:] = [trial.number]
         mark_trial_owner(trial)
         # The sampler proposes every unit at once; evaluating that proposal starts now, while
         # Optuna writes the parameters one by one (one storage write per unit).
@@ -336,9 +353,14 @@ def run_search(
             ahead = _Ahead(evaluator.evaluate, early)
         try:
             assignment = space.suggest(trial)
-        finally:
+        except BaseException as exc:
             if ahead is not None:
-                ahead.params_written.set()  # its timed runs may start: this thread now waits
+                ahead.params_written.set()
+                if isinstance(exc, Exception):  # a lost storage: not timed beside the next
+                    ahead.wait()
+            raise
+        if ahead is not None:
+            ahead.params_written.set()  # its timed runs may start: this thread now waits
         if ahead is not None and ahead.assignment != assignment:
             ahead.wait()  # a wrong guess (a trial enqueued by hand): discarded
             ahead = None
@@ -430,7 +452,7 @@ def run_search(
                 if lost is None:
                     raise
                 study = _reconnect(config, storage, study_name, lost)
-                recover_dead_trials(study)  # this worker's own interrupted trial
+                recover_dead_trials(study, mine=current)  # this worker's interrupted trial
                 evaluated.update(_evaluated_trials(study))
     front = compute_front(study)
     if config.max_deviation is not None and not front:

@@ -28,10 +28,13 @@ from amp_search.search.sampler import make_sampler
 from amp_search.search.seeds import SEED_PARAMS_ATTR
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     import optuna
 
 __all__ = [
     "DEFAULT_STUDIES_DIR",
+    "WorkerLock",
     "default_storage",
     "mark_trial_owner",
     "open_study",
@@ -216,10 +219,63 @@ def _requeue_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         study.enqueue_trial(dict(params), user_attrs=attrs)
 
 
-def recover_dead_trials(study: optuna.Study) -> int:
+class WorkerLock:
+    """Whether this is the only live worker of a study in a local file (SQLite, journal).
+
+    Every worker holds a shared ``flock`` on ``<storage file>.workers`` while it runs; one that
+    can first take it exclusively is alone. Then a RUNNING trial without an owner belongs to
+    a dead worker (killed between Optuna creating the trial and the trial recording its
+    owner), however young it is. Elsewhere (a database server, no ``fcntl``, a read-only
+    folder) ``alone`` stays False and such a trial waits :data:`UNOWNED_STALE_S`.
+    """
+
+    def __init__(self, storage: str) -> None:
+        self.path = _local_storage_file(storage)
+        self.alone = False
+        self._fd: int | None = None
+
+    def __enter__(self) -> WorkerLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        if self.path is None:
+            return self
+        try:
+            self._fd = os.open(f"{self.path}.workers", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.alone = True
+        except OSError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_SH)  # held until the worker ends (or dies)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+def _local_storage_file(storage: str) -> str | None:
+    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
+        return storage[len("sqlite:///") :]
+    if storage.endswith((".journal", ".log")) and "://" not in storage:
+        return storage
+    return None
+
+
+def recover_dead_trials(
+    study: optuna.Study, mine: Collection[int] = (), *, alone: bool = False
+) -> int:
     """Fails RUNNING trials whose process on this host is gone; re-enqueues seeds among them.
 
     This process's own RUNNING trials count as dead too: call it only between trials.
+    ``mine`` names trials (by number) this process ran and lost, owner recorded or not: a
+    storage outage can hit the very write that records the owner. With ``alone`` (see
+    :class:`WorkerLock`) a RUNNING trial without an owner is dead whatever its age.
     """
     import optuna
     from optuna.trial import TrialState
@@ -231,11 +287,14 @@ def recover_dead_trials(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(OWNER_ATTR) or {}
         owner_host, pid = owner.get("host"), owner.get("pid")
-        if not owner:
+        if t.number in mine:
+            pass
+        elif not owner:
             # A worker killed between Optuna creating the trial and the trial recording its
-            # owner (milliseconds): dead once it is older than any live start could be.
+            # owner (milliseconds): dead once it is older than any live start could be, or
+            # at once where no other worker of the study lives.
             started = t.datetime_start or now
-            if (now - started).total_seconds() < UNOWNED_STALE_S:
+            if not alone and (now - started).total_seconds() < UNOWNED_STALE_S:
                 continue
         elif owner_host != host or pid is None or _alive(int(pid)) and int(pid) != os.getpid():
             continue

@@ -84,6 +84,29 @@ class BackendConformance:
         rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
         assert np.isfinite(got).all() and 0 < rel < 5e-2
 
+    def test_build_from_memory_matches_the_file(
+        self, backend_config: tuple[Backend, BuildConfig], models: dict[str, Path],
+        feeds: dict[str, np.ndarray], tmp_path: Path,
+    ) -> None:  # fmt: skip
+        """From chunks in memory (file not written yet): the outputs the file gives.
+
+        A backend without ``builds_from_memory`` refuses chunks (the evaluator then writes
+        the file first).
+        """
+        backend, config = backend_config
+        data = models["mixed"].read_bytes()
+        chunks = [data[:100], data[100:1000], data[1000:]]
+        pending = tmp_path / "pending" / "model.onnx"  # not there yet
+        if not backend.builds_from_memory:
+            with pytest.raises(ValueError, match="files only"):
+                backend.build(pending, config, model_bytes=chunks)
+            return
+        with backend.open(backend.build(pending, config, model_bytes=chunks)) as runner:
+            got = runner.infer(feeds)[runner.output_names[0]]
+        with backend.open(backend.build(models["mixed"], config)) as runner:
+            want = runner.infer(feeds)[runner.output_names[0]]
+        np.testing.assert_array_equal(got, want)
+
     def test_timing_through_run_once(
         self, backend_config: tuple[Backend, BuildConfig], models: dict[str, Path],
         feeds: dict[str, np.ndarray],
