@@ -38,11 +38,17 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | list[bytes]) -> Path:
+def write_bytes_atomic(
+    path: str | os.PathLike[str], data: bytes | list[bytes], *, sync: bool = True
+) -> Path:
     """Writes ``data`` (bytes, or chunks written in order) to ``path`` atomically.
 
     The data goes to a temporary file in the same folder, is synced, then renamed over
-    ``path``: readers see the old file or the new one, never a partial write.
+    ``path``: readers see the old file or the new one, never a partial write. Without
+    ``sync`` that still holds against a killed process, not against a power cut; it is for
+    files whose loss costs only their recomputation (a candidate's metrics: an unreadable
+    one is evaluated again). Under a large write elsewhere on the disk, a sync can take tens
+    of milliseconds.
     """
     p = Path(path)
     try:
@@ -57,7 +63,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | list[bytes]) 
             else:
                 f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, p)
     except OSError as exc:
@@ -161,10 +168,10 @@ def disk_full_message(exc: BaseException) -> str | None:
     return None
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, sync: bool = True) -> Path:
     """Writes ``obj`` as indented JSON atomically (non-finite floats become strings)."""
     text = json.dumps(_finite(obj), indent=2, sort_keys=False)
-    return write_bytes_atomic(path, text.encode() + b"\n")
+    return write_bytes_atomic(path, text.encode() + b"\n", sync=sync)
 
 
 def _finite(obj: Any) -> Any:

@@ -83,7 +83,8 @@ def run_once(args: argparse.Namespace, k: int, work: Path, storage: str) -> dict
         if "build" not in secs:
             continue  # answered from the cache
         total = (t.datetime_complete - t.datetime_start).total_seconds()
-        backend = secs["build"] + secs["run"] + secs.get("time", 0.0) + secs.get("estimate", 0.0)
+        backend = (secs["build"] + secs["run"] + secs.get("time", 0.0) + secs.get("release", 0.0)
+                   + secs.get("estimate", 0.0))  # fmt: skip
         rows.append({"total_s": total, "backend_s": backend, "overhead_s": total - backend})
     per_worker = Counter(t.user_attrs.get(OWNER_ATTR, {}).get("pid") for t in complete)
     return {

@@ -234,6 +234,13 @@ class Backend(abc.ABC):
             raise UserInputError(f"Model file not found: {path}")
         return self._build(path, config)
 
+    def release(self, candidate: Candidate) -> None:
+        """Frees what the built candidate holds (a session, an engine) now.
+
+        Opening it again rebuilds or reloads it from its files.
+        """
+        candidate.handle = None
+
     def open(self, candidate: Candidate) -> Runner:
         """A runner for ``candidate`` (enter it with ``with``)."""
         if candidate.backend != self.name:

@@ -76,9 +76,9 @@ class ResultsStore:
         except (OSError, ValueError):
             return None
 
-    def write_json(self, path: Path, obj: Any) -> Path:
-        """Atomic JSON write."""
-        return write_json_atomic(path, obj)
+    def write_json(self, path: Path, obj: Any, *, sync: bool = True) -> Path:
+        """Atomic JSON write (for ``sync``, see :func:`amp_search._atomic.write_bytes_atomic`)."""
+        return write_json_atomic(path, obj, sync=sync)
 
     def check_run(self, identity: dict[str, Any]) -> None:
         """Records the run identity, or checks it matches the one already there."""
