@@ -339,7 +339,6 @@ def _run_search(
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         current[:] = [trial.number]
-        mark_trial_owner(trial)
         # The sampler proposes every unit at once; evaluating that proposal starts now, while
         # Optuna writes the parameters one by one (one storage write per unit).
         ahead = None
@@ -352,6 +351,7 @@ def _run_search(
         if early is not None and early.digest() not in evaluated:
             ahead = _Ahead(evaluator.evaluate, early)
         try:
+            mark_trial_owner(trial)  # one storage write, while the evaluation starts
             assignment = space.suggest(trial)
         except BaseException as exc:
             if ahead is not None:
