@@ -110,6 +110,12 @@ class SearchCommand(Subcommand):
             help="merge consecutive units into at most this many decision variables "
             "(keeps models with hundreds of layers searchable)",
         )  # fmt: skip
+        parser.add_argument(
+            "--keep-models", default="all", choices=("all", "front"),
+            help="front: remove the model files of candidates beaten on both latency and "
+            "deviation (a long search on a large model writes tens of GB otherwise) "
+            "(%(default)s)",
+        )  # fmt: skip
         add_storage_retry(parser)
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
@@ -138,6 +144,7 @@ class SearchCommand(Subcommand):
             max_units=args.max_units,
             record_metrics=tuple(args.record_metric),
             storage_retry_s=args.storage_retry,
+            keep_models=args.keep_models,
         )
         return run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
 

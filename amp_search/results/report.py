@@ -116,6 +116,12 @@ def copy_candidate(results: Results, point: FrontPoint, to: str | os.PathLike[st
     src = results.store.candidate_dir(point.digest)
     model = src / "model.onnx"
     if not model.is_file():
+        if (src / "precision.json").is_file():  # pruned: beaten in a study over this folder
+            raise UserInputError(
+                f"The model of candidate {point.digest} was removed by --keep-models front "
+                "(another study over this folder found it beaten). Run the search again "
+                "with --keep-models all and a new --study to rebuild it."
+            )
         raise UserInputError(
             f"Candidate folder {src} has no model.onnx (was the results directory moved "
             "without its candidates/ folder?)."

@@ -13,6 +13,8 @@
           metrics.json              latency (with its source), deviations, feasibility
           error.json                why it failed to build or run (instead of metrics.json)
           .claim                    while a worker evaluates it: that worker's host and pid
+                                    (--keep-models front: a beaten one keeps precision.json
+                                    only; see amp_search.results.prune)
       front.json, front.csv         the Pareto front (feasible, non-dominated trials)
       pareto.png, pareto.html       the plots
 

@@ -41,6 +41,7 @@ from amp_search.results.pareto import (
     record_of,
     write_front,
 )
+from amp_search.results.prune import KEEP_MODELS, prune_dominated
 from amp_search.results.store import ResultsStore
 from amp_search.search.evaluate import CandidateEvaluator, Evaluation, LatencySettings
 from amp_search.search.sampler import DEFAULT_SAMPLER
@@ -96,6 +97,8 @@ class SearchConfig:
     join: bool = False
     #: How long to keep retrying when the study storage stops answering.
     storage_retry_s: float = 120.0
+    #: ``all``: every candidate keeps its model; ``front``: dominated ones are pruned.
+    keep_models: str = "all"
 
     def to_json(self) -> dict[str, Any]:
         """The settings a worker needs to join this search (paths made absolute)."""
@@ -211,6 +214,10 @@ def _run_search(
         raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
     if config.max_deviation is not None and not config.max_deviation > 0:
         raise UserInputError(f"--max-deviation must be positive, got {config.max_deviation}.")
+    if config.keep_models not in KEEP_MODELS:
+        raise UserInputError(
+            f"--keep-models must be one of {', '.join(KEEP_MODELS)}, got {config.keep_models!r}."
+        )
     metric = load_metric(config.metric)
     extra = [load_metric(m) for m in config.record_metrics if m != metric.name]
     backend = get_backend(config.backend)
@@ -368,10 +375,10 @@ def _run_search(
                          "evaluating them instead", trial.number)  # fmt: skip
         prior = evaluated.get(assignment.digest())
         if prior is not None:
-            trial.set_user_attr("duplicate", True)  # re-proposed: answered without a rebuild
-            if evaluator.store.cached_metrics(assignment.digest()) is None:
-                # Evaluated by a worker whose results folder this one does not share.
-                return _answer_from_trial(trial, prior)
+            # Re-proposed: answered from the trial that evaluated it, without a rebuild, and
+            # without its files (another worker's folder, or pruned by --keep-models front).
+            trial.set_user_attr("duplicate", True)
+            return _answer_from_trial(trial, prior)
         try:
             ev = ahead.result() if ahead is not None else evaluator.evaluate(assignment)
         except (CandidateBuildError, CandidateRunError) as exc:
@@ -397,11 +404,14 @@ def _run_search(
     }
     target = config.n_trials
     last_recovery = time.monotonic()
+    pruned: set[str] = set()  # digests whose files --keep-models front removed
     with _Interrupt() as interrupt, _quiet_heartbeat_errors():
 
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             nonlocal last_recovery
             evaluated.update(_evaluated_trials(study))
+            if config.keep_models == "front":
+                prune_dominated(store, study, pruned)
             if time.monotonic() - last_recovery > RECOVER_EVERY_S:
                 recover_dead_trials(study)  # a worker beside this one may have died
                 last_recovery = time.monotonic()

@@ -121,6 +121,19 @@ def test_demo_then_report_then_pick(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+def test_search_keep_models_front_then_pick(tmp_path, demo_model_path, demo_data_path):
+    out = tmp_path / "out"
+    r = _cli("search", str(demo_model_path), "--data", str(demo_data_path), "--n-trials", "14",
+             "--keep-models", "front", "--out", str(out),
+             "--storage", str(tmp_path / "s.journal"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    folders = list((out / "candidates").iterdir())
+    assert 0 < len(list((out / "candidates").glob("*/model.onnx"))) < len(folders)
+    r = _cli("pick", str(out), "--max-deviation", "0.01", "--to", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.onnx").is_file()
+
+
 def test_threads_become_the_cpu_thread_option_only_on_the_cpu():
     from amp_search.cli.search import parse_options
 
