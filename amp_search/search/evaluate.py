@@ -191,15 +191,14 @@ class CandidateEvaluator:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         folder = self.store.candidate_dir(digest)
-        folder.mkdir(parents=True, exist_ok=True)
         writing: BackgroundWrite | None = None
-        model_bytes: list[bytes] | None = None
         parts: list[bytes] | None = None
         if self._small_model:  # bytes from cached weight encodings: no per-trial weight copy
             parts, model, report = self.rewriter.apply_serialized(assignment)
         else:
             model, report = self.rewriter.apply(assignment)
-        # Before the model: its sync would otherwise wait for the model's data.
+        # Before the model (and it makes the folder): its sync would otherwise wait for the
+        # model's data.
         self.store.write_json(
             folder / "precision.json",
             {"units": assignment.to_json(), "fp32_fallback": fp32_units,
@@ -209,20 +208,25 @@ class CandidateEvaluator:
             path = save_model(model, folder / "model.onnx")
         elif self.backend.builds_from_memory:
             # The backend builds from memory while the file is written beside it.
-            model_bytes = parts
             writing = BackgroundWrite(folder / "model.onnx", parts)
             path = writing.path
         else:
             path = write_bytes_atomic(folder / "model.onnx", parts)
         seconds["rewrite"] = time.perf_counter() - t0
         try:
-            return self._build_and_score(
-                assignment, digest, fp32_units, path, model_bytes, model, report, seconds,
-                writing, before_timing,
+            result = self._build_and_score(
+                assignment, digest, fp32_units, path, parts if writing else None, model,
+                report, seconds, writing, before_timing,
             )  # fmt: skip
         finally:
             if writing is not None:  # the model file is in place before its metrics or error
+                t0 = time.perf_counter()
                 writing.wait()
+                seconds["write_wait"] = time.perf_counter() - t0  # after scoring
+        # Not synced: the model is (it is what a user picks); metrics lost to a power cut
+        # only mean the candidate is evaluated again.
+        self.store.write_json(folder / "metrics.json", result.to_json(), sync=False)
+        return result
 
     def _build_and_score(
         self,
@@ -304,15 +308,6 @@ class CandidateEvaluator:
                 "build": {"seconds": candidate.build_time_s, **_jsonable(candidate.info)},
                 "artifacts": {k: str(v) for k, v in candidate.artifacts.items()},
             },
-        )
-        if writing is not None:
-            t0 = time.perf_counter()
-            writing.wait()
-            seconds["write_wait"] = time.perf_counter() - t0  # the model file, after scoring
-        # Not synced: the model is (it is what a user picks); metrics lost to a power cut
-        # only mean the candidate is evaluated again.
-        self.store.write_json(
-            self.store.candidate_dir(digest) / "metrics.json", result.to_json(), sync=False
         )
         return result
 
