@@ -2,7 +2,10 @@
 
 Everywhere: the engine-inspector JSON parser (10.x and 11.x samples written from the documented
 schemas), the optional-import contract (no tensorrt, no tensorrt_rtx, no cuda-python), options,
-and option validation. No stand-in TensorRT: what needs TensorRT runs only where it imports.
+option validation (``tf32`` and the other 0/1 options, optimization-profile shapes), ``tf32`` in
+the candidate's identity, the CUDA-graph capture fallback (:class:`CudaGraph`, our own decision
+logic, over a recording stand-in for the runner's stream) and the driver/bindings version check.
+No stand-in TensorRT or cuda-python: what needs them runs only where they import.
 
 Where ``tensorrt`` or ``tensorrt_rtx`` imports (``@pytest.mark.tensorrt``): a real strongly typed
 build of a mixed-precision demo model, the layer precisions it reports, the shared timing cache;
@@ -25,9 +28,12 @@ import pytest
 from amp_search.backends import BuildConfig, get_backend
 from amp_search.backends.trt import TensorRTBackend, layer_precisions
 from amp_search.backends.trt import _cuda as trt_cuda
+from amp_search.backends.trt import backend as trt_backend
 from amp_search.backends.trt import builder as trt_builder
+from amp_search.backends.trt.runner import CudaGraph
 from amp_search.errors import (
     BackendUnavailableError,
+    CandidateRunError,
     UserInputError,
 )
 
@@ -358,6 +364,41 @@ def test_options_are_validated():
     opts = backend.resolve_options(BuildConfig("cuda:1", {"builder_optimization_level": 1}))
     assert opts["builder_optimization_level"] == 1
     assert opts["module"] == "auto"
+    assert opts["tf32"] == 0  # FP32 layers are FP32 unless asked (TensorRT's default is on)
+
+
+@pytest.mark.parametrize("value", [0, 1, True, False, "0", "1"])
+def test_tf32_accepts_0_and_1(value):
+    opts = TensorRTBackend().resolve_options(BuildConfig("cuda", {"tf32": value}))
+    assert opts["tf32"] == int(value)
+    assert type(opts["tf32"]) is int  # stored as an int: tf32=True and tf32=1 are one identity
+
+
+@pytest.mark.parametrize("value", [2, -1, 0.5, "yes", "true", None, [1]])
+@pytest.mark.parametrize("key", ["tf32", "cuda_graph", "timing_cache"])
+def test_flag_options_reject_anything_but_0_and_1(key, value):
+    with pytest.raises(UserInputError, match=f"TensorRT option {key} must be 0 or 1") as err:
+        TensorRTBackend().resolve_options(BuildConfig("cuda", {key: value}))
+    assert "\n" not in str(err.value)
+
+
+def test_tf32_is_part_of_the_identity(monkeypatch):
+    # identity() asks TensorRT for its version and nvidia-smi for the GPU; both are fixed here
+    # (our own lookups, not TensorRT) so the options part can be compared without either.
+    monkeypatch.setattr(TensorRTBackend, "_module", lambda self, opts: ("tensorrt", "10.13.3"))
+    monkeypatch.setattr(trt_backend, "_gpu", lambda device_id: "NVIDIA H200")
+    backend = TensorRTBackend()
+    base = {"shapes": {"image": [8, 3, 48, 48]}, "timing_cache_dir": "/tmp/a"}
+    off = backend.identity(BuildConfig("cuda", base))
+    on = backend.identity(BuildConfig("cuda", {**base, "tf32": 1}))
+    assert off["options"]["tf32"] == 0
+    assert on["options"]["tf32"] == 1
+    assert json.dumps(off, sort_keys=True) != json.dumps(on, sort_keys=True)
+    assert {k for k in on["options"] if on["options"][k] != off["options"][k]} == {"tf32"}
+    # The same engine however it is spelled, and wherever the timing cache lives.
+    same = backend.identity(BuildConfig("cuda", {**base, "tf32": True, "timing_cache_dir": "/b"}))
+    assert same == on
+    assert "timing_cache_dir" not in on["options"]
 
 
 def test_profile_shapes_for_dynamic_inputs():
@@ -374,6 +415,178 @@ def test_profile_shapes_for_dynamic_inputs():
         trt_builder._profile_shapes(inputs, {"shapes": {"image": [8, 1, 48, 48]}})
     with pytest.raises(UserInputError, match="unknown input"):
         trt_builder._profile_shapes(inputs, {"shapes": {"img": [8, 3, 48, 48]}})
+
+
+_DYNAMIC = [("image", (-1, 3, -1, 48))]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (  # min > opt
+            {"shapes": {"image": [8, 3, 48, 48]}, "min_shapes": {"image": [16, 3, 48, 48]}},
+            r"min <= opt <= max .*dimension 0: 16, 8, 8\); fix options min_shapes",
+        ),
+        (  # opt > max, in the second dynamic dimension
+            {"shapes": {"image": [8, 3, 64, 48]}, "max_shapes": {"image": [8, 3, 32, 48]}},
+            r"min <= opt <= max .*dimension 2: 64, 64, 32\)",
+        ),
+        (  # a rank that differs between the bounds
+            {"shapes": {"image": [8, 3, 48, 48]}, "max_shapes": {"image": [8, 3, 48]}},
+            r"must all have its rank 4 .*max \[8, 3, 48\]; fix options",
+        ),
+        (  # a rank that differs from the input's
+            {"shapes": {"image": [8, 3, 48, 48, 1]}},
+            r"must all have its rank 4",
+        ),
+        (  # a static dimension changed
+            {"shapes": {"image": [8, 4, 48, 48]}},
+            r"given as min for input 'image' does not fit .*change only its -1 dimensions",
+        ),
+    ],
+)
+def test_profile_shapes_are_checked_up_front(options, message):
+    with pytest.raises(UserInputError, match=message) as err:
+        trt_builder._profile_shapes(_DYNAMIC, options)
+    assert "\n" not in str(err.value)  # one line, saying what to do
+
+
+def test_profile_shapes_accept_a_range():
+    got = trt_builder._profile_shapes(
+        _DYNAMIC,
+        {
+            "min_shapes": {"image": [1, 3, 32, 48]},
+            "opt_shapes": {"image": [8, 3, 48, 48]},
+            "max_shapes": {"image": [16, 3, 64, 48]},
+        },
+    )
+    assert got == {"image": ((1, 3, 32, 48), (8, 3, 48, 48), (16, 3, 64, 48))}
+
+
+# --- CUDA graph capture fallback (our decision logic; no CUDA here) ------------------------------
+
+
+class RecordingStream:
+    """Stands in for the runner's stream operations (``_RunnerStream``): records the calls."""
+
+    def __init__(self, fail_at=None, error=None):
+        self.calls = []
+        self.fail_at = fail_at
+        self.error = error or CandidateRunError(
+            "CUDA call cudaStreamEndCapture failed with cudaErrorStreamCaptureInvalidated; "
+            "the GPU could not run the candidate.",
+            notes=["cuda-python runtime.cudaStreamEndCapture(...)"],
+        )
+
+    def _step(self, name, result=None):
+        self.calls.append(name)
+        if name == self.fail_at:
+            raise self.error
+        return result
+
+    def begin_capture(self):
+        self._step("begin")
+
+    def end_capture(self):
+        return self._step("end", "graph-exec")
+
+    def abort_capture(self):
+        self.calls.append("abort")
+
+    def launch(self, graph_exec):
+        self.calls.append(f"launch {graph_exec}")
+
+    def destroy(self, graph_exec):
+        self.calls.append(f"destroy {graph_exec}")
+
+    def enqueue(self):
+        self._step("enqueue")
+
+
+def test_cuda_graph_captures_launches_and_recaptures_after_a_drop(caplog):
+    graph, stream = CudaGraph(True), RecordingStream()
+    assert graph.wanted
+    assert graph.describe() == {
+        "requested": True, "used": False, "reason": "not captured yet (no timed run)",
+    }  # fmt: skip
+    assert graph.capture(stream, stream.enqueue) is True
+    assert stream.calls == ["begin", "enqueue", "end"]
+    assert graph.used
+    assert not graph.wanted
+    assert graph.describe() == {"requested": True, "used": True, "reason": None}
+    graph.launch(stream)
+    graph.drop(stream)  # new shapes or buffers: the next timed run captures again
+    assert stream.calls[-2:] == ["launch graph-exec", "destroy graph-exec"]
+    assert graph.wanted
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("fail_at", ["begin", "enqueue", "end"])
+def test_failed_capture_ends_it_warns_once_and_falls_back(caplog, fail_at):
+    graph = CudaGraph(True)
+    refused = CandidateRunError(
+        "TensorRT execute_async_v3 failed on the candidate.",
+        notes=["operation not permitted when stream is capturing"],
+    )
+    stream = RecordingStream(fail_at=fail_at, error=refused)
+    with caplog.at_level("WARNING", logger="amp_search.backends.trt.runner"):
+        assert graph.capture(stream, stream.enqueue) is False
+        assert graph.capture(stream, stream.enqueue) is False  # never tried again
+    assert stream.calls[-1] == "abort"  # the capture is ended, whatever step failed
+    assert stream.calls.count("begin") == 1
+    assert not graph.used
+    assert not graph.wanted
+    info = graph.describe()
+    assert info["requested"] is True
+    assert info["used"] is False
+    assert info["reason"].startswith("capture failed: TensorRT execute_async_v3 failed")
+    assert "not permitted when stream is capturing" in info["reason"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "without a graph" in warnings[0].getMessage()
+    graph.drop(stream)  # nothing to destroy
+    assert not any(c.startswith("destroy") for c in stream.calls)
+
+
+def test_a_bug_during_capture_ends_it_and_propagates():
+    graph = CudaGraph(True)
+    stream = RecordingStream(fail_at="enqueue", error=TypeError("a bug, not a refusal"))
+    with pytest.raises(TypeError, match="a bug"):
+        graph.capture(stream, stream.enqueue)
+    assert stream.calls == ["begin", "enqueue", "abort"]
+    assert graph.failure is None
+
+
+def test_cuda_graph_not_requested_does_nothing():
+    graph, stream = CudaGraph(False), RecordingStream()
+    assert not graph.wanted
+    assert graph.capture(stream, stream.enqueue) is False
+    assert stream.calls == []
+    assert graph.describe() == {
+        "requested": False, "used": False, "reason": "option cuda_graph is 0",
+    }  # fmt: skip
+    with pytest.raises(RuntimeError, match="without a captured graph"):
+        graph.launch(stream)
+
+
+# --- cuda-python against the driver ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("driver", "bindings"),
+    [(13000, 13050), (12080, 12090), (12020, 12090), (13000, 12090), (13010, 13000)],
+)
+def test_driver_check_passes_when_the_major_is_supported(driver, bindings):
+    trt_cuda.check_driver_version(driver, bindings)
+
+
+def test_driver_check_says_which_cuda_python_to_install():
+    with pytest.raises(BackendUnavailableError, match="CUDA 13.*CUDA 12.8") as err:
+        trt_cuda.check_driver_version(12080, 13050)
+    message = str(err.value)
+    assert "pip install 'cuda-python<13'" in message
+    assert "580.65" in message
+    assert "\n" not in message
 
 
 # --- real TensorRT -----------------------------------------------------------------------------
@@ -428,6 +641,8 @@ def test_real_build_is_strongly_typed_and_reports_layer_precisions(tmp_path):
     assert cand.artifacts["engine"].stat().st_size > 0
     assert cand.identity["module"] == TRT_MODULE
     assert cand.info["settings"]["profile"] == {"image": [[8, 3, 48, 48]] * 3}
+    assert cand.identity["options"]["tf32"] == 0
+    assert cand.info["settings"]["tf32"] in (False, "not supported by this module")
     if cand.info["layer_info_error"]:
         pytest.skip(f"no layer information here: {cand.info['layer_info_error']}")
     precisions = cand.info["layer_precisions"]
@@ -489,6 +704,9 @@ def test_real_engine_matches_onnxruntime_cpu(tmp_path, cuda_graph):
         runner.bind(feeds)
         stats = measure(runner.run_once, source=runner.source, timer=runner.event_timer, runs=5)
         again = runner.infer(feeds)["logits"]
+    assert runner.info is cand.info["runner"]  # recorded with the candidate
+    assert runner.info["nvtx_verbosity"] == "LAYER_NAMES_ONLY"
+    assert runner.info["cuda_graph"]["used"] is bool(cuda_graph), runner.info["cuda_graph"]
     assert got.shape == expected.shape
     assert got.dtype == np.float32
     rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)

@@ -7,7 +7,9 @@ pointers) or cuda-python's own handle objects (streams, events, graphs), passed 
 
 cuda-python is imported only when a function here is first called (``cuda.bindings.runtime`` in
 cuda-python 12.6+ and 13.x, ``cuda.cudart`` in older 12.x releases); without it the functions
-raise :class:`~amp_search.errors.BackendUnavailableError` with the install command.
+raise :class:`~amp_search.errors.BackendUnavailableError` with the install command. On import the
+driver is checked against the bindings' CUDA major (cuda-python 13.x needs a CUDA 13 driver,
+580.65 or newer): an older driver raises the same error, saying to install ``cuda-python<13``.
 
 API reference: the cuda-python "cuda.bindings.runtime" module docs (12.x/13.x); each function
 returns a tuple whose first item is a ``cudaError_t`` (``cudaSuccess`` is 0), followed by the
@@ -25,6 +27,7 @@ from amp_search._optional import require
 from amp_search.errors import BackendUnavailableError, CandidateRunError
 
 __all__ = [
+    "check_driver_version",
     "compute_capability",
     "event_create",
     "event_destroy",
@@ -32,6 +35,7 @@ __all__ = [
     "event_record",
     "event_synchronize",
     "free",
+    "graph_capture_abort",
     "graph_capture_begin",
     "graph_capture_end",
     "graph_destroy",
@@ -56,14 +60,61 @@ _WHAT = "The TensorRT backend's CUDA calls (cuda-python)"
 
 @functools.lru_cache(maxsize=1)
 def runtime() -> Any:
-    """The cuda-python runtime module (``cuda.bindings.runtime``, else ``cuda.cudart``)."""
+    """The cuda-python runtime module (``cuda.bindings.runtime``, else ``cuda.cudart``).
+
+    Raises:
+        BackendUnavailableError: cuda-python is missing, or built for a newer CUDA major than
+            the driver supports.
+    """
     try:
-        return require("cuda.bindings.runtime", extra="tensorrt", what=_WHAT)
+        rt = require("cuda.bindings.runtime", extra="tensorrt", what=_WHAT)
     except BackendUnavailableError as first:
         try:  # cuda-python < 12.6 only has the old module name
-            return require("cuda.cudart", extra="tensorrt", what=_WHAT)
+            rt = require("cuda.cudart", extra="tensorrt", what=_WHAT)
         except BackendUnavailableError:
             raise first from None
+    _check_driver(rt)
+    return rt
+
+
+def check_driver_version(driver_version: int, runtime_version: int) -> None:
+    """Raises unless the driver supports the CUDA major the bindings were built for.
+
+    Args:
+        driver_version: ``cudaDriverGetVersion``'s value, 1000 * major + 10 * minor (12080).
+        runtime_version: ``cudaRuntimeGetVersion``'s value: the bindings' CUDA version (13000).
+
+    Raises:
+        BackendUnavailableError: The driver's CUDA major is below the bindings' (a CUDA 12
+            driver under cuda-python 13.x, which needs driver 580.65 or newer).
+    """
+    need, have = runtime_version // 1000, driver_version // 1000
+    if have >= need:
+        return
+    raise BackendUnavailableError(
+        f"cuda-python here is built for CUDA {need}, but the NVIDIA driver supports only CUDA "
+        f"{have}.{driver_version % 1000 // 10}; install bindings for this driver with: "
+        f"pip install 'cuda-python<{have + 1}' (or update the driver"
+        + (", to 580.65 or newer for CUDA 13" if need == 13 else "")
+        + ")."
+    )
+
+
+def _check_driver(rt: Any) -> None:
+    """:func:`check_driver_version` on this machine (cudaDriverGetVersion/cudaRuntimeGetVersion).
+
+    ``cudaDriverGetVersion`` reports what the driver's ``cuDriverGetVersion`` does, and 0 where no
+    driver is installed: that case is left to the first real call, which names it.
+    """
+    try:
+        err, driver_version = rt.cudaDriverGetVersion()
+        err2, runtime_version = rt.cudaRuntimeGetVersion()
+    except Exception as exc:  # a query that fails must not hide the real call's error
+        logger.debug("Could not read the CUDA driver/runtime versions: %s", exc)
+        return
+    if int(err) or int(err2) or not driver_version:
+        return
+    check_driver_version(int(driver_version), int(runtime_version))
 
 
 def _error_name(rt: Any, err: Any) -> str:
@@ -197,9 +248,14 @@ def event_destroy(event: Any) -> None:
 
 
 def graph_capture_begin(stream: Any) -> None:
-    """Starts capturing ``stream`` into a CUDA graph (``cudaStreamCaptureModeGlobal``)."""
+    """Starts capturing ``stream`` into a CUDA graph.
+
+    In ``cudaStreamCaptureModeThreadLocal``, as trtexec does: only this thread's unsafe calls
+    (a ``cudaMalloc`` say) invalidate the capture, not those of another thread building or
+    running another candidate meanwhile.
+    """
     rt = runtime()
-    mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+    mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
     _call("cudaStreamBeginCapture", rt.cudaStreamBeginCapture, stream, mode)
 
 
@@ -207,6 +263,27 @@ def graph_capture_end(stream: Any) -> Any:
     """Ends the capture started by :func:`graph_capture_begin`; returns the graph."""
     rt = runtime()
     return _call("cudaStreamEndCapture", rt.cudaStreamEndCapture, stream)
+
+
+def graph_capture_abort(stream: Any) -> None:
+    """Ends a failed capture and drops what it captured (trtexec's ``endCaptureOnError``).
+
+    If ``stream`` is still capturing (``cudaStreamIsCapturing``), ``cudaStreamEndCapture`` ends
+    it: an invalidated capture returns ``cudaErrorStreamCaptureInvalidated`` and no graph, any
+    graph it does return is destroyed unused. ``cudaGetLastError`` then clears the error the
+    failed capture left. Never raises: the caller is already handling the failure.
+    """
+    rt = runtime()
+    try:
+        err, status = rt.cudaStreamIsCapturing(stream)
+        none = rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone
+        if int(err) != 0 or status != none:
+            err, graph = rt.cudaStreamEndCapture(stream)
+            if int(err) == 0 and graph is not None:
+                rt.cudaGraphDestroy(graph)
+        rt.cudaGetLastError()
+    except Exception as exc:  # cleanup after a failure: the first error is the one to report
+        logger.debug("Ending the failed CUDA graph capture failed too: %s", exc)
 
 
 def graph_instantiate(graph: Any) -> Any:

@@ -4,7 +4,9 @@ Options (see :data:`amp_search.backends.trt.builder.DEFAULT_OPTIONS`; all but
 ``timing_cache_dir`` are part of the candidate's identity): ``module`` (``auto``/``tensorrt``/
 ``tensorrt_rtx``), ``builder_optimization_level`` (0..5, default 3), ``workspace_mb``,
 ``shapes`` / ``min_shapes`` / ``opt_shapes`` / ``max_shapes`` for dynamic inputs,
-``timing_cache`` (0/1) and ``timing_cache_dir``, ``cuda_graph`` (0/1, runner).
+``tf32`` (0/1, default 0: FP32 layers do not use TF32), ``timing_cache`` (0/1) and
+``timing_cache_dir``, ``cuda_graph`` (0/1, runner; a graph that cannot be captured falls back to
+plain enqueues, recorded in ``Candidate.info["runner"]``).
 
 A build writes ``engine.plan`` and the inspector's ``layers.json`` next to the ONNX file (one
 folder per candidate), and records each engine layer's precision in
@@ -31,9 +33,11 @@ from amp_search.backends.base import Backend, BuildConfig, Candidate, Runner
 from amp_search.backends.ort import _gpu_name
 from amp_search.backends.trt.builder import (
     DEFAULT_OPTIONS,
+    FLAG_OPTIONS,
     MODULES,
     BuiltEngine,
     build_engine,
+    check_flag,
     import_trt,
     layer_precisions,
 )
@@ -75,7 +79,8 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     requires = ("tensorrt",)
     extra = "tensorrt"
-    #: Search at a low level (``--option builder_optimization_level=0``), refine at the default.
+    #: Search at a lower level (``--option builder_optimization_level=1`` or ``2``), refine at the
+    #: default. Not 0: it takes the first tactic that runs and ignores the timing cache.
     refine_defaults = ("builder_optimization_level",)
 
     @classmethod
@@ -115,6 +120,8 @@ class TensorRTBackend(Backend):
                 "TensorRT option module must be 'auto', 'tensorrt' or 'tensorrt_rtx', "
                 f"got {opts['module']!r}."
             )
+        for key in FLAG_OPTIONS:  # as ints, so tf32=True and tf32=1 are one identity
+            opts[key] = check_flag(key, opts[key])
         return opts
 
     def _module(self, opts: dict[str, Any]) -> tuple[str, str]:
@@ -215,7 +222,8 @@ class TensorRTBackend(Backend):
             output_names=outputs,
             module="tensorrt" if module == "auto" else module,
             device_id=candidate.config.device_id,
-            cuda_graph=bool(int(opts["cuda_graph"])),
+            cuda_graph=bool(check_flag("cuda_graph", opts["cuda_graph"])),
+            info=candidate.info.setdefault("runner", {}),
         )
 
 

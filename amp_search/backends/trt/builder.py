@@ -5,7 +5,12 @@ tensor's type comes from the ONNX graph; no ``BuilderFlag.FP16``, no layer preci
 also the only mode TensorRT 11 and TensorRT-RTX have), adds an optimization profile for dynamic
 inputs, shares one timing cache file per device and TensorRT version across builds, and asks for
 ``ProfilingVerbosity.DETAILED`` so the engine inspector can say which precision each fused layer
-actually runs in. :func:`layer_precisions` reads that inspector JSON (the 10.x and 11.x schemas).
+actually runs in (the runner lowers the execution context's NVTX verbosity again before timing).
+:func:`layer_precisions` reads that inspector JSON (the 10.x and 11.x schemas).
+
+``BuilderFlag.TF32`` is on by default in TensorRT ("Enabled by default", NvInfer.h, 10.x-11.x):
+the builder clears it unless option ``tf32`` is 1, so FP32 layers (and the all-FP32 baseline)
+compute in FP32, not TF32.
 
 The build path works with ``tensorrt`` (10.x, 11.x) or ``tensorrt_rtx`` (TensorRT-RTX, the
 TensorRT 11 API): option ``module`` picks one, ``"auto"`` prefers ``tensorrt``. Neither is
@@ -37,9 +42,11 @@ from amp_search.errors import BackendUnavailableError, CandidateBuildError, User
 
 __all__ = [
     "DEFAULT_OPTIONS",
+    "FLAG_OPTIONS",
     "MODULES",
     "BuiltEngine",
     "build_engine",
+    "check_flag",
     "import_trt",
     "layer_precisions",
     "make_logger",
@@ -54,9 +61,13 @@ MODULES = ("tensorrt", "tensorrt_rtx")
 DEFAULT_OPTIONS: dict[str, Any] = {
     # "auto" (tensorrt if importable, else tensorrt_rtx), "tensorrt" or "tensorrt_rtx".
     "module": "auto",
-    # 0..5; TensorRT's default is 3. A search may build at a lower level and rebuild its front
-    # at the default: lower levels build faster and may pick slower tactics.
+    # 0..5; TensorRT's default is 3. A search may build at 1 or 2 and rebuild its front at the
+    # default: lower levels build faster and may pick slower tactics. Level 0 takes the first
+    # tactic that runs and ignores the timing cache: its timings say little about level 3.
     "builder_optimization_level": 3,
+    # 1: let FP32 layers use TF32 (BuilderFlag.TF32, on by default in TensorRT); 0 (default)
+    # clears the flag, so "FP32" means FP32, as use_tf32=0 does for ONNX Runtime.
+    "tf32": 0,
     # Workspace memory pool limit in MiB (None: TensorRT's default, the device's memory).
     "workspace_mb": None,
     # {input: shape}: min = opt = max for dynamic inputs (the calibration batch's shape).
@@ -75,6 +86,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 }
 
 _MAX_OPT_LEVEL = 5
+#: The 0/1 options (bools and "0"/"1" are taken too, and stored as ints).
+FLAG_OPTIONS = ("tf32", "timing_cache", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,19 @@ def make_logger(trt: types.ModuleType) -> Any:
     return _CollectingLogger()
 
 
+def check_flag(name: str, value: Any) -> int:
+    """A 0/1 option as an int (``True``/``False`` and ``"0"``/``"1"`` also accepted).
+
+    Raises:
+        UserInputError: ``value`` is anything else.
+    """
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | str) and str(value).strip() in ("0", "1"):
+        return int(str(value).strip())
+    raise UserInputError(f"TensorRT option {name} must be 0 or 1, got {value!r}.")
+
+
 def _one_line(text: str, limit: int = 400) -> str:
     """``text`` on one line (TensorRT messages may span several), cut at ``limit``."""
     flat = " ".join(str(text).split())
@@ -261,20 +287,49 @@ def _profile_shapes(
                 f"options shapes={{{name!r}: [...]}} (the calibration batch's shape) or "
                 "min_shapes/opt_shapes/max_shapes."
             )
-        triple = tuple(
+        lo, mid, hi = (
             _as_shape(b.get(name, opt), f"{key}[{name!r}]")
             for b, key in zip(bounds, keys, strict=True)
         )
-        for shape in triple:
-            if len(shape) != len(dims) or any(
-                d >= 0 and d != s for d, s in zip(dims, shape, strict=False)
-            ):
-                raise UserInputError(
-                    f"Shape {list(shape)} given for input {name!r} does not fit its declared "
-                    f"shape {list(dims)} (-1 is dynamic)."
-                )
-        out[name] = (triple[0], triple[1], triple[2])
+        _check_profile(name, dims, lo, mid, hi)
+        out[name] = (lo, mid, hi)
     return out
+
+
+def _check_profile(
+    name: str,
+    dims: tuple[int, ...],
+    lo: tuple[int, ...],
+    mid: tuple[int, ...],
+    hi: tuple[int, ...],
+) -> None:
+    """Raises UserInputError unless min/opt/max suit the input, as ``set_shape`` requires.
+
+    TensorRT's conditions (Python API, "IOptimizationProfile.set_shape"): equal ranks, matching
+    the input's; ``0 <= min[i] <= opt[i] <= max[i]``; static dimensions equal everywhere.
+    """
+    given = {"min": lo, "opt": mid, "max": hi}
+    ranks = {key: len(shape) for key, shape in given.items()}
+    if set(ranks.values()) != {len(dims)}:
+        raise UserInputError(
+            f"TensorRT profile shapes for input {name!r} must all have its rank {len(dims)} "
+            f"(declared {list(dims)}), got "
+            + ", ".join(f"{key} {list(shape)}" for key, shape in given.items())
+            + "; fix options shapes/min_shapes/opt_shapes/max_shapes."
+        )
+    for key, shape in given.items():
+        if any(d >= 0 and d != s for d, s in zip(dims, shape, strict=True)):
+            raise UserInputError(
+                f"Shape {list(shape)} given as {key} for input {name!r} does not fit its "
+                f"declared shape {list(dims)} (-1 is dynamic); change only its -1 dimensions."
+            )
+    for i, (a, b, c) in enumerate(zip(lo, mid, hi, strict=True)):
+        if not a <= b <= c:
+            raise UserInputError(
+                f"TensorRT profile for input {name!r} needs min <= opt <= max in every "
+                f"dimension, got min {list(lo)}, opt {list(mid)}, max {list(hi)} (dimension "
+                f"{i}: {a}, {b}, {c}); fix options min_shapes/opt_shapes/max_shapes."
+            )
 
 
 @contextlib.contextmanager
@@ -364,6 +419,15 @@ def _configure(trt: types.ModuleType, config: Any, opts: Mapping[str, Any]) -> d
         # set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes) (10.x "IBuilderConfig")
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace * 2**20))
         applied["workspace_mb"] = workspace
+    # BuilderFlag.TF32 is set by default (NvInfer.h: "Enabled by default"; 10.0-11.x): clear it
+    # unless asked, with IBuilderConfig.clear_flag/set_flag (10.x/11.x "IBuilderConfig").
+    tf32 = check_flag("tf32", opts.get("tf32", 0))
+    flag = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+    if flag is not None:
+        (config.set_flag if tf32 else config.clear_flag)(flag)
+        applied["tf32"] = bool(config.get_flag(flag))
+    else:
+        applied["tf32"] = "not supported by this module"
     # DETAILED: the inspector reports each layer's tensors and formats (10.x "EngineInspector").
     verbosity = getattr(getattr(trt, "ProfilingVerbosity", None), "DETAILED", None)
     if verbosity is not None and hasattr(config, "profiling_verbosity"):
@@ -459,11 +523,25 @@ def build_engine(
     if profile_shapes:
         # Builder.create_optimization_profile + IOptimizationProfile.set_shape(name, min, opt,
         # max) + IBuilderConfig.add_optimization_profile (10.x "IOptimizationProfile").
+        # add_optimization_profile returns the profile's index, or -1 if it is not valid.
         profile = builder.create_optimization_profile()
-        for name, (lo, mid, hi) in profile_shapes.items():
-            profile.set_shape(name, lo, mid, hi)
-        config.add_optimization_profile(profile)
-        settings["profile"] = {k: [list(s) for s in v] for k, v in profile_shapes.items()}
+        shown = {k: [list(s) for s in v] for k, v in profile_shapes.items()}
+        try:
+            for name, (lo, mid, hi) in profile_shapes.items():
+                profile.set_shape(name, lo, mid, hi)  # raises on inconsistent shapes
+            index = int(config.add_optimization_profile(profile))
+        except (RuntimeError, ValueError) as exc:
+            index, logged = -1, [_one_line(str(exc)), *log.errors()[-3:]]
+        else:
+            logged = log.errors()[-3:]
+        if index < 0:
+            raise CandidateBuildError(
+                f"TensorRT ({module} {version}) rejected the optimization profile (min, opt, max "
+                f"per input) {shown} for {path.name}; give shapes the model accepts with "
+                "options shapes/min_shapes/opt_shapes/max_shapes.",
+                notes=logged,
+            )
+        settings["profile"] = shown
     settings["timing_cache_loaded"] = False
     if cache_path is not None:
         try:

@@ -10,16 +10,24 @@ execution context, a stream and two timing events; leaving the block frees all o
   ``execute_async_v3`` (or, with ``cuda_graph``, replays a graph captured from it) and
   synchronizes the stream. An ``infer`` in between reuses the device buffers, so the bound inputs
   are uploaded again before the next ``run_once``.
+- A graph that cannot be captured (an engine with work CUDA graphs do not allow) does not fail
+  the candidate: :class:`CudaGraph` ends the capture, warns once and falls back to plain
+  enqueues, as trtexec does; :attr:`TensorRTRunner.info` records whether the graph is used and
+  why not.
 - :meth:`TensorRTRunner.event_timer` is a timer for :func:`amp_search.timing.measure`: given the
   runner's own ``run_once`` it records CUDA events around the enqueue alone, so the figure is the
   device time of one inference without the host synchronization.
+- Engines are built with ``ProfilingVerbosity.DETAILED`` for the engine inspector; the execution
+  context's ``nvtx_verbosity`` is set back to ``LAYER_NAMES_ONLY`` before anything runs, since
+  DETAILED "will generally increase latency in enqueueV3()" (``IExecutionContext.nvtx_verbosity``,
+  10.0+).
 
 API references: TensorRT Python API docs (10.x/11.x "Runtime", "ICudaEngine",
 "IExecutionContext"): ``Runtime.deserialize_cuda_engine``, ``ICudaEngine.num_io_tensors``,
 ``get_tensor_name``, ``get_tensor_mode``, ``get_tensor_dtype``, ``create_execution_context``,
-``IExecutionContext.set_input_shape``, ``get_tensor_shape``, ``set_tensor_address``,
-``execute_async_v3(stream_handle)``; ``tensorrt.nptype``. CUDA calls go through
-:mod:`amp_search.backends.trt._cuda`.
+``IExecutionContext.set_input_shape``, ``get_tensor_shape``, ``set_tensor_address`` (returns
+False on failure), ``nvtx_verbosity``, ``execute_async_v3(stream_handle)``; ``tensorrt.nptype``.
+CUDA calls go through :mod:`amp_search.backends.trt._cuda`.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -36,9 +44,137 @@ from amp_search.backends.trt import _cuda
 from amp_search.backends.trt.builder import import_trt, make_logger
 from amp_search.errors import AmpSearchError, CandidateRunError
 
-__all__ = ["TensorRTRunner"]
+__all__ = ["CudaGraph", "GraphStream", "TensorRTRunner"]
 
 logger = logging.getLogger(__name__)
+
+
+class GraphStream(Protocol):
+    """The stream operations :class:`CudaGraph` uses (the runner's call :mod:`._cuda`)."""
+
+    def begin_capture(self) -> None:
+        """Starts capturing the stream (thread-local mode)."""
+
+    def end_capture(self) -> Any:
+        """Ends the capture; returns the instantiated graph."""
+
+    def abort_capture(self) -> None:
+        """Ends a failed capture if one is open, drops it and clears the error; never raises."""
+
+    def launch(self, graph_exec: Any) -> None:
+        """Launches an instantiated graph on the stream."""
+
+    def destroy(self, graph_exec: Any) -> None:
+        """Destroys an instantiated graph."""
+
+
+class CudaGraph:
+    """One inference captured into a CUDA graph, or why inferences are enqueued plainly.
+
+    The decision logic alone, over a :class:`GraphStream`. A capture that fails at any step
+    (begin, the enqueue under capture, end, instantiate) is ended and dropped, logged once as a
+    warning, and ends the graph's use for this runner: later runs enqueue without a graph.
+    TensorRT cannot tell up front whether an engine is capturable (``is_stream_capturable`` is
+    TensorRT-RTX only), so trying is the test, as in trtexec (``sampleInference.cpp``).
+
+    Args:
+        requested: Whether option ``cuda_graph`` asked for a graph.
+    """
+
+    def __init__(self, requested: bool) -> None:
+        self.requested = bool(requested)
+        self.graph_exec: Any = None
+        self.failure: str | None = None
+
+    @property
+    def used(self) -> bool:
+        """Whether runs replay a captured graph now."""
+        return self.graph_exec is not None
+
+    @property
+    def wanted(self) -> bool:
+        """Whether the next timed run should capture first."""
+        return self.requested and self.failure is None and self.graph_exec is None
+
+    def describe(self) -> dict[str, Any]:
+        """``{"requested", "used", "reason"}``: the reason is why no graph is used, or None."""
+        reason = None
+        if not self.requested:
+            reason = "option cuda_graph is 0"
+        elif self.failure is not None:
+            reason = self.failure
+        elif not self.used:
+            reason = "not captured yet (no timed run)"
+        return {"requested": self.requested, "used": self.used, "reason": reason}
+
+    def capture(self, stream: GraphStream, enqueue: Callable[[], None]) -> bool:
+        """Captures one ``enqueue()`` on ``stream``; True if a graph is now in use.
+
+        On an :class:`~amp_search.errors.AmpSearchError` at any step the capture is ended
+        (``stream.abort_capture``), a warning is logged and the graph is given up for good.
+        Other exceptions (bugs) end the capture too, then propagate.
+        """
+        if not self.wanted:
+            return self.used
+        try:
+            try:
+                stream.begin_capture()
+                enqueue()
+                graph_exec = stream.end_capture()
+            except BaseException:
+                stream.abort_capture()
+                raise
+        except AmpSearchError as exc:
+            # The failed call's first clause ("CUDA call cudaMalloc failed with ...") and the
+            # last note (TensorRT's own error), not the error's advice for a failed candidate.
+            what = exc.message.split(";", 1)[0].rstrip(".")
+            detail = what + (f" ({exc.notes[-1]})" if exc.notes else "")
+            self.failure = f"capture failed: {detail}"
+            logger.warning(
+                "CUDA graph capture failed; running this candidate without a graph: %s", detail
+            )
+            return False
+        self.graph_exec = graph_exec
+        return True
+
+    def launch(self, stream: GraphStream) -> None:
+        """Replays the captured graph on ``stream``."""
+        if self.graph_exec is None:
+            raise RuntimeError("CudaGraph.launch called without a captured graph")
+        stream.launch(self.graph_exec)
+
+    def drop(self, stream: GraphStream) -> None:
+        """Destroys the graph (its shapes or buffers changed); the next timed run captures anew."""
+        graph_exec, self.graph_exec = self.graph_exec, None
+        if graph_exec is not None:
+            stream.destroy(graph_exec)
+
+
+class _RunnerStream:
+    """:class:`GraphStream` over one CUDA stream, through :mod:`amp_search.backends.trt._cuda`."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def begin_capture(self) -> None:
+        _cuda.graph_capture_begin(self.stream)
+
+    def end_capture(self) -> Any:
+        graph = _cuda.graph_capture_end(self.stream)
+        try:
+            return _cuda.graph_instantiate(graph)
+        finally:  # the instantiated graph does not need it (trtexec destroys it alike)
+            with contextlib.suppress(AmpSearchError):
+                _cuda.graph_destroy(graph)
+
+    def abort_capture(self) -> None:
+        _cuda.graph_capture_abort(self.stream)
+
+    def launch(self, graph_exec: Any) -> None:
+        _cuda.graph_launch(graph_exec, self.stream)
+
+    def destroy(self, graph_exec: Any) -> None:
+        _cuda.graph_exec_destroy(graph_exec)
 
 
 class TensorRTRunner(Runner):
@@ -51,7 +187,10 @@ class TensorRTRunner(Runner):
         module: ``"tensorrt"`` or ``"tensorrt_rtx"``: the module that built the engine.
         device_id: The CUDA device to run on.
         cuda_graph: Capture one inference into a CUDA graph on the first timed run and replay
-            it with ``cudaGraphLaunch`` (less launch overhead for small models).
+            it with ``cudaGraphLaunch`` (less launch overhead for small models); if the capture
+            fails, runs go without a graph (see :class:`CudaGraph`).
+        info: A dict to record into (the backend passes ``Candidate.info["runner"]``): the
+            NVTX verbosity set and ``cuda_graph`` (:meth:`CudaGraph.describe`).
     """
 
     source = "measured:tensorrt-cuda"
@@ -65,6 +204,7 @@ class TensorRTRunner(Runner):
         module: str = "tensorrt",
         device_id: int = 0,
         cuda_graph: bool = False,
+        info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self._engine_bytes = engine
@@ -72,20 +212,26 @@ class TensorRTRunner(Runner):
         self._outputs = list(output_names)
         self._module = module
         self._device_id = int(device_id)
-        self._use_graph = bool(cuda_graph)
+        self._graph = CudaGraph(cuda_graph)
+        self._info: dict[str, Any] = info if info is not None else {}
+        self._info["cuda_graph"] = self._graph.describe()
         self._log: Any = None
         self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
         self._stream: Any = None
+        self._graph_stream = _RunnerStream(None)
         self._events: tuple[Any, Any] | None = None
         self._dtypes: dict[str, np.dtype[Any]] = {}
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._bound: dict[str, np.ndarray] = {}
         self._bound_on_device = False
-        self._graph: Any = None
-        self._graph_exec: Any = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What this runner did that the figures depend on: NVTX verbosity, CUDA graph use."""
+        return self._info
 
     @property
     def input_names(self) -> list[str]:  # noqa: D102
@@ -139,7 +285,17 @@ class TensorRTRunner(Runner):
                 "TensorRT could not create an execution context (out of device memory?).",
                 notes=self._log.errors()[-3:],
             )
+        # The engine was built with DETAILED verbosity for the inspector; time it at the default
+        # LAYER_NAMES_ONLY (IExecutionContext.nvtx_verbosity, 10.0+: may only be lowered).
+        names_only = getattr(getattr(trt, "ProfilingVerbosity", None), "LAYER_NAMES_ONLY", None)
+        if names_only is not None and hasattr(self._context, "nvtx_verbosity"):
+            self._context.nvtx_verbosity = names_only
+            now = self._context.nvtx_verbosity
+            self._info["nvtx_verbosity"] = str(getattr(now, "name", now))
+        else:
+            self._info["nvtx_verbosity"] = "not supported by this module"
         self._stream = _cuda.stream_create()
+        self._graph_stream = _RunnerStream(self._stream)
         self._events = (_cuda.event_create(), _cuda.event_create())
 
     def _raise_not_deserialized(self) -> NoReturn:
@@ -184,6 +340,7 @@ class TensorRTRunner(Runner):
         if self._stream is not None:
             self._quietly("stream", _cuda.stream_destroy, self._stream)
             self._stream = None
+            self._graph_stream = _RunnerStream(None)
         # Release in reverse order of creation: context, engine, runtime, then the logger.
         self._context = None
         self._engine = None
@@ -191,18 +348,10 @@ class TensorRTRunner(Runner):
         self._log = None
 
     def _drop_graph(self, *, quietly: bool = False) -> None:
-        def call(what: str, fn: Callable[..., None], *args: Any) -> None:
-            if quietly:
-                self._quietly(what, fn, *args)
-            else:
-                fn(*args)
-
-        if self._graph_exec is not None:
-            call("graph exec", _cuda.graph_exec_destroy, self._graph_exec)
-            self._graph_exec = None
-        if self._graph is not None:
-            call("graph", _cuda.graph_destroy, self._graph)
-            self._graph = None
+        if quietly:
+            self._quietly("graph", self._graph.drop, self._graph_stream)
+        else:
+            self._graph.drop(self._graph_stream)
 
     # --- buffers ---------------------------------------------------------------------------
 
@@ -239,7 +388,7 @@ class TensorRTRunner(Runner):
                 self._shapes[name] = shape
                 self._drop_graph()  # a graph replays one set of shapes
             arrays[name] = arr
-            self._context.set_tensor_address(name, self._ensure_buffer(name, arr.nbytes))
+            self._set_address(name, self._ensure_buffer(name, arr.nbytes))
         for name in self._outputs:
             shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
@@ -249,8 +398,18 @@ class TensorRTRunner(Runner):
                 )
             self._shapes[name] = shape
             nbytes = int(np.prod(shape, dtype=np.int64)) * self._dtypes[name].itemsize
-            self._context.set_tensor_address(name, self._ensure_buffer(name, nbytes))
+            self._set_address(name, self._ensure_buffer(name, nbytes))
         return arrays
+
+    def _set_address(self, name: str, ptr: int) -> None:
+        # IExecutionContext.set_tensor_address returns False on failure (an unknown tensor name,
+        # a null or misaligned address); TensorRT logs why.
+        if not self._context.set_tensor_address(name, ptr):
+            raise CandidateRunError(
+                f"TensorRT refused the device address of I/O tensor {name!r} "
+                "(set_tensor_address returned False); rebuild the candidate on this machine.",
+                notes=self._log.errors()[-3:],
+            )
 
     def _upload(self, arrays: Mapping[str, np.ndarray]) -> None:
         for name, arr in arrays.items():
@@ -273,21 +432,12 @@ class TensorRTRunner(Runner):
         # cudaStreamBeginCapture; cudaGraphInstantiate/cudaGraphLaunch from the CUDA runtime).
         self._execute()
         _cuda.stream_synchronize(self._stream)
-        capturable = getattr(self._context, "is_stream_capturable", None)  # 10.x+, 11.x, RTX
-        if capturable is not None and not capturable(_cuda.stream_handle(self._stream)):
-            logger.warning("This engine cannot be captured in a CUDA graph; timing without.")
-            self._use_graph = False
-            return
-        _cuda.graph_capture_begin(self._stream)
+        self._log.quiet = True  # a refused capture is reported once, by CudaGraph's warning
         try:
-            self._execute()
-        except BaseException:
-            with contextlib.suppress(AmpSearchError):  # end the capture, keep the first error
-                self._graph = _cuda.graph_capture_end(self._stream)
-            self._drop_graph(quietly=True)
-            raise
-        self._graph = _cuda.graph_capture_end(self._stream)
-        self._graph_exec = _cuda.graph_instantiate(self._graph)
+            self._graph.capture(self._graph_stream, self._execute)
+        finally:
+            self._log.quiet = False
+            self._info["cuda_graph"] = self._graph.describe()
 
     def _ensure_bound(self) -> None:
         """Uploads the bound inputs again if an ``infer`` overwrote the device buffers."""
@@ -302,10 +452,10 @@ class TensorRTRunner(Runner):
     def _enqueue(self) -> None:
         """Queues one inference on the bound inputs (no synchronization)."""
         self._ensure_bound()
-        if self._use_graph and self._graph_exec is None:
+        if self._graph.wanted:
             self._capture()
-        if self._use_graph:
-            _cuda.graph_launch(self._graph_exec, self._stream)
+        if self._graph.used:
+            self._graph.launch(self._graph_stream)
         else:
             self._execute()
 
@@ -353,7 +503,7 @@ class TensorRTRunner(Runner):
         start, end = self._events
         if step == self.run_once:
             self._ensure_bound()  # any upload stays outside the timed interval
-            if self._use_graph and self._graph_exec is None:
+            if self._graph.wanted:
                 self._capture()
                 _cuda.stream_synchronize(self._stream)
             _cuda.event_record(start, self._stream)
