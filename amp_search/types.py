@@ -139,18 +139,34 @@ class TensorRanges:
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Latency of one candidate, in milliseconds.
+    """Latency of one candidate, in milliseconds (see :mod:`amp_search.timing`).
 
     Attributes:
-        median_ms: Median over the timed runs.
-        p90_ms: 90th percentile over the timed runs.
-        mean_ms: Mean over the timed runs.
+        median_ms: The figure: with a reference, the median ratio to it times the reference's
+            level; alone, the median over timing windows; estimated, the estimate.
+        p90_ms: 90th percentile of the candidate's own timed runs.
+        mean_ms: Mean of the candidate's own timed runs.
         min_ms: Fastest run.
         n_runs: Number of timed runs.
         n_warmup: Number of untimed warm-up runs before them.
         source: Where the figure comes from, e.g. ``"measured:onnxruntime-cpu"`` or
             ``"estimated:h100"``. A CPU figure never stands in for a GPU one silently.
         samples_ms: The individual timed runs.
+        low_ms: Lower end of the figure's 95% interval (None: not measured in windows).
+        high_ms: Upper end of the figure's 95% interval.
+        ratio: The candidate's latency over the reference's (all-FP32), paired by window.
+        ratio_low: Lower end of the ratio's 95% interval.
+        ratio_high: Upper end of the ratio's 95% interval.
+        reference_ms: The reference's level the ratio was scaled by.
+        own_median_ms: The candidate's own median window, unscaled.
+        windows: Timing windows (pairs) taken.
+        steady: Whether the warm-up reached agreeing windows in its time.
+        clock_mhz_min: Lowest SM clock read at a window's end (None: unreadable).
+        clock_mhz_median: Median SM clock over the windows.
+        clock_mhz_steady: The steady clock the floor was relative to (the highest seen).
+        retaken_windows: Windows dropped for a low clock and taken again.
+        timing_s: Seconds the timed windows took.
+        front_retimed: Whether it got more windows for joining the front.
     """
 
     median_ms: float
@@ -161,9 +177,30 @@ class LatencyStats:
     n_warmup: int
     source: str
     samples_ms: tuple[float, ...] = field(default=(), repr=False)
+    low_ms: float | None = None
+    high_ms: float | None = None
+    ratio: float | None = None
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    reference_ms: float | None = None
+    own_median_ms: float | None = None
+    windows: int = 0
+    steady: bool | None = None
+    clock_mhz_min: float | None = None
+    clock_mhz_median: float | None = None
+    clock_mhz_steady: float | None = None
+    retaken_windows: int = 0
+    timing_s: float | None = None
+    front_retimed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """Plain-data form (without the samples)."""
         out = asdict(self)
         out.pop("samples_ms")
         return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> LatencyStats:
+        """The inverse of :meth:`to_json` (unknown keys ignored)."""
+        names = set(cls.__dataclass_fields__) - {"samples_ms"}
+        return cls(**{k: v for k, v in obj.items() if k in names})

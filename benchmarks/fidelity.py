@@ -81,7 +81,7 @@ def main() -> int:
             stats = None
             if time_it:
                 r.bind(data.first())
-                stats = measure(r.run_once, source=r.source, warmup=10, runs=30)
+                stats = measure(r.run_once, source=r.source, timer=r.timer())
         return outs, stats
 
     ref = None

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amp_search.backends import BuildConfig, get_backend  # noqa: E402
 from amp_search.calibration import load_calibration, model_inputs  # noqa: E402
 from amp_search.graph import MixedPrecisionRewriter, load_model, sanitize, save_model  # noqa: E402
-from amp_search.timing import measure  # noqa: E402
+from amp_search.timing import TimingPlan, measure  # noqa: E402
 from amp_search.types import Precision, PrecisionAssignment  # noqa: E402
 from benchmarks._common import rel_l2  # noqa: E402
 
@@ -37,7 +37,8 @@ def run(backend, path: Path, config: BuildConfig, data, runs: int) -> tuple[list
     with backend.open(cand) as runner:
         outs = [runner.infer(b) for b in data]
         runner.bind(data.first())
-        stats = measure(runner.run_once, source=runner.source, warmup=10, runs=runs)
+        stats = measure(runner.run_once, source=runner.source, timer=runner.timer(),
+                        plan=TimingPlan(max_pairs=max(2, runs // 10)))
     return outs, stats, build_s
 
 

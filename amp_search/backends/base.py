@@ -6,7 +6,8 @@ Life cycle (Polygraphy's loader/runner split)::
     candidate = backend.build(model_path, BuildConfig(device="cpu"))   # expensive, cacheable
     with backend.open(candidate) as runner:                            # device touched here
         outputs = runner.infer(feeds)                                  # dict name -> array
-        runner.bind(feeds); stats = timing.measure(runner.run_once, source=runner.source)
+        runner.bind(feeds); stats = timing.measure(runner.run_once, source=runner.source,
+                                                   timer=runner.timer())
 
 Contracts:
 
@@ -95,6 +96,10 @@ class Runner(abc.ABC):
 
     def __init__(self) -> None:
         self._active = False
+        #: How timed runs execute, recorded with the figure and shown by ``pick`` (how the
+        #: model should then be deployed): ``{"cuda_graph": bool, "cuda_graph_reason": str}``
+        #: on a GPU; set by ``bind``.
+        self.execution: dict[str, Any] = {}
 
     def __enter__(self) -> Runner:
         self._activate()
@@ -145,7 +150,14 @@ class Runner(abc.ABC):
     def bind(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Fixes the inputs ``run_once`` runs (placing them on the device if needed)."""
         self._check_active()
-        self._bind(feeds)
+        try:
+            self._bind(feeds)
+        except (UserInputError, CandidateRunError):
+            raise
+        except Exception as exc:
+            raise CandidateRunError(
+                f"{type(self).__name__} failed to bind the candidate's inputs: {exc}"
+            ) from exc
 
     def run_once(self) -> None:
         """One synchronous inference on the bound inputs (used by :mod:`amp_search.timing`)."""

@@ -20,6 +20,14 @@ Options (all recorded with the candidate; they change both speed and correctness
 - CUDA EP: ``prefer_nhwc`` (0/1), ``use_tf32`` (0/1; 0 gives a strict FP32 reference),
   ``cudnn_conv_algo_search`` (``EXHAUSTIVE``/``HEURISTIC``/``DEFAULT``), ``device_id`` from
   the device string ``cuda:N``.
+- ``enable_cuda_graph`` (CUDA, default 1): timed runs replay one CUDA graph captured from an
+  IO-bound run (inputs and outputs at fixed device addresses), as a model should then be
+  deployed: it removes per-node launch overhead, most of a small model's latency and most of
+  its run-to-run noise (H200: 14-44% faster, p90/p10 from 1.3-1.6 to 1.03). Accuracy runs skip
+  the graph (run option ``gpu_graph_id=-1``), so every calibration batch is computed afresh.
+  Where the model does not allow a graph (a node ONNX Runtime places on the CPU, a capture
+  that fails, a replay that differs from a plain run) the candidate runs without one and says
+  why (:attr:`~amp_search.backends.base.Runner.execution`).
 """
 
 from __future__ import annotations
@@ -56,8 +64,11 @@ CUDA_DEFAULTS: dict[str, Any] = {
     "prefer_nhwc": 0,
     "use_tf32": 1,
     "cudnn_conv_algo_search": "EXHAUSTIVE",
+    "enable_cuda_graph": 1,
 }
-_CUDA_EP_KEYS = ("prefer_nhwc", "use_tf32", "cudnn_conv_algo_search")
+_CUDA_EP_KEYS = ("prefer_nhwc", "use_tf32", "cudnn_conv_algo_search", "enable_cuda_graph")
+#: Run option that keeps a run out of the CUDA graph (ONNX Runtime's kCudaGraphAnnotationSkip).
+_SKIP_GRAPH = ("gpu_graph_id", "-1")
 _LEVELS = {"disable_all": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
            "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}  # fmt: skip
 
@@ -121,7 +132,9 @@ class OnnxRuntimeBackend(Backend):
         so.log_severity_level = 3
         return so
 
-    def _providers(self, config: BuildConfig, opts: Mapping[str, Any]) -> list[Any]:
+    def _providers(
+        self, config: BuildConfig, opts: Mapping[str, Any], *, graph: bool = True
+    ) -> list[Any]:
         if config.device_type == "cpu":
             return ["CPUExecutionProvider"]
         if config.device_type != "cuda":
@@ -139,6 +152,7 @@ class OnnxRuntimeBackend(Backend):
                 "(pip install 'amp-search[gpu]') or use --device cpu."
             )
         cuda_opts = {k: str(opts[k]) for k in _CUDA_EP_KEYS}
+        cuda_opts["enable_cuda_graph"] = "1" if graph and _wants_graph(opts) else "0"
         cuda_opts["device_id"] = str(config.device_id)
         return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
@@ -150,21 +164,32 @@ class OnnxRuntimeBackend(Backend):
     ) -> Candidate:
         ort = _ort()
         opts = self.resolve_options(config)
-        providers = self._providers(config, opts)
+        providers = self._providers(config, opts)  # an EP missing here: said before building
         t0 = time.perf_counter()
         source: str | bytes = str(model_path)
         if model_bytes is not None:
             source = model_bytes[0] if len(model_bytes) == 1 else b"".join(model_bytes)
+        graph_refused: str | None = None
         try:
             if config.device_type == "cpu" and int(opts.get("emulate_fp16_storage", 0)):
                 source = _emulating_fp16_storage(
                     model_path, source if isinstance(source, bytes) else None
                 )
-            sess = ort.InferenceSession(source, self._session_options(opts), providers=providers)
+            so = self._session_options(opts)
+            try:
+                sess = ort.InferenceSession(source, so, providers=providers)
+            except Exception as exc:
+                if not (config.device_type == "cuda" and _wants_graph(opts)):
+                    raise
+                # Most often a node ONNX Runtime places on the CPU: no graph, say why.
+                graph_refused = _first_line(exc)
+                sess = ort.InferenceSession(
+                    source, so, providers=self._providers(config, opts, graph=False)
+                )
         except Exception as exc:  # ORT raises its own exception types
             raise CandidateBuildError(
                 f"onnxruntime could not create a session for {model_path.name}: "
-                f"{str(exc).splitlines()[0][:300]}"
+                f"{_first_line(exc)}"
             ) from exc
         finally:
             if isinstance(source, str) and source != str(model_path):  # a twin over 2 GiB
@@ -175,28 +200,50 @@ class OnnxRuntimeBackend(Backend):
             raise CandidateBuildError(
                 f"onnxruntime fell back to {used} for {model_path.name}; the CUDA EP refused it."
             )
+        info: dict[str, Any] = {"providers": used, "options": opts}
+        if config.device_type == "cuda" and _wants_graph(opts):
+            info["cuda_graph"] = graph_refused is None
+            if graph_refused is not None:
+                info["cuda_graph_reason"] = f"session refused a CUDA graph: {graph_refused}"
         return Candidate(
             backend=self.name,
             model_path=model_path,
             config=config,
             identity=self.identity(config),
             build_time_s=build_time,
-            info={"providers": used, "options": opts},
+            info=info,
             handle=sess,
         )
 
     def _open(self, candidate: Candidate) -> Runner:
         sess = candidate.handle
         if sess is None:
-            sess = self._build(candidate.model_path, candidate.config).handle
-            candidate.handle = sess
-        return OnnxRuntimeRunner(sess, candidate.config)
+            rebuilt = self._build(candidate.model_path, candidate.config)
+            candidate.handle, candidate.info = rebuilt.handle, rebuilt.info
+            sess = candidate.handle
+        return OnnxRuntimeRunner(
+            sess, candidate.config, graph=bool(candidate.info.get("cuda_graph")),
+            refused=candidate.info.get("cuda_graph_reason"),
+        )  # fmt: skip
 
 
 class OnnxRuntimeRunner(Runner):
-    """Runs an ``onnxruntime.InferenceSession``; on CUDA, timing runs use IO binding."""
+    """Runs an ``onnxruntime.InferenceSession``; on CUDA, timed runs use IO binding.
 
-    def __init__(self, session: onnxruntime.InferenceSession, config: BuildConfig) -> None:
+    With ``graph`` (a session built with ``enable_cuda_graph``), :meth:`bind` binds inputs and
+    preallocated outputs at fixed device addresses, lets ONNX Runtime capture the graph, and
+    checks that a replay gives what a plain run gives; timed runs then replay it. Any failure
+    there turns the graph off for this runner (the reason in :attr:`execution`).
+    """
+
+    def __init__(
+        self,
+        session: onnxruntime.InferenceSession,
+        config: BuildConfig,
+        *,
+        graph: bool = False,
+        refused: str | None = None,
+    ) -> None:
         super().__init__()
         self._sess = session
         self._config = config
@@ -204,7 +251,17 @@ class OnnxRuntimeRunner(Runner):
         self._outputs = [o.name for o in session.get_outputs()]
         self._feeds: dict[str, np.ndarray] = {}
         self._binding: Any = None
+        self._graph = graph
+        self._plain: Any = None  # run options that keep a run out of the graph
+        self._timed_options: Any = None
         self.source = f"measured:onnxruntime-{config.device_type}"
+        if config.device_type == "cuda":
+            self.execution = {"cuda_graph": False}
+            if refused:
+                self.execution["cuda_graph_reason"] = refused
+            if graph:
+                self._plain = _ort().RunOptions()
+                self._plain.add_run_config_entry(*_SKIP_GRAPH)
 
     @property
     def input_names(self) -> list[str]:  # noqa: D102
@@ -219,7 +276,7 @@ class OnnxRuntimeRunner(Runner):
         self._feeds = {}
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._sess.run(None, {k: feeds[k] for k in self._inputs})
+        values = self._sess.run(None, {k: feeds[k] for k in self._inputs}, self._plain)
         return dict(zip(self._outputs, values, strict=True))
 
     def _bind(self, feeds: Mapping[str, np.ndarray]) -> None:
@@ -231,15 +288,55 @@ class OnnxRuntimeRunner(Runner):
         dev = self._config.device_id
         for name, arr in self._feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", dev))
-        for name in self._outputs:
-            binding.bind_output(name, "cuda", dev)
+        if not self._graph:
+            for name in self._outputs:
+                binding.bind_output(name, "cuda", dev)
+            self._binding = binding
+            return
+        # A graph reads and writes fixed addresses: outputs preallocated at their real shapes.
+        expected = self._sess.run(None, self._feeds, self._plain)
+        for name, value in zip(self._outputs, expected, strict=True):
+            out = ort.OrtValue.ortvalue_from_shape_and_type(
+                value.shape, value.dtype.type, "cuda", dev
+            )
+            binding.bind_ortvalue_output(name, out)
         self._binding = binding
+        reason = self._capture(expected)
+        self.execution["cuda_graph"] = reason is None
+        if reason is not None:
+            self.execution["cuda_graph_reason"] = reason
+            self._timed_options = self._plain
+            logger.warning("CUDA graph off for this candidate: %s", reason)
+
+    def _capture(self, expected: list[np.ndarray]) -> str | None:
+        """Lets ONNX Runtime capture the graph; None, or why timed runs cannot replay it."""
+        try:
+            for _ in range(3):  # ONNX Runtime runs plainly first, then captures, then replays
+                self._sess.run_with_iobinding(self._binding)
+            replayed = self._binding.copy_outputs_to_cpu()
+        except Exception as exc:
+            return f"capture failed: {_first_line(exc)}"
+        for name, want, got in zip(self._outputs, expected, replayed, strict=True):
+            want, got = np.asarray(want), np.asarray(got)
+            scale = float(np.nanmax(np.abs(want))) if want.size and want.dtype.kind == "f" else 0
+            if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale, equal_nan=True):
+                return f"a graph replay differs from a plain run (output {name!r})"
+        return None
 
     def _run_once(self) -> None:
         if self._binding is not None:
-            self._sess.run_with_iobinding(self._binding)
+            self._sess.run_with_iobinding(self._binding, self._timed_options)
         else:
             self._sess.run(None, self._feeds)
+
+
+def _wants_graph(opts: Mapping[str, Any]) -> bool:
+    return str(opts.get("enable_cuda_graph", 0)) in ("1", "True", "true")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -> str | bytes:

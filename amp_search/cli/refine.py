@@ -41,11 +41,14 @@ class RefineCommand(Subcommand):
             "another tool's answer) measured alike, for comparison (repeatable)",
         )  # fmt: skip
         for flag, default, what in (
-            ("--runs", 100, "timed runs per candidate in all"),
-            ("--rounds", 5, "interleaved rounds the runs are split over"),
-            ("--warmup", 10, "untimed runs before each block of runs"),
+            ("--pairs", 20, "timing windows per candidate, each paired with all-FP32's"),
+            ("--rounds", 5, "interleaved rounds the windows are split over"),
         ):
             parser.add_argument(flag, type=int, default=default, help=f"{what} (%(default)s)")
+        parser.add_argument(
+            "--target", type=float, default=0.02,
+            help="then more windows where a 95%% interval is wider than +-this (%(default)s)",
+        )  # fmt: skip
         parser.add_argument(
             "--max-deviation", type=float,
             help="refine front points within this budget only (default: the search's budget, "
@@ -65,7 +68,7 @@ class RefineCommand(Subcommand):
         with stage_progress() as stage:
             refinement = refine_front(
                 results, data=data, device=device, options=options,
-                runs=args.runs, rounds=args.rounds, warmup=args.warmup,
+                pairs=args.pairs, rounds=args.rounds, target=args.target,
                 max_deviation=args.max_deviation, compare=args.compare, progress=stage,
             )  # fmt: skip
         con = console()
@@ -115,29 +118,32 @@ def render(refinement: Refinement, con: Any) -> None:
 
     m = refinement.meta
     t = m["timing"]
+    ref = m.get("reference") or {}
+    graph = (ref.get("execution") or {}).get("cuda_graph")
     table = Table(
-        title=f"Refined on {m['backend']} ({m['device']}): {t['runs']} runs in {t['rounds']} "
-        f"interleaved rounds, {t['timer']}",
+        title=f"Refined on {m['backend']} ({m['device']}): {t.get('pairs')} windows each in "
+        f"{t['rounds']} interleaved rounds, paired with all-FP32, {t['timer']}"
+        + ("" if graph is None else f", CUDA graph {'on' if graph else 'off'}"),
         title_justify="left",
     )
-    for col in ("point", "latency ms", "p90 ms", "search ms", "deviation", "search dev.",
+    for col in ("point", "latency ms (95% interval)", "search ms", "deviation", "search dev.",
                 "FP32 units", "vs all-FP32", "front"):  # fmt: skip
         table.add_column(col)
-    by_label = {refinement.label(p): p for p in refinement.points}
-    fp32 = by_label.get("all-fp32")
     on_front = {p.digest for p in refinement.front}
     for p in [*refinement.points, *refinement.compared]:
         mx = p.metrics
         compared = "path" in mx
+        interval = p.latency_interval
+        speed = p.speedup()
         table.add_row(
             refinement.label(p),
-            f"{p.latency_ms:.4g}",
-            f"{float(mx['p90_ms']):.4g}",
+            f"{p.latency_ms:.4g}" + (f" [{interval[0]:.4g}, {interval[1]:.4g}]"
+                                     if interval else ""),
             "-" if compared else f"{float(mx['search_latency_ms']):.4g}",
             f"{p.deviation:.3g}",
             "-" if compared else f"{float(mx['search_deviation']):.3g}",  # "inf" read back
             "-" if compared else f"{p.n_fp32}/{p.n_units}",
-            f"{fp32.latency_ms / p.latency_ms:.2f}x" if fp32 else "-",
+            "-" if speed is None else f"{speed[0]:.2f}x [{speed[1]:.2f}, {speed[2]:.2f}]",
             "compared"
             if compared
             else "yes"

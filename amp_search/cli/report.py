@@ -71,7 +71,7 @@ class PickCommand(Subcommand):
         )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
-        from amp_search.results.report import Results, copy_candidate, load_results, pick_point
+        from amp_search.results.report import Results, choose, copy_candidate, load_results
         from amp_search.search.refine import is_current, load_refinement
 
         results = load_results(args.results)
@@ -106,12 +106,29 @@ class PickCommand(Subcommand):
             ranked = Results(results.store, {**results.meta, **refinement.meta}, front)
             con.print(f"ranking by refined figures ({refinement.meta['latency_source']} on "
                       f"{refinement.meta['device']}, {refinement.meta['refined']})")  # fmt: skip
-        point = pick_point(ranked, max_deviation=budget, trial=args.trial)
+        choice = choose(ranked, max_deviation=budget, trial=args.trial)
+        point = choice.point
         written = copy_candidate(results, point, args.to)
+        if point is not choice.fastest:
+            f = choice.fastest
+            con.print(
+                f"trial {f.trial} ({_latency(f)}) is the fastest within the budget, but not "
+                f"distinguishable from trial {point.trial} ({_latency(point)}): their 95% "
+                "latency intervals overlap, so the more accurate one is picked (--trial "
+                f"{f.trial} takes the other)."
+            )
         con.print(
-            f"picked trial {point.trial}: {point.latency_ms:.4g} ms ({point.latency_source}), "
+            f"picked trial {point.trial}: {_latency(point)} ({point.latency_source}), "
             f"deviation {point.deviation:.3g} ({point.metric})"
         )
+        execution = point.metrics.get("execution") or {}
+        if "cuda_graph" in execution:
+            con.print(
+                "timed with CUDA-graph replay: deploy it with CUDA graphs (ONNX Runtime: "
+                "enable_cuda_graph=1 with IO binding) to get this speed"
+                if execution["cuda_graph"]
+                else f"timed without a CUDA graph ({execution.get('cuda_graph_reason', '')})"
+            )
         fallback = point.fp32_units
         con.print(
             f"FP32 fallback set ({len(fallback)} of {point.n_units} units): "
@@ -120,3 +137,13 @@ class PickCommand(Subcommand):
         for path in written:
             con.print(f"wrote {path}")
         return 0
+
+
+def _latency(point: object) -> str:
+    """``1.23 ms [1.21, 1.25]`` (the interval where the latency was measured in windows)."""
+    from amp_search.results.pareto import FrontPoint
+
+    assert isinstance(point, FrontPoint)
+    interval = point.latency_interval
+    text = f"{point.latency_ms:.4g} ms"
+    return text + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")

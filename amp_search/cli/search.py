@@ -97,6 +97,15 @@ class SearchCommand(Subcommand):
             "(default: estimated on cpu, measured on cuda)",
         )  # fmt: skip
         parser.add_argument("--target", default="h100", help="GPU of the estimate: h100 | h200")
+        parser.add_argument(
+            "--timing-target", type=float, default=0.02,
+            help="measured latency: time each candidate until its 95%% interval is within "
+            "+-this (%(default)s)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--timing-max-s", type=float, default=8.0,
+            help="measured latency: seconds of timing per candidate at most (%(default)s)",
+        )  # fmt: skip
         parser.add_argument("--storage", help="Optuna storage URL (default sqlite in studies/)")
         parser.add_argument("--study", dest="study_name", help="study name (default: model)")
         parser.add_argument("--out", default=None, help="results folder (results/<model>)")
@@ -136,6 +145,8 @@ class SearchCommand(Subcommand):
             metric=args.metric,
             latency=args.latency,
             target=args.target,
+            timing_target=args.timing_target,
+            timing_max_s=args.timing_max_s,
             storage=args.storage,
             study_name=args.study_name,
             seed=args.seed,

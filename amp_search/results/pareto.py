@@ -4,6 +4,10 @@ Feasibility is Optuna's (constraints set with ``trial.set_constraint``: non-fini
 the ``--max-deviation`` budget); dominance over two minimized objectives is a sort
 (:func:`nondominated_points`), which also serves points measured again outside the study
 (``amp-search refine``).
+
+A measured latency carries its 95% interval (:mod:`amp_search.timing`); two points whose
+intervals overlap are ties on speed (:func:`latency_tie`), and the speedup over all-FP32 comes
+with its interval (:meth:`FrontPoint.speedup`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = [
     "RECORD_ATTR",
     "FrontPoint",
     "compute_front",
+    "latency_tie",
     "nondominated_points",
     "point_from_trial",
     "record_of",
@@ -69,6 +74,28 @@ class FrontPoint:
     fp32_units: list[str] = field(default_factory=list)
     feasible: bool = True
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latency_interval(self) -> tuple[float, float] | None:
+        """The latency's 95% interval (None: estimated, or timed without windows)."""
+        lo, hi = self.metrics.get("latency_low_ms"), self.metrics.get("latency_high_ms")
+        if lo is None or hi is None:
+            return None
+        return (float(lo), float(hi))
+
+    def speedup(self, fp32_ms: float | None = None) -> tuple[float, float, float] | None:
+        """Speedup over all-FP32 and its 95% interval, as (speedup, low, high).
+
+        A point timed against the resident all-FP32 reference has it from its paired ratio;
+        otherwise it is ``fp32_ms`` over its latency (an interval of one value).
+        """
+        r, r_lo, r_hi = (self.metrics.get(k) for k in ("ratio", "ratio_low", "ratio_high"))
+        if r is not None and r_lo is not None and r_hi is not None and r_lo > 0:
+            return (1.0 / float(r), 1.0 / float(r_hi), 1.0 / float(r_lo))
+        if fp32_ms and self.latency_ms > 0 and math.isfinite(self.latency_ms):
+            s = float(fp32_ms) / self.latency_ms
+            return (s, s, s)
+        return None
 
     @property
     def label(self) -> str:
@@ -128,18 +155,52 @@ def nondominated_points(points: list[FrontPoint]) -> list[FrontPoint]:
     return out
 
 
+def latency_tie(a: FrontPoint, b: FrontPoint) -> bool:
+    """Whether the two points' latency intervals overlap (neither is surely faster)."""
+    ia, ib = a.latency_interval, b.latency_interval
+    if ia is None or ib is None:
+        return a.latency_ms == b.latency_ms
+    return ia[0] <= ib[1] and ib[0] <= ia[1]
+
+
+def _timing_columns(p: FrontPoint, fp32_ms: float | None) -> dict[str, float | None]:
+    interval = p.latency_interval
+    speed = p.speedup(fp32_ms)
+    return {
+        "latency_low_ms": interval[0] if interval else None,
+        "latency_high_ms": interval[1] if interval else None,
+        "speedup": speed[0] if speed else None,
+        "speedup_low": speed[1] if speed else None,
+        "speedup_high": speed[2] if speed else None,
+    }
+
+
 def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, Any]) -> None:
-    """Writes ``front.json`` and ``front.csv`` atomically."""
-    write_json_atomic(store.root / "front.json", {**meta, "front": [asdict(p) for p in front]})
+    """Writes ``front.json`` and ``front.csv`` atomically.
+
+    Each point also carries its latency interval and its speedup over all-FP32 with its
+    interval (``latency_low_ms``, ``latency_high_ms``, ``speedup``, ``speedup_low``,
+    ``speedup_high``; empty where the latency is estimated).
+    """
+    fp32 = meta.get("baselines", {}).get("all-fp32", {}).get("latency_ms")
+    fp32_ms = float(fp32) if isinstance(fp32, int | float) else None
+    rows = [{**asdict(p), **_timing_columns(p, fp32_ms)} for p in front]
+    write_json_atomic(store.root / "front.json", {**meta, "front": rows})
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
-        ["trial", "latency_ms", "latency_source", "deviation", "metric", "n_fp32", "n_units",
+        ["trial", "latency_ms", "latency_low_ms", "latency_high_ms", "speedup", "speedup_low",
+         "speedup_high", "latency_source", "deviation", "metric", "n_fp32", "n_units",
          "digest", "fp32_units"]
     )  # fmt: skip
-    for p in front:
+    for p, row in zip(front, rows, strict=True):
+        timing = [
+            "" if row[k] is None else f"{row[k]:.6g}"
+            for k in ("latency_low_ms", "latency_high_ms", "speedup", "speedup_low",
+                      "speedup_high")
+        ]  # fmt: skip
         w.writerow(
-            [p.trial, f"{p.latency_ms:.6g}", p.latency_source, f"{p.deviation:.6g}", p.metric,
-             p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units)]
+            [p.trial, f"{p.latency_ms:.6g}", *timing, p.latency_source, f"{p.deviation:.6g}",
+             p.metric, p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units)]
         )  # fmt: skip
     write_bytes_atomic(store.root / "front.csv", buf.getvalue().encode())

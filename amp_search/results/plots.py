@@ -54,6 +54,8 @@ class PlotPoint:
     feasible: bool = True
     on_front: bool = False
     kind: str = "trial"  # trial | reference
+    #: The latency's 95% interval (None: estimated): drawn as a horizontal bar.
+    interval: tuple[float, float] | None = None
 
 
 @dataclass
@@ -103,6 +105,7 @@ def plot_data_from_study(
                 label=labels.get(t.number, seed or p.label),
                 feasible=p.feasible and math.isfinite(p.deviation),
                 on_front=t.number in on_front,
+                interval=p.latency_interval,
             )
         )
     x_label = f"latency, ms ({latency_source})"
@@ -122,6 +125,7 @@ def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData
             label=refinement.label(p).replace("all-fp", "all FP"),
             feasible=p.feasible and math.isfinite(p.deviation),
             on_front=p.digest in front_digests,
+            interval=p.latency_interval,
         )
         for p in refinement.points
     ]
@@ -131,6 +135,7 @@ def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData
             p.deviation,
             Path(str(p.metrics["path"])).name + " (compared)",
             kind="reference",
+            interval=p.latency_interval,
         )  # fmt: skip
         for p in refinement.compared
         if math.isfinite(p.latency_ms)
@@ -138,7 +143,8 @@ def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData
     m = refinement.meta
     t = m.get("timing", {})
     notes = [
-        f"{t.get('runs')} runs each in {t.get('rounds')} interleaved rounds, {m.get('refined')}"
+        f"{t.get('pairs')} windows each, paired with all-FP32, in {t.get('rounds')} interleaved "
+        f"rounds, {m.get('refined')}; bars: 95% intervals (overlapping bars are ties)"
     ]
     if str(m.get("device", "")).startswith("cpu"):
         notes.append("CPU latency: says nothing about GPU FP16 speed")
@@ -200,6 +206,13 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
         y = p.deviation if math.isfinite(p.deviation) else ceiling
         ax.scatter([p.latency_ms], [max(y, floor)], s=90, marker="D",
                    c=f"C{(i + 2) % 10}", edgecolors="black", label=p.label, zorder=6)  # fmt: skip
+    barred = [p for p in data.points if p.interval is not None]
+    if barred:  # each latency's 95% interval: points whose bars overlap are ties on speed
+        ys = [max(p.deviation if math.isfinite(p.deviation) else ceiling, floor) for p in barred]
+        lo = [max(0.0, p.latency_ms - p.interval[0]) for p in barred if p.interval]
+        hi = [max(0.0, p.interval[1] - p.latency_ms) for p in barred if p.interval]
+        ax.errorbar([p.latency_ms for p in barred], ys, xerr=[lo, hi], fmt="none",
+                    ecolor="#7f7f7f", elinewidth=1, capsize=2, zorder=1)  # fmt: skip
     if data.budget is not None:
         ax.axhline(data.budget, ls="--", c="#2ca02c", lw=1, label=f"budget {data.budget:g}")
     ax.set_yscale("log")
@@ -254,10 +267,16 @@ def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
     for name, pts, marker in groups:
         if not pts:
             continue
+        bars = all(p.interval is not None for p in pts)
         fig.add_trace(
             go.Scatter(
                 x=[p.latency_ms for p in pts],
                 y=[p.deviation if math.isfinite(p.deviation) else ceiling for p in pts],
+                error_x=dict(
+                    type="data", symmetric=False,
+                    array=[p.interval[1] - p.latency_ms for p in pts if p.interval],
+                    arrayminus=[p.latency_ms - p.interval[0] for p in pts if p.interval],
+                ) if bars else None,
                 mode="markers+lines" if name == "Pareto front" else "markers",
                 line=dict(shape="hv") if name == "Pareto front" else None,
                 marker=marker,

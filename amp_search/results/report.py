@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
-from amp_search.results.pareto import FrontPoint
+from amp_search.results.pareto import FrontPoint, latency_tie
 from amp_search.results.store import ResultsStore
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["Results", "load_results", "pick_point", "copy_candidate"]
+__all__ = ["Choice", "Results", "choose", "copy_candidate", "load_results", "pick_point"]
 
 
 @dataclass
@@ -42,19 +42,23 @@ class Results:
             f"({m.get('device')}), {len(self.front)} point(s)",
             title_justify="left",
         )
-        for col in ("trial", "latency ms", "deviation", "FP32 units", "speedup vs FP32",
-                    "candidate", "FP32 fallback set"):  # fmt: skip
+        for col in ("trial", "latency ms (95% interval)", "deviation", "FP32 units",
+                    "speedup vs FP32", "candidate", "FP32 fallback set"):  # fmt: skip
             table.add_column(col, overflow="fold")
         fp32 = self.baselines.get("all-fp32", {}).get("latency_ms")
         fp32 = float(fp32) if fp32 is not None else None
         for p in self.front:
             fallback = ", ".join(p.fp32_units[:4]) + (" ..." if len(p.fp32_units) > 4 else "")
+            interval = p.latency_interval
+            speed = p.speedup(fp32)
             table.add_row(
                 str(p.trial),
-                f"{p.latency_ms:.4g}",
+                f"{p.latency_ms:.4g}" + (f" [{interval[0]:.4g}, {interval[1]:.4g}]"
+                                         if interval else ""),
                 f"{p.deviation:.3g}",
                 f"{p.n_fp32}/{p.n_units}",
-                f"{fp32 / p.latency_ms:.2f}x" if fp32 and p.latency_ms > 0 else "-",
+                "-" if speed is None else f"{speed[0]:.2f}x" + (
+                    f" [{speed[1]:.2f}, {speed[2]:.2f}]" if speed[1] != speed[2] else ""),
                 f"candidates/{p.digest}",
                 fallback or "(none: all FP16)",
             )
@@ -78,13 +82,49 @@ def load_results(path: str | os.PathLike[str]) -> Results:
             f"{path} has no front.json: run 'amp-search search ... --out {path}' first."
         )
     front = []
+    fields = set(FrontPoint.__dataclass_fields__)
     for row in data.get("front", []):
-        row = dict(row)
+        row = {k: v for k, v in row.items() if k in fields}  # derived columns are recomputed
         for key in ("latency_ms", "deviation"):
             row[key] = float(row[key]) if not isinstance(row[key], str) else math.inf
         front.append(FrontPoint(**row))
     meta = {k: v for k, v in data.items() if k != "front"}
     return Results(store, meta, front)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose` picked, and why.
+
+    Attributes:
+        point: The chosen point.
+        fastest: The fastest point within the budget (``point`` unless a tie moved the choice).
+        tied: Points within the budget whose latency intervals overlap the fastest's.
+    """
+
+    point: FrontPoint
+    fastest: FrontPoint
+    tied: tuple[FrontPoint, ...] = ()
+
+
+def choose(
+    results: Results, *, max_deviation: float | None = None, trial: int | None = None
+) -> Choice:
+    """The front point to ship: the fastest within ``max_deviation``, ties going to accuracy.
+
+    Points whose latency intervals overlap the fastest's are not distinguishably slower; the
+    most accurate of them is chosen. With ``trial``, that front point.
+    """
+    fastest = pick_point(results, max_deviation=max_deviation, trial=trial)
+    if trial is not None:
+        return Choice(fastest, fastest)
+    tied = tuple(
+        p for p in results.front
+        if p is not fastest and p.deviation <= (max_deviation or math.inf)
+        and p.deviation < fastest.deviation and latency_tie(p, fastest)
+    )  # fmt: skip
+    point = min(tied, key=lambda p: (p.deviation, p.latency_ms)) if tied else fastest
+    return Choice(point, fastest, tied)
 
 
 def pick_point(

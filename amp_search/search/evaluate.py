@@ -3,8 +3,14 @@
 :class:`CandidateEvaluator` is what each trial calls. It never rebuilds an assignment it has
 evaluated before (the results directory caches by digest), writes every file atomically,
 and raises :class:`~amp_search.errors.CandidateBuildError` /
-:class:`~amp_search.errors.CandidateRunError` for a candidate that fails, which the study
-records as a failed trial with its reason.
+:class:`~amp_search.errors.CandidateRunError` for a candidate that fails (whatever the
+backend raised while building, running or timing it), which the study records as a failed
+trial with its reason.
+
+Measured latency is paired (:mod:`amp_search.timing`): a :class:`ResidentReference`, the
+all-FP32 model built once and kept open for the whole search, is timed in windows alternating
+with each candidate's, and every candidate's figure is its median ratio to the reference times
+the reference's level, with a 95% interval.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +28,26 @@ import numpy as np
 from amp_search._atomic import BackgroundWrite, write_bytes_atomic
 from amp_search.backends.base import Backend, BuildConfig
 from amp_search.calibration import CalibrationData
-from amp_search.errors import CandidateBuildError, CandidateRunError
+from amp_search.errors import (
+    AmpSearchError,
+    CandidateBuildError,
+    CandidateRunError,
+    UserInputError,
+)
 from amp_search.graph.io import exceeds_protobuf_limit, save_model
 from amp_search.graph.precision import MixedPrecisionRewriter
 from amp_search.objective import EvalContext, Objective
 from amp_search.results.store import ResultsStore
-from amp_search.timing import measure
+from amp_search.timing import DEFAULT_PLAN, Clock, PairedTiming, Step, TimingPlan, nvml_clock
 from amp_search.types import LatencyStats, PrecisionAssignment
 
-__all__ = ["CandidateEvaluator", "Evaluation", "LatencySettings"]
+__all__ = [
+    "CandidateEvaluator",
+    "Evaluation",
+    "LatencySettings",
+    "ResidentReference",
+    "local_failure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +59,16 @@ class LatencySettings:
     Attributes:
         source: ``"measured"`` (the backend's timing) or ``"estimated"`` (roofline model).
         target: GPU the estimate is for (``h100``/``h200``).
-        warmup: Untimed runs before timing.
-        runs: Timed runs.
+        plan: Windows, stopping rule and clock floor of measured timing.
+        paired: Time each candidate against the resident all-FP32 reference (measured only).
+        front_pairs: More paired windows for a candidate that would join the front.
     """
 
     source: str = "estimated"
     target: str = "h100"
-    warmup: int = 3
-    runs: int = 20
+    plan: TimingPlan = DEFAULT_PLAN
+    paired: bool = True
+    front_pairs: int = 6
 
 
 @dataclass
@@ -92,6 +111,94 @@ class Evaluation:
         }
 
 
+def local_failure(exc: BaseException, what: str) -> AmpSearchError:
+    """Any error while a candidate is built, run or timed, as that candidate's failure.
+
+    amp-search's own errors pass as they are; anything a backend raises (ONNX Runtime's
+    ``RuntimeError``/``Fail``/``InvalidArgument``, a CUDA error) becomes a
+    :class:`~amp_search.errors.CandidateRunError` with its first line.
+    """
+    if isinstance(exc, AmpSearchError):
+        return exc
+    text = str(exc).strip()
+    line = text.splitlines()[0][:300] if text else ""
+    return CandidateRunError(f"{what} failed: {type(exc).__name__}: {line}")
+
+
+class ResidentReference:
+    """The all-FP32 model, built once and open for the search: what candidates are timed against.
+
+    :meth:`open` builds it on the target, runs the first calibration batch (the model itself
+    must run there: if it does not, nothing is searched), settles it and measures its level,
+    the latency every paired ratio is scaled by. ``level_ms`` may be set from the study (where
+    the first worker stored it) so that every worker and every resumed run share one scale.
+
+    Args:
+        backend: The search's backend.
+        config: Its build configuration.
+        path: Where to write the reference's ONNX.
+        model: The (sanitized) FP32 model.
+        feeds: The batch that is timed (the first calibration batch).
+        plan: Timing windows and stopping rule.
+        clock: Reads the SM clock (None: off the GPU, or unreadable).
+    """
+
+    def __init__(self, backend: Backend, config: BuildConfig, path: Path, model: Any,
+                 feeds: dict[str, np.ndarray], plan: TimingPlan,
+                 clock: Clock | None = None) -> None:  # fmt: skip
+        self.backend = backend
+        self.config = config
+        self.path = path
+        self.model = model
+        self.feeds = feeds
+        self.plan = plan
+        self.clock = clock
+        self.level_ms: float | None = None
+        self.level: LatencyStats | None = None
+        self.step: Step | None = None
+        self.execution: dict[str, Any] = {}
+        self._candidate: Any = None
+        self._runner: Any = None
+
+    def open(self) -> None:
+        """Builds, checks, settles and measures the reference (see the class docstring)."""
+        if self._runner is not None:
+            return
+        where = f"{self.backend.name} ({self.config.device})"
+        try:
+            save_model(self.model, self.path)
+            self._candidate = self.backend.build(self.path, self.config)
+            self._runner = self.backend.open(self._candidate).__enter__()
+            self._runner.infer(self.feeds)
+            self._runner.bind(self.feeds)
+        except Exception as exc:
+            self.close()
+            failure = local_failure(exc, "the FP32 model")
+            raise UserInputError(
+                f"The model itself does not run on {where}: {failure}. Nothing was searched; "
+                "fix the model (or run on another device) and search again."
+            ) from exc
+        self.execution = dict(self._runner.execution)
+        self.step = Step(self._runner.run_once, self._runner.timer())
+        timing = PairedTiming(self.step, None, self.plan, self.clock)
+        timing.run()
+        self.level = timing.stats(source=self._runner.source)
+        if self.level_ms is None:
+            self.level_ms = self.level.median_ms
+        logger.info("reference (all-FP32) on %s: %.4g ms [%.4g, %.4g]%s", where,
+                    self.level.median_ms, self.level.low_ms, self.level.high_ms,
+                    ", CUDA graph" if self.execution.get("cuda_graph") else "")  # fmt: skip
+
+    def close(self) -> None:
+        """Releases the reference's session."""
+        if self._runner is not None:
+            self._runner.__exit__(None, None, None)
+            self._runner = None
+        if self._candidate is not None:
+            self.backend.release(self._candidate)
+            self._candidate = None
+
+
 class CandidateEvaluator:
     """Evaluates assignments of one model on one backend against an FP32 reference.
 
@@ -106,6 +213,8 @@ class CandidateEvaluator:
         latency: How latency is obtained.
         store: The results directory.
         estimator: The roofline estimator (needed when ``latency.source`` is estimated).
+        resident: The resident all-FP32 reference of paired measured timing (opened on first
+            use if not yet open).
     """
 
     def __init__(
@@ -120,6 +229,7 @@ class CandidateEvaluator:
         latency: LatencySettings,
         extra_metrics: list[Objective] | None = None,
         estimator: Any = None,
+        resident: ResidentReference | None = None,
     ) -> None:
         self.rewriter = rewriter
         self.backend = backend
@@ -131,6 +241,14 @@ class CandidateEvaluator:
         self.store = store
         self.latency = latency
         self.estimator = estimator
+        self.resident = resident
+        #: Whether a measured candidate would join the current front (set by the search):
+        #: such a candidate is timed ``latency.front_pairs`` windows longer.
+        self.front_probe: Callable[[LatencyStats, float], bool] | None = None
+        self.clock: Clock | None = None
+        if latency.source == "measured" and config.device_type == "cuda":
+            self.clock = resident.clock if resident is not None else nvml_clock(
+                config.device_id)  # fmt: skip
         self.output_names = [o.name for o in rewriter.model.graph.output]
         self._small_model = not exceeds_protobuf_limit(rewriter.model)
         if latency.source == "estimated" and estimator is None:
@@ -218,6 +336,8 @@ class CandidateEvaluator:
                 assignment, digest, fp32_units, path, parts if writing else None, model,
                 report, seconds, writing, before_timing,
             )  # fmt: skip
+        except Exception as exc:  # whatever the backend raised: this candidate's failure only
+            raise local_failure(exc, "the candidate") from exc
         finally:
             if writing is not None:  # the model file is in place before its metrics or error
                 t0 = time.perf_counter()
@@ -245,11 +365,20 @@ class CandidateEvaluator:
         candidate = self.backend.build(path, self.config, model_bytes=model_bytes)
         seconds["build"] = time.perf_counter() - t0
         outputs: list[dict[str, np.ndarray]] = []
+        execution: dict[str, Any] = {}
+        deviations: dict[str, float] = {}
         t0 = time.perf_counter()
         with self.backend.open(candidate) as runner:
             for batch in self.data:
                 outputs.append(runner.infer(batch))
             seconds["run"] = time.perf_counter() - t0
+            finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
+            ctx = EvalContext(reference=self.reference, outputs=outputs, assignment=assignment,
+                              output_names=self.output_names)  # fmt: skip
+            t0 = time.perf_counter()
+            # Accuracy first (the session stays open): a new front member is timed longer.
+            deviations.update(_score(self.metrics, ctx, latency=False))
+            seconds["metric"] = time.perf_counter() - t0
             if self.latency.source == "measured":
                 if writing is not None:
                     writing.wait()  # nothing else in this process competes with the timing
@@ -257,13 +386,9 @@ class CandidateEvaluator:
                     before_timing()
                 t0 = time.perf_counter()
                 runner.bind(self.data.first())
-                stats = measure(
-                    runner.run_once,
-                    source=runner.source,
-                    warmup=self.latency.warmup,
-                    runs=self.latency.runs,
-                    timer=runner.timer(),
-                )
+                deviation = deviations.get(self.metric.name, math.inf) if finite else math.inf
+                stats = self._time(runner, deviation)
+                execution = dict(runner.execution)
                 seconds["time"] = time.perf_counter() - t0
         # Freeing a session takes the backend milliseconds (MiniLM: ~20): timed here as its
         # own, not left to whatever line drops the last reference.
@@ -276,22 +401,10 @@ class CandidateEvaluator:
             ms = float(self.estimator.estimate(model))
             stats = LatencyStats(ms, ms, ms, ms, 1, 0, self._source_label or "estimated")
             seconds["estimate"] = time.perf_counter() - t0
-        finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
-        ctx = EvalContext(
-            reference=self.reference,
-            outputs=outputs,
-            latency=stats,
-            assignment=assignment,
-            output_names=self.output_names,
-        )
-        deviations: dict[str, float] = {}
+        ctx.latency = stats
         t0 = time.perf_counter()
-        for m in [self.metric, *self.extra_metrics]:
-            try:
-                deviations[m.name] = float(m.evaluate(ctx))
-            except Exception as exc:  # a user metric that fails fails the trial, not the study
-                raise CandidateRunError(f"Metric {m.name!r} failed: {exc}") from exc
-        seconds["metric"] = time.perf_counter() - t0
+        deviations.update(_score(self.metrics, ctx, latency=True))
+        seconds["metric"] += time.perf_counter() - t0
         deviation = deviations[self.metric.name]
         if not finite or math.isnan(deviation):
             deviation = float("inf")
@@ -307,9 +420,54 @@ class CandidateEvaluator:
                 "conversion": report.to_json(),
                 "build": {"seconds": candidate.build_time_s, **_jsonable(candidate.info)},
                 "artifacts": {k: str(v) for k, v in candidate.artifacts.items()},
+                **({"execution": execution} if execution else {}),
             },
         )
         return result
+
+    @property
+    def metrics(self) -> list[Objective]:
+        """The chosen metric, then the ones recorded beside it."""
+        return [self.metric, *self.extra_metrics]
+
+    def _time(self, runner: Any, deviation: float) -> LatencyStats:
+        """Times a bound runner, paired with the resident reference when there is one.
+
+        A candidate that would join the front (``front_probe``) gets ``front_pairs`` more
+        windows at once, while its session is open: a front point is not one lucky draw.
+        """
+        reference = self.resident if self.latency.paired else None
+        if reference is not None:
+            reference.open()
+        timing = PairedTiming(
+            Step(runner.run_once, runner.timer()),
+            reference.step if reference is not None else None,
+            self.latency.plan,
+            self.clock,
+        )
+        timing.run()
+        level = reference.level_ms if reference is not None else None
+        stats = timing.stats(source=runner.source, reference_ms=level)
+        probe = self.front_probe
+        if probe is not None and self.latency.front_pairs and probe(stats, deviation):
+            n = self.latency.front_pairs
+            timing.run(min_pairs=n, max_pairs=n, until_sure=False)
+            stats = replace(timing.stats(source=runner.source, reference_ms=level),
+                            front_retimed=True)  # fmt: skip
+        return stats
+
+
+def _score(metrics: list[Objective], ctx: EvalContext, *, latency: bool) -> dict[str, float]:
+    """The metrics that read latency (``latency=True``) or the ones that do not."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        if ("latency" in getattr(m, "needs", ())) != latency:
+            continue
+        try:
+            out[m.name] = float(m.evaluate(ctx))
+        except Exception as exc:  # a user metric that fails fails the trial, not the study
+            raise CandidateRunError(f"Metric {m.name!r} failed: {exc}") from exc
+    return out
 
 
 def _from_cache(cached: dict[str, Any], digest: str, fp32_units: list[str]) -> Evaluation:
@@ -317,15 +475,7 @@ def _from_cache(cached: dict[str, Any], digest: str, fp32_units: list[str]) -> E
     deviation = cached["deviation"]
     return Evaluation(
         digest=digest,
-        latency=LatencyStats(
-            median_ms=lat["median_ms"],
-            p90_ms=lat["p90_ms"],
-            mean_ms=lat["mean_ms"],
-            min_ms=lat["min_ms"],
-            n_runs=lat["n_runs"],
-            n_warmup=lat["n_warmup"],
-            source=lat["source"],
-        ),  # fmt: skip
+        latency=LatencyStats.from_json(lat),
         deviation=float(deviation) if not isinstance(deviation, str) else float("inf"),
         deviations={
             k: float(v) if not isinstance(v, str) else float("inf")
@@ -335,7 +485,8 @@ def _from_cache(cached: dict[str, Any], digest: str, fp32_units: list[str]) -> E
         fp32_units=fp32_units,
         cached=True,
         seconds={},
-        extra={k: cached[k] for k in ("conversion", "build", "artifacts") if k in cached},
+        extra={k: cached[k] for k in ("conversion", "build", "artifacts", "execution")
+               if k in cached},  # fmt: skip
     )
 
 

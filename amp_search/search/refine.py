@@ -1,13 +1,16 @@
 """Refining the front: its points rebuilt with final options, measured again, side by side.
 
 During a search every candidate is built fast (TensorRT: a low builder optimization level if
-the search asked for one) and timed once, briefly and alone: at about a millisecond, two timings
-of one candidate taken minutes apart differ by a few percent to tens of percent. Before a point
-ships, :func:`refine_front` rebuilds the front points within the budget, plus all-FP32 and
-all-FP16, on the target device with the final options (a backend's build-speed options,
-:attr:`~amp_search.backends.base.Backend.refine_defaults`, go back to their defaults unless
-given again), measures each one's deviation there against the same strict FP32 reference, and
-times them all in interleaved rounds, so drift and neighbours hit every point alike.
+the search asked for one) and timed once, against the resident all-FP32 reference, until its
+interval is narrow enough. Before a point ships, :func:`refine_front` rebuilds the front points
+within the budget, plus all-FP32 and all-FP16, on the target device with the final options (a
+backend's build-speed options, :attr:`~amp_search.backends.base.Backend.refine_defaults`, go
+back to their defaults unless given again), measures each one's deviation there against the
+same strict FP32 reference, and times them all with the search's protocol
+(:mod:`amp_search.timing`: windows paired with a resident all-FP32 reference), in interleaved
+rounds so that drift and neighbours hit every point alike, then widens the figures whose
+interval is still wider than the target. A point or compared model that fails at any stage
+is a failed entry; the others are still refined.
 
 The result, ``refined.json`` in the results directory, holds every refined point and the front
 they form; ``amp-search pick`` prefers it to the search's own figures. A search on the CPU with
@@ -16,6 +19,7 @@ estimated latency can be refined on a GPU machine: that is where its figures bec
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import time
@@ -27,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from amp_search._atomic import write_json_atomic
-from amp_search.errors import AmpSearchError, BackendUnavailableError, UserInputError
+from amp_search.errors import BackendUnavailableError, UserInputError
 from amp_search.results.pareto import FrontPoint, nondominated_points
+from amp_search.timing import PairedTiming
 
 if TYPE_CHECKING:
     from amp_search.backends.base import Backend, Runner
@@ -126,9 +131,10 @@ def refine_front(
     data: CalibrationData,
     device: str | None = None,
     options: dict[str, Any] | None = None,
-    runs: int = 100,
+    pairs: int = 20,
     rounds: int = 5,
-    warmup: int = 10,
+    target: float = 0.02,
+    max_time_s: float = 4.0,
     max_deviation: float | None = None,
     compare: Sequence[str | Path] = (),
     progress: Callable[[str, int, int], None] | None = None,
@@ -141,9 +147,13 @@ def refine_front(
         device: Where to measure; the search's device when None.
         options: Backend options over those the search used (on the same device type) or over
             the backend defaults (on another); build-speed options return to their defaults.
-        runs: Timed runs per candidate in all, split evenly over ``rounds``.
-        rounds: Interleaved timing rounds (each times every candidate once, in turn).
-        warmup: Untimed runs before each candidate's block in every round.
+        pairs: Timing windows per candidate in all (each paired with one of the resident
+            all-FP32 reference), split evenly over ``rounds``.
+        rounds: Interleaved rounds (each times every candidate in turn).
+        target: After the rounds, candidates whose 95% interval is wider than ``±target``
+            get up to ``pairs`` more windows.
+        max_time_s: Seconds of those extra windows per candidate at most (and of the
+            reference's warm-up and level).
         max_deviation: Refine only front points within this budget (the search's budget when
             None; every front point without one). Refined deviations are checked against it.
         compare: Other ONNX models of the same inputs and outputs (the model in production,
@@ -151,7 +161,10 @@ def refine_front(
         progress: Called with (stage, done, total).
     """
     from amp_search.backends import BuildConfig, get_backend
-    from amp_search.objective import EvalContext, load_metric
+    from amp_search.graph import load_model, sanitize
+    from amp_search.objective import load_metric
+    from amp_search.search.evaluate import ResidentReference
+    from amp_search.timing import TimingPlan, nvml_clock
 
     meta = results.meta
     backend = get_backend(str(meta.get("backend", "onnxruntime")))
@@ -170,8 +183,8 @@ def refine_front(
         shapes = {k: list(v.shape) for k, v in data.first().items()}
         config = replace(config, options={**config.options, "shapes": shapes})
     identity = backend.identity(config)
-    if rounds < 1 or runs < rounds:
-        raise UserInputError(f"--runs ({runs}) must be at least --rounds ({rounds}) >= 1.")
+    if rounds < 1 or pairs < 2 * rounds:
+        raise UserInputError(f"--pairs ({pairs}) must be at least twice --rounds ({rounds}).")
     budget = max_deviation if max_deviation is not None else meta.get("max_deviation")
     entries = [(p, results.store.candidate_dir(p.digest) / "model.onnx")
                for p in _entries(results, budget)]  # fmt: skip
@@ -188,75 +201,52 @@ def refine_front(
                            metrics=attrs)  # fmt: skip
         entries.append((point, other))
     metric = load_metric(str(meta.get("metric", "rel_l2")))
-    reference = _reference(results, data)
-    names = list(reference[0])
-
-    opened: list[tuple[FrontPoint, Runner, float, Any]] = []
-    failed: list[dict[str, Any]] = []
-    samples: dict[int, list[float]] = {}
+    model_path = _searched_model(results)
+    reference = _reference(model_path, data)
+    plan = TimingPlan(target=target, min_pairs=2, max_pairs=max(2, pairs), max_time_s=max_time_s)
+    clock = nvml_clock(config.device_id) if config.device_type == "cuda" else None
     t0 = time.perf_counter()
-    try:
-        for k, (point, path) in enumerate(entries):
-            if progress:
-                progress("build", k, len(entries))
-            try:
-                candidate = backend.build(path, config)
-                runner = backend.open(candidate).__enter__()
-            except AmpSearchError as exc:
-                failed.append(_failure(point, exc))
-                continue
-            try:
-                outputs = [runner.infer(batch) for batch in data]
-                ctx = EvalContext(reference=reference, outputs=outputs, output_names=names)
-                finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
-                deviation = float(metric.evaluate(ctx)) if finite else math.inf
-                runner.bind(data.first())
-            except (AmpSearchError, ValueError) as exc:  # ValueError: outputs that differ
-                runner.__exit__(None, None, None)
-                failed.append(_failure(point, exc))
-                continue
-            opened.append((point, runner, deviation, candidate))
-            samples[len(opened) - 1] = []
-        if progress:
-            progress("build", len(entries), len(entries))
-        per_round = runs // rounds
-        from amp_search.timing import measure
+    with contextlib.ExitStack() as held:
+        resident = held.enter_context(contextlib.closing(ResidentReference(
+            backend, config, results.store.root / "reference" / "model.onnx",
+            sanitize(load_model(model_path)), data.first(), plan, clock,
+        )))  # fmt: skip
+        resident.open()
+        opened, failed = _open_entries(backend, config, entries, data, reference, metric,
+                                       resident, held, progress)  # fmt: skip
+        _time_in_rounds(opened, failed, pairs, rounds, progress)
 
-        for r in range(rounds):
-            if progress:
-                progress("time", r, rounds)
-            for i in range(len(opened)):
-                k = (i + r) % len(opened)  # each round starts one later: no fixed position
-                runner = opened[k][1]
-                stats = measure(runner.run_once, source=runner.source, warmup=warmup,
-                                runs=per_round, timer=runner.timer())  # fmt: skip
-                samples[k].extend(stats.samples_ms)
-        if progress:
-            progress("time", rounds, rounds)
-    finally:
-        for _, runner, _, _ in opened:
-            runner.__exit__(None, None, None)
-
-    source = f"{opened[0][1].source}, refined" if opened else "measured, refined"
+    level = resident.level_ms
+    source = f"{resident.level.source if resident.level else 'measured'}, refined"
     points = []
-    for k, (point, _, deviation, candidate) in enumerate(opened):
-        a = np.asarray(samples[k], dtype=np.float64)
+    for entry in opened:
+        point, deviation, timing = entry.point, entry.deviation, entry.timing
+        stats = timing.stats(source=source, reference_ms=level)
         feasible = math.isfinite(deviation) and (budget is None or deviation <= budget)
         points.append(
             replace(
                 point,
-                latency_ms=float(np.median(a)),
+                latency_ms=stats.median_ms,
                 latency_source=source,
                 deviation=deviation,
                 feasible=feasible,
                 metrics={
                     **point.metrics,
-                    "p90_ms": float(np.percentile(a, 90)),
-                    "runs": int(a.size),
+                    "latency_low_ms": stats.low_ms,
+                    "latency_high_ms": stats.high_ms,
+                    "ratio": stats.ratio,
+                    "ratio_low": stats.ratio_low,
+                    "ratio_high": stats.ratio_high,
+                    "own_median_ms": stats.own_median_ms,
+                    "p90_ms": stats.p90_ms,
+                    "runs": stats.n_runs,
+                    "windows": stats.windows,
+                    "clock_mhz_min": stats.clock_mhz_min,
+                    "execution": entry.execution,
                     "search_latency_ms": point.latency_ms,
                     "search_latency_source": point.latency_source,
                     "search_deviation": point.deviation,
-                    "build_s": round(candidate.build_time_s, 3),
+                    "build_s": round(entry.build_s, 3),
                 },
             )
         )
@@ -278,10 +268,18 @@ def refine_front(
             "metric": metric.name,
             "max_deviation": budget,
             "latency_source": source,
+            "reference": {
+                "ms": level,
+                "low_ms": resident.level.low_ms if resident.level else None,
+                "high_ms": resident.level.high_ms if resident.level else None,
+                "execution": resident.execution,
+            },
             "timing": {
-                "runs": per_round * rounds,
+                "pairs": pairs,
                 "rounds": rounds,
-                "warmup": warmup,
+                "target": target,
+                "protocol": "windows paired with the resident all-FP32 reference; latency = "
+                "median ratio x the reference's level; 95% bootstrap intervals",
                 "timer": "cuda events" if backend.name == "tensorrt" else "wall clock",
             },
             "seconds": round(time.perf_counter() - t0, 1),
@@ -292,6 +290,84 @@ def refine_front(
     write_json_atomic(results.store.root / REFINED_FILE, refinement.to_json())
     draw_refined(refinement, results.store.root, str(meta.get("model", "")))
     return refinement
+
+
+@dataclass
+class _Opened:
+    """One refined entry, open on the device."""
+
+    point: FrontPoint
+    runner: Runner
+    deviation: float
+    build_s: float
+    execution: dict[str, Any]
+    timing: PairedTiming
+
+
+def _open_entries(
+    backend: Backend, config: Any, entries: list[tuple[FrontPoint, Path]],
+    data: CalibrationData, reference: list[dict[str, np.ndarray]], metric: Any,
+    resident: Any, held: contextlib.ExitStack, progress: Callable[[str, int, int], None] | None,
+) -> tuple[list[_Opened], list[dict[str, Any]]]:  # fmt: skip
+    """Builds each entry, measures its deviation and binds it; failures are entries too."""
+    from amp_search.objective import EvalContext
+    from amp_search.search.evaluate import local_failure
+    from amp_search.timing import Step
+
+    names = list(reference[0])
+    opened: list[_Opened] = []
+    failed: list[dict[str, Any]] = []
+    for k, (point, path) in enumerate(entries):
+        if progress:
+            progress("build", k, len(entries))
+        runner = None
+        try:
+            candidate = backend.build(path, config)
+            runner = backend.open(candidate).__enter__()
+            held.callback(runner.__exit__, None, None, None)
+            outputs = [runner.infer(batch) for batch in data]
+            ctx = EvalContext(reference=reference, outputs=outputs, output_names=names)
+            finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
+            deviation = float(metric.evaluate(ctx)) if finite else math.inf
+            runner.bind(data.first())
+        except Exception as exc:  # any stage, any error: this entry fails, the rest go on
+            failed.append(_failure(point, local_failure(exc, "refining it")))
+            continue
+        timing = PairedTiming(Step(runner.run_once, runner.timer()), resident.step,
+                              resident.plan, resident.clock)  # fmt: skip
+        opened.append(_Opened(point, runner, deviation, candidate.build_time_s,
+                              dict(runner.execution), timing))  # fmt: skip
+    if progress:
+        progress("build", len(entries), len(entries))
+    return opened, failed
+
+
+def _time_in_rounds(
+    opened: list[_Opened], failed: list[dict[str, Any]], pairs: int, rounds: int,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:  # fmt: skip
+    """Times every entry in interleaved rounds, then widens the unsure ones; drops failures."""
+    from amp_search.search.evaluate import local_failure
+
+    per_round = pairs // rounds
+    for r in range(rounds + 1):
+        if progress:
+            progress("time", r, rounds + 1)
+        for i in range(len(opened)):
+            entry = opened[(i + r) % len(opened)]  # each round starts one later
+            if entry.runner is None:
+                continue
+            try:
+                if r < rounds:
+                    entry.timing.run(min_pairs=per_round, max_pairs=per_round, until_sure=False)
+                else:  # the last round: more windows only where the interval is still wide
+                    entry.timing.run(min_pairs=0, max_pairs=pairs)
+            except Exception as exc:  # a candidate that fails while timed: a failed entry
+                failed.append(_failure(entry.point, local_failure(exc, "timing it")))
+                entry.runner = None  # type: ignore[assignment]
+    if progress:
+        progress("time", rounds + 1, rounds + 1)
+    opened[:] = [e for e in opened if e.runner is not None and e.timing.pairs]
 
 
 def draw_refined(refinement: Refinement, folder: Path, model: str) -> list[Path]:
@@ -356,20 +432,25 @@ def _entries(results: Results, budget: float | None) -> list[FrontPoint]:
     return chosen
 
 
-def _reference(results: Results, data: CalibrationData) -> list[dict[str, np.ndarray]]:
-    """Strict FP32 outputs of the searched model on ONNX Runtime CPU (what the search used)."""
-    from amp_search.graph import load_model, sanitize
-    from amp_search.profiling import profile_model
-
+def _searched_model(results: Results) -> Path:
+    """The searched model's file (the all-FP32 candidate, the same graph, if it moved)."""
     model_path = Path(str(results.meta.get("model", "")))
     fp32 = results.baselines.get("all-fp32", {}).get("digest")
-    if not model_path.is_file() and fp32:  # the model moved: all-FP32 is the same graph
+    if not model_path.is_file() and fp32:
         model_path = results.store.candidate_dir(str(fp32)) / "model.onnx"
     if not model_path.is_file():
         raise UserInputError(
             f"The searched model {results.meta.get('model')} is not there any more (nor the "
             "all-FP32 candidate): refine needs it for the FP32 reference."
         )
+    return model_path
+
+
+def _reference(model_path: Path, data: CalibrationData) -> list[dict[str, np.ndarray]]:
+    """Strict FP32 outputs of the searched model on ONNX Runtime CPU (what the search used)."""
+    from amp_search.graph import load_model, sanitize
+    from amp_search.profiling import profile_model
+
     model = sanitize(load_model(model_path))
     prof = profile_model(model, [], data, fp16_pass=False, keep_reference=True)
     return list(prof.reference_outputs)
@@ -383,7 +464,8 @@ def summarize(refinement: Refinement, budget: float | None) -> Sequence[str]:
     lines = []
     if within:
         best = min(within, key=lambda p: (p.latency_ms, p.deviation))
-        speed = f", {fp32.latency_ms / best.latency_ms:.2f}x all-FP32" if fp32 else ""
+        s = best.speedup(fp32.latency_ms if fp32 else None)
+        speed = "" if s is None else f", {s[0]:.2f}x all-FP32 [{s[1]:.2f}, {s[2]:.2f}]"
         lines.append(
             f"fastest {'refined point' if budget is None else f'within {budget:g}'}: "
             f"{refinement.label(best)} {best.latency_ms:.4g} ms at {best.deviation:.3g}{speed}"

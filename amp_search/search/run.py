@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -43,7 +44,12 @@ from amp_search.results.pareto import (
 )
 from amp_search.results.prune import KEEP_MODELS, prune_dominated
 from amp_search.results.store import ResultsStore
-from amp_search.search.evaluate import CandidateEvaluator, Evaluation, LatencySettings
+from amp_search.search.evaluate import (
+    CandidateEvaluator,
+    Evaluation,
+    LatencySettings,
+    ResidentReference,
+)
 from amp_search.search.sampler import DEFAULT_SAMPLER
 from amp_search.search.seeds import SEED_PARAMS_ATTR, enqueue_seeds
 from amp_search.search.space import SearchSpace
@@ -55,6 +61,7 @@ from amp_search.search.study import (
     recover_dead_trials,
     storage_errors,
 )
+from amp_search.timing import TimingPlan, nvml_clock
 from amp_search.types import PrecisionAssignment
 
 __all__ = ["CONFIG_ATTR", "SearchConfig", "SearchOutcome", "run_search"]
@@ -65,6 +72,8 @@ logger = logging.getLogger(__name__)
 CONFIG_ATTR = "amp_search:config"
 #: Seconds between checks for trials of dead workers on this host.
 RECOVER_EVERY_S = 15.0
+#: Study user attribute holding the resident reference's level (one scale for every worker).
+REFERENCE_ATTR = "amp_search:reference_ms"
 
 
 @dataclass
@@ -89,7 +98,10 @@ class SearchConfig:
     seed: int | None = 0
     sampler: str = DEFAULT_SAMPLER
     threshold: float = 10000.0
-    timing_runs: int = 20
+    #: Measured latency: stop timing a candidate once its 95% interval is within +-this.
+    timing_target: float = 0.02
+    #: Measured latency: seconds of timing per candidate at most.
+    timing_max_s: float = 8.0
     max_units: int | None = None
     #: Other accuracy metrics to record per trial (each costs a pass over every output).
     record_metrics: tuple[str, ...] = ()
@@ -214,6 +226,11 @@ def _run_search(
         raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
     if config.max_deviation is not None and not config.max_deviation > 0:
         raise UserInputError(f"--max-deviation must be positive, got {config.max_deviation}.")
+    if not 0 < config.timing_target < 1 or not config.timing_max_s > 0:
+        raise UserInputError(
+            f"--timing-target must be in (0, 1) and --timing-max-s positive; got "
+            f"{config.timing_target} and {config.timing_max_s}."
+        )
     if config.keep_models not in KEEP_MODELS:
         raise UserInputError(
             f"--keep-models must be one of {', '.join(KEEP_MODELS)}, got {config.keep_models!r}."
@@ -305,10 +322,20 @@ def _run_search(
         shapes = {k: tuple(v.shape) for k, v in data.first().items()}
         observed = {n: t.shape for n, t in prof.tensors.items() if t.shape is not None}
         estimator = LatencyEstimator(model, shapes, target=config.target, known_shapes=observed)
+    settings = LatencySettings(source=latency_source, target=config.target, plan=TimingPlan(
+        target=config.timing_target, max_time_s=config.timing_max_s))  # fmt: skip
+    reference = None
+    if latency_source == "measured" or build_config.device_type != "cpu":
+        # The all-FP32 model on the target, open for the whole search: the model itself is
+        # checked there before anything is seeded, and every candidate is timed against it.
+        clock = nvml_clock(build_config.device_id) if build_config.device_type == "cuda" else None
+        reference = held.enter_context(contextlib.closing(ResidentReference(
+            backend, BuildConfig(device=config.device, options=options),
+            store.root / "reference" / "model.onnx", model, data.first(), settings.plan, clock,
+        )))  # fmt: skip
     evaluator = CandidateEvaluator(
         rewriter, backend, build_config, data, prof.reference_outputs, metric, store,
-        LatencySettings(source=latency_source, target=config.target, runs=config.timing_runs),
-        extra_metrics=extra, estimator=estimator,
+        settings, extra_metrics=extra, estimator=estimator, resident=reference,
     )  # fmt: skip
 
     study_name = config.study_name or f"{config.model.stem}-{model_digest[:8]}"
@@ -317,6 +344,8 @@ def _run_search(
         storage, study_name, seed=config.seed, sampler=config.sampler, must_exist=config.join
     )
     recover_dead_trials(study, alone=held.enter_context(WorkerLock(storage)).alone)
+    if reference is not None:
+        _open_reference(reference, study, identity, measured=latency_source == "measured")
     if created:
         study.set_user_attr(CONFIG_ATTR, {**config.to_json(), "storage": storage,
                                           "study_name": study_name})  # fmt: skip
@@ -339,6 +368,17 @@ def _run_search(
 
     # Digest -> a COMPLETE trial of it, study-wide (every worker's), refreshed after each trial.
     evaluated = _evaluated_trials(study)
+    # The front as of the last finished trial: a measured candidate that would join it is
+    # timed longer at once (CandidateEvaluator.front_probe).
+    current_front = compute_front(study)
+
+    def joins_front(stats: Any, deviation: float) -> bool:
+        if not math.isfinite(deviation) or deviation > (config.max_deviation or math.inf):
+            return False
+        return not any(p.latency_ms <= stats.median_ms and p.deviation <= deviation
+                       for p in current_front)  # fmt: skip
+
+    evaluator.front_probe = joins_front
 
     # The trial this process runs now: after a storage outage it is failed by number, since
     # the outage may have hit the write that records its owner.
@@ -416,6 +456,7 @@ def _run_search(
                 recover_dead_trials(study)  # a worker beside this one may have died
                 last_recovery = time.monotonic()
             front = compute_front(study)
+            current_front[:] = front
             write_front(store, front, {**meta, "baselines": baselines(study)})
             if progress:
                 progress(
@@ -672,6 +713,48 @@ def _record(trial: Any, ev: Evaluation, metric: str, n_units: int) -> None:
                 "deviations": deviations,
                 "seconds": ev.seconds,
                 "casts": ev.extra.get("conversion", {}).get("casts_inserted"),
+                **_timing_record(ev),
             },
         },
     )
+
+
+def _timing_record(ev: Evaluation) -> dict[str, Any]:
+    """What a measured latency adds to the trial record: interval, ratio, windows, clock."""
+    lat = ev.latency
+    if lat.low_ms is None:
+        return {}
+    out: dict[str, Any] = {
+        "latency_low_ms": lat.low_ms,
+        "latency_high_ms": lat.high_ms,
+        "windows": lat.windows,
+        "runs": lat.n_runs,
+        "front_retimed": lat.front_retimed,
+        "steady": lat.steady,
+        "own_median_ms": lat.own_median_ms,
+    }
+    if lat.ratio is not None:
+        out.update(ratio=lat.ratio, ratio_low=lat.ratio_low, ratio_high=lat.ratio_high,
+                   reference_ms=lat.reference_ms)  # fmt: skip
+    if lat.clock_mhz_min is not None:
+        out.update(clock_mhz_min=lat.clock_mhz_min, clock_mhz_steady=lat.clock_mhz_steady)
+    if ev.extra.get("execution"):
+        out["execution"] = ev.extra["execution"]
+    return out
+
+
+def _open_reference(reference: ResidentReference, study: Any, identity: dict[str, Any],
+                    *, measured: bool) -> None:  # fmt: skip
+    """Opens the resident reference with the study's level (the first worker stores its own)."""
+    stored = study.user_attrs.get(REFERENCE_ATTR)
+    key = hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()[:16]
+    if isinstance(stored, dict) and stored.get("identity") == key:
+        reference.level_ms = float(stored["ms"])
+    reference.open()
+    if measured and not isinstance(stored, dict):
+        assert reference.level is not None
+        study.set_user_attr(REFERENCE_ATTR, {
+            "ms": reference.level_ms, "low_ms": reference.level.low_ms,
+            "high_ms": reference.level.high_ms, "identity": key,
+            "execution": reference.execution,
+        })  # fmt: skip

@@ -18,7 +18,7 @@ from amp_search.backends.base import Backend, BuildConfig
 from amp_search.demo import DEMO_INPUT, build_demo_model, demo_data
 from amp_search.errors import CandidateBuildError
 from amp_search.graph import MixedPrecisionRewriter, sanitize, save_model
-from amp_search.timing import measure
+from amp_search.timing import TimingPlan, measure
 from amp_search.types import PrecisionAssignment
 
 __all__ = ["BackendConformance"]
@@ -111,12 +111,16 @@ class BackendConformance:
         self, backend_config: tuple[Backend, BuildConfig], models: dict[str, Path],
         feeds: dict[str, np.ndarray],
     ) -> None:  # fmt: skip
-        """run_once is timed by the timing module and labelled with its source."""
+        """run_once is timed in windows by the timing module, labelled with its source."""
         backend, config = backend_config
+        plan = TimingPlan(window_ms=2.0, min_pairs=3, max_pairs=3)
         with backend.open(backend.build(models["fp32"], config)) as runner:
             runner.bind(feeds)
-            stats = measure(runner.run_once, source=runner.source, warmup=2, runs=5)
-        assert stats.n_runs == 5 and stats.median_ms > 0
+            stats = measure(runner.run_once, source=runner.source, plan=plan,
+                            timer=runner.timer())  # fmt: skip
+        assert stats.windows == 3 and stats.n_runs >= 3 * plan.min_window_runs
+        assert stats.low_ms is not None and stats.high_ms is not None
+        assert 0 < stats.low_ms <= stats.median_ms <= stats.high_ms
         assert stats.source.startswith("measured:")
 
     def test_runner_refuses_use_outside_with(

@@ -87,3 +87,61 @@ def test_cuda_device_without_cuda_ep_says_what_to_install(tmp_path):
 
     with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
         OnnxRuntimeBackend().build(_chain(tmp_path), BuildConfig("cuda"))
+
+
+def _maxpool22(tmp_path):
+    """Conv then MaxPool at opset 22, where MaxPool has no CUDA kernel: it runs on the CPU."""
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32) / 27, "w")
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[2, 2],
+                             strides=[2, 2]),  # fmt: skip
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [w],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 22)])
+    m.ir_version = 10
+    path = tmp_path / "pool22.onnx"
+    onnx.save(m, path)
+    return path
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_what_a_plain_run_computes(demo_model_path):
+    from amp_search.demo import demo_data
+    from amp_search.timing import TimingPlan, measure
+
+    feeds = {"image": demo_data(n_batches=1)["image"][0]}
+    backend = OnnxRuntimeBackend()
+    graph = backend.build(demo_model_path, BuildConfig("cuda"))
+    plain = backend.build(demo_model_path, BuildConfig("cuda", {"enable_cuda_graph": 0}))
+    assert graph.info["cuda_graph"] is True and "cuda_graph" not in plain.info
+    with backend.open(graph) as g, backend.open(plain) as p:
+        g.bind(feeds)
+        p.bind(feeds)
+        assert g.execution == {"cuda_graph": True} and p.execution == {"cuda_graph": False}
+        other = {"image": feeds["image"][::-1].copy()}  # accuracy runs skip the graph
+        np.testing.assert_allclose(g.infer(other)["logits"], p.infer(other)["logits"],
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        plan = TimingPlan(min_pairs=3, max_pairs=5)
+        t_g = measure(g.run_once, source=g.source, plan=plan)
+        t_p = measure(p.run_once, source=p.source, plan=plan)
+    assert t_g.median_ms > 0 and t_p.median_ms > 0
+
+
+@pytest.mark.gpu
+def test_a_model_that_refuses_a_cuda_graph_runs_without_one_and_says_why(tmp_path):
+    path = _maxpool22(tmp_path)
+    backend = OnnxRuntimeBackend()
+    cand = backend.build(path, BuildConfig("cuda"))
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)}
+    with backend.open(cand) as r:
+        r.bind(feeds)
+        r.run_once()
+        assert r.execution["cuda_graph"] is False
+        assert r.execution["cuda_graph_reason"]
+        assert r.infer(feeds)["y"].shape == (2, 4, 8, 8)

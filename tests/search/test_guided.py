@@ -211,7 +211,7 @@ def test_guided_search_with_measured_latency(tmp_path, demo_model_path, demo_dat
     storage = f"sqlite:///{tmp_path / 's.db'}"
     config = SearchConfig(
         model=demo_model_path, out=tmp_path / "out", data=demo_data_path, n_trials=14,
-        storage=storage, study_name="m", latency="measured", timing_runs=3, seed=1,
+        storage=storage, study_name="m", latency="measured", timing_max_s=0.5, seed=1,
     )  # fmt: skip
     assert config.sampler == "guided"  # the default
     outcome = run_search(config)

@@ -14,7 +14,7 @@ from amp_search.calibration import load_calibration, model_inputs
 from amp_search.cli import main
 from amp_search.errors import BackendUnavailableError, UserInputError
 from amp_search.graph import load_model, sanitize
-from amp_search.results.report import load_results
+from amp_search.results.report import Results, choose, load_results
 from amp_search.search import SearchConfig, run_search
 from amp_search.search.refine import (
     REFINED_FILE,
@@ -46,19 +46,24 @@ def test_refine_measures_every_front_point_and_both_baselines(
 ):
     results = load_results(searched)
     ref = refine_front(results, data=_data(demo_model_path, demo_data_path), device="cpu",
-                       runs=6, rounds=3, warmup=1, compare=[demo_model_path])  # fmt: skip
+                       pairs=6, rounds=3, max_time_s=1.0, compare=[demo_model_path])  # fmt: skip
     # The model itself, compared alike: the FP32 graph, so deviation 0; never on the front.
     (same,) = ref.compared
     assert same.metrics["label"] == f"compare:{demo_model_path.name}"
-    assert same.deviation == 0 and same.metrics["runs"] == 6 and same not in ref.front
+    assert same.deviation == 0 and same.metrics["windows"] >= 6 and same not in ref.front
     labels = {ref.label(p) for p in ref.points}
     assert {"all-fp32", "all-fp16"} <= labels
     assert {p.digest for p in results.front} <= {p.digest for p in ref.points}
     assert not ref.failed
     search = {p.digest: p for p in results.front}
     for p in ref.points:
-        assert p.metrics["runs"] == 6
-        assert p.latency_ms > 0 and p.metrics["p90_ms"] >= p.latency_ms
+        # Six paired windows at least (more where the interval was still wide), each figure
+        # with its interval and its ratio to the resident all-FP32 reference.
+        assert 6 <= p.metrics["windows"] <= 12
+        lo, hi = p.latency_interval
+        assert 0 < lo <= p.latency_ms <= hi
+        assert p.metrics["ratio_low"] <= p.metrics["ratio"] <= p.metrics["ratio_high"]
+        assert p.latency_ms == pytest.approx(p.metrics["ratio"] * ref.meta["reference"]["ms"])
         assert p.latency_source == "measured:onnxruntime-cpu, refined"
         # Same device and options as the search: the deviation measured again is the same.
         if p.digest in search:
@@ -109,7 +114,7 @@ def test_refine_within_a_budget_and_a_broken_candidate(
     other.graph.output[0].name = "renamed"
     onnx.save(other, str(tmp_path / "renamed.onnx"))
     ref = refine_front(results, data=_data(demo_model_path, demo_data_path), device="cpu",
-                       runs=2, rounds=1, warmup=0, max_deviation=budget,
+                       pairs=2, rounds=1, max_time_s=0.5, max_deviation=budget,
                        compare=[tmp_path / "renamed.onnx"])  # fmt: skip
     assert [f["digest"] for f in ref.failed] == [broken.digest, ""]
     assert ref.failed[1]["label"] == "compare:renamed.onnx" and not ref.compared
@@ -143,9 +148,9 @@ def test_refine_refuses_a_device_that_is_not_here(searched, demo_model_path, dem
     with pytest.raises(BackendUnavailableError, match="cannot use device 'cuda'"):
         refine_front(load_results(searched), data=_data(demo_model_path, demo_data_path),
                      device="cuda")  # fmt: skip
-    with pytest.raises(UserInputError, match="--runs"):
+    with pytest.raises(UserInputError, match="--pairs"):
         refine_front(load_results(searched), data=_data(demo_model_path, demo_data_path),
-                     device="cpu", runs=2, rounds=3)  # fmt: skip
+                     device="cpu", pairs=2, rounds=3)  # fmt: skip
 
 
 def test_cli_refine_then_pick_ranks_by_refined_figures(searched, tmp_path, capsys):
@@ -154,14 +159,14 @@ def test_cli_refine_then_pick_ranks_by_refined_figures(searched, tmp_path, capsy
     out = tmp_path / "copy"
     shutil.copytree(searched, out)
     # The data path comes from the study (its config), as a user reruns it.
-    assert main(["refine", str(out), "--device", "cpu", "--runs", "4", "--rounds", "2"]) == 0
+    assert main(["refine", str(out), "--device", "cpu", "--pairs", "4", "--rounds", "2"]) == 0
     printed = capsys.readouterr().out
     assert "all-fp32" in printed and "refined" in printed and "wrote" in printed
     ref = load_refinement(out)
     assert ref is not None
     budget = max(p.deviation for p in ref.front)
-    want = min((p for p in ref.front if p.deviation <= budget),
-               key=lambda p: (p.latency_ms, p.deviation))  # fmt: skip
+    # The fastest within the budget, or a more accurate point whose interval overlaps it.
+    want = choose(Results(load_results(out).store, {}, ref.front), max_deviation=budget).point
     # A CPU refinement ranks nothing by default (CPU timings say nothing about a GPU) ...
     assert main(["pick", str(out), "--max-deviation", str(budget), "--to",
                  str(tmp_path / "c.onnx")]) == 0  # fmt: skip
@@ -200,7 +205,7 @@ def test_pick_beyond_the_refined_budget_uses_search_figures(searched, tmp_path, 
     shutil.copytree(searched, out)
     devs = sorted(p.deviation for p in load_results(out).front)
     small, large = devs[1], devs[-1] * 2
-    assert main(["refine", str(out), "--device", "cpu", "--runs", "2", "--rounds", "1",
+    assert main(["refine", str(out), "--device", "cpu", "--pairs", "2", "--rounds", "1",
                  "--max-deviation", str(small)]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["pick", str(out), "--max-deviation", str(small), "--to",

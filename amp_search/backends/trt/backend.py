@@ -5,8 +5,8 @@ Options (see :data:`amp_search.backends.trt.builder.DEFAULT_OPTIONS`; all but
 ``tensorrt_rtx``), ``builder_optimization_level`` (0..5, default 3), ``workspace_mb``,
 ``shapes`` / ``min_shapes`` / ``opt_shapes`` / ``max_shapes`` for dynamic inputs,
 ``tf32`` (0/1, default 0: FP32 layers do not use TF32), ``timing_cache`` (0/1) and
-``timing_cache_dir``, ``cuda_graph`` (0/1, runner; a graph that cannot be captured falls back to
-plain enqueues, recorded in ``Candidate.info["runner"]``).
+``timing_cache_dir``, ``cuda_graph`` (0/1, default 1, runner; a graph that cannot be captured
+falls back to plain enqueues, recorded in ``Candidate.info["runner"]``).
 
 A build writes ``engine.plan`` and the inspector's ``layers.json`` next to the ONNX file (one
 folder per candidate), and records each engine layer's precision in

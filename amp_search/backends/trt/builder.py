@@ -81,8 +81,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # Folder of the shared timing cache files (None: the user cache folder). Not part of the
     # candidate's identity: where a cache lives changes nothing about the engine.
     "timing_cache_dir": None,
-    # Runner: 1 captures one inference into a CUDA graph and replays it for timing.
-    "cuda_graph": 0,
+    # Runner: 1 captures one inference into a CUDA graph and replays it for timing (as the
+    # engine should then be deployed; removes launch overhead and most run-to-run noise). A
+    # capture that fails falls back to plain enqueues, with the reason recorded.
+    "cuda_graph": 1,
 }
 
 _MAX_OPT_LEVEL = 5

@@ -215,6 +215,7 @@ class TensorRTRunner(Runner):
         self._graph = CudaGraph(cuda_graph)
         self._info: dict[str, Any] = info if info is not None else {}
         self._info["cuda_graph"] = self._graph.describe()
+        self._describe_execution()
         self._log: Any = None
         self._runtime: Any = None
         self._engine: Any = None
@@ -438,6 +439,14 @@ class TensorRTRunner(Runner):
         finally:
             self._log.quiet = False
             self._info["cuda_graph"] = self._graph.describe()
+            self._describe_execution()
+
+    def _describe_execution(self) -> None:
+        """``execution`` as every runner states it: whether timed runs replay a CUDA graph."""
+        graph = self._graph.describe()
+        self.execution = {"cuda_graph": graph["used"]}
+        if graph["reason"] and graph["requested"]:
+            self.execution["cuda_graph_reason"] = graph["reason"]
 
     def _ensure_bound(self) -> None:
         """Uploads the bound inputs again if an ``infer`` overwrote the device buffers."""
