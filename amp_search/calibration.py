@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from onnx import helper
 
 from amp_search.errors import UserInputError
 
-__all__ = ["CalibrationData", "InputSpec", "load_calibration", "model_inputs"]
+__all__ = ["CalibrationData", "InputSpec", "load_calibration", "model_inputs", "parse_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,13 +200,66 @@ def _validate(arrays: dict[str, np.ndarray], inputs: list[InputSpec], path: Path
     return counts.pop()
 
 
-def _synthetic_batches(inputs: list[InputSpec], n: int, seed: int) -> list[Batch]:
+def parse_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["x:1x3x640x640", ...]`` (``--shape``, repeatable) as ``{"x": (1, 3, 640, 640)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 1:
+            raise UserInputError(
+                f"--shape {spec!r}: expected NAME:DxDx... with positive sizes, e.g. "
+                "--shape x:1x3x640x640."
+            )
+        shapes[name] = shape
+    return shapes
+
+
+def _synthetic_shape(spec: InputSpec, given: tuple[int, ...] | None) -> list[int]:
+    """The shape random data takes for ``spec``: ``given``, or the declared one.
+
+    A dynamic leading (batch) axis becomes 1; any other dynamic axis needs ``--shape``, since
+    a size guessed wrong (an image side of 1) fails inside the model, far from its cause.
+    """
+    if given is not None:
+        fixed = [(k, d, g) for k, (d, g) in enumerate(zip(spec.shape, given, strict=False))
+                 if isinstance(d, int) and d != g]  # fmt: skip
+        if len(given) != spec.rank or fixed:
+            raise UserInputError(
+                f"--shape {spec.name}:{'x'.join(map(str, given))} does not fit input "
+                f"{spec.describe()}; keep its rank and its fixed sizes."
+            )
+        return list(given)
+    dynamic = [(k, d) for k, d in enumerate(spec.shape) if not isinstance(d, int) and k > 0]
+    if dynamic:
+        named = ", ".join(f"axis {k} ({d or '?'})" for k, d in dynamic)
+        example = "x".join(str(d) if isinstance(d, int) else "1" if k == 0 else "S"
+                           for k, d in enumerate(spec.shape))  # fmt: skip
+        raise UserInputError(
+            f"--synthetic cannot guess the dynamic sizes of input {spec.describe()}: {named}. "
+            f"Give them with --shape {spec.name}:{example} (S: a size), or pass --data."
+        )
+    return [d if isinstance(d, int) else 1 for d in spec.shape]
+
+
+def _synthetic_batches(
+    inputs: list[InputSpec], n: int, seed: int, shapes: Mapping[str, tuple[int, ...]]
+) -> list[Batch]:
+    unknown = sorted(set(shapes) - {spec.name for spec in inputs})
+    if unknown:
+        raise UserInputError(
+            f"--shape names {unknown}, which are no inputs of the model "
+            f"({', '.join(spec.name for spec in inputs)})."
+        )
+    sized = [(spec, _synthetic_shape(spec, shapes.get(spec.name))) for spec in inputs]
     rng = np.random.default_rng(seed)
     batches: list[Batch] = []
     for _ in range(n):
         batch: Batch = {}
-        for spec in inputs:
-            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        for spec, shape in sized:
             if np.issubdtype(spec.dtype, np.floating):
                 batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype == np.bool_:
@@ -224,6 +277,7 @@ def load_calibration(
     synthetic: bool = False,
     n_synthetic: int = 4,
     seed: int = 0,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> CalibrationData:
     """Loads and validates calibration data for a model with ``inputs``.
 
@@ -233,7 +287,10 @@ def load_calibration(
         synthetic: Use random data instead (a warning is logged).
         n_synthetic: Number of synthetic batches.
         seed: Seed of the synthetic data.
+        shapes: Sizes of synthetic inputs with dynamic axes (``--shape``), by input name.
     """
+    if shapes and not synthetic:
+        raise UserInputError("--shape sizes synthetic data only: pass it with --synthetic.")
     if synthetic:
         if data is not None:
             raise UserInputError("Give either --data or --synthetic, not both.")
@@ -241,7 +298,8 @@ def load_calibration(
             "Using SYNTHETIC random calibration data: ranges and deviations will not reflect "
             "real inputs. Pass --data with real samples for results you can ship."
         )
-        return CalibrationData(inputs, synthetic=_synthetic_batches(inputs, n_synthetic, seed))
+        batches = _synthetic_batches(inputs, n_synthetic, seed, shapes or {})
+        return CalibrationData(inputs, synthetic=batches)
     if data is None:
         raise UserInputError(
             "No calibration data: pass --data FILE.npz (or a folder of .npz files) with arrays "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amp_search.calibration import InputSpec, load_calibration
+from amp_search.calibration import InputSpec, load_calibration, parse_shapes
+from amp_search.errors import UserInputError
 
 SPEC = [InputSpec("x", np.dtype(np.float32), ("N", 3, 8, 8))]
 
@@ -84,3 +85,33 @@ def test_synthetic_is_explicit_and_warns(caplog):
     assert data.is_synthetic and data.n_batches == 2
     assert data.first()["x"].shape == (1, 3, 8, 8)
     assert "SYNTHETIC" in caplog.text
+
+
+def test_synthetic_refuses_to_guess_dynamic_sizes_and_takes_shape():
+    spec = [InputSpec("x", np.dtype(np.float32), ("N", 3, "H", "W"))]
+    with pytest.raises(UserInputError, match=r"axis 2 \(H\), axis 3 \(W\).*--shape x:1x3xSxS"):
+        load_calibration(None, spec, synthetic=True)
+    data = load_calibration(None, spec, synthetic=True, shapes=parse_shapes(["x:2x3x64x96"]))
+    assert data.first()["x"].shape == (2, 3, 64, 96)
+    with pytest.raises(UserInputError, match="keep its rank and its fixed sizes"):
+        load_calibration(None, spec, synthetic=True, shapes={"x": (2, 4, 64, 96)})
+    with pytest.raises(UserInputError, match="no inputs of the model"):
+        load_calibration(None, spec, synthetic=True, shapes={"y": (1,)})
+    with pytest.raises(UserInputError, match="NAME:DxDx"):
+        parse_shapes(["x:1x0x3"])
+    with pytest.raises(UserInputError, match="with --synthetic"):
+        load_calibration("d.npz", spec, shapes={"x": (1, 3, 8, 8)})
+
+
+def test_synthetic_on_the_real_detector_needs_its_image_size(real_model, capsys):
+    """PP-OCRv4 det declares x [?, 3, ?, ?]: sizes of 1 failed inside the model before."""
+    from amp_search.cli import main
+
+    path, _ = real_model("ppocr_det")
+    assert main(["inspect", str(path), "--synthetic", "--no-fp16-pass"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot guess the dynamic sizes of input x" in err and "--shape x:" in err
+    assert "Traceback" not in err
+    assert main(["inspect", str(path), "--synthetic", "--no-fp16-pass",
+                 "--shape", "x:1x3x96x128"]) == 0  # fmt: skip
+    assert "units by risk" in capsys.readouterr().out

@@ -25,6 +25,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="use random inputs instead of --data (a warning: ranges will not be realistic)",
     )
     parser.add_argument(
+        "--shape", action="append", default=[], metavar="NAME:1x3x640x640",
+        help="with --synthetic: the size of an input with dynamic axes (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: its default)"
     )
 
@@ -62,6 +66,7 @@ class InspectCommand(Subcommand):
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search._atomic import check_writable
+        from amp_search.calibration import parse_shapes
         from amp_search.profiling.report import inspect_model
 
         if args.json:
@@ -71,6 +76,7 @@ class InspectCommand(Subcommand):
                 args.model,
                 args.data,
                 synthetic=args.synthetic,
+                shapes=parse_shapes(args.shape),
                 threshold=args.threshold,
                 fp16_pass=not args.no_fp16_pass,
                 threads=args.threads,

@@ -79,20 +79,21 @@ class RefineCommand(Subcommand):
 
 def _calibration(results: Results, args: argparse.Namespace) -> CalibrationData:
     """--data/--synthetic as given, else the search's own (from its study)."""
-    from amp_search.calibration import load_calibration, model_inputs
+    from amp_search.calibration import load_calibration, model_inputs, parse_shapes
     from amp_search.errors import UserInputError
     from amp_search.graph import load_model, sanitize
 
-    data, synthetic = args.data, args.synthetic
+    data, synthetic, shapes = args.data, args.synthetic, parse_shapes(args.shape)
     if data is None and not synthetic:
         saved = _search_config(results)
         data, synthetic = saved.get("data"), bool(saved.get("synthetic"))
+        shapes = {k: tuple(v) for k, v in (saved.get("shapes") or {}).items()}
         if data is None and not synthetic:
             raise UserInputError(
                 "The search's calibration data is not recorded in its study: pass --data."
             )
     model = sanitize(load_model(str(results.meta.get("model"))))
-    return load_calibration(data, model_inputs(model), synthetic=synthetic)
+    return load_calibration(data, model_inputs(model), synthetic=synthetic, shapes=shapes)
 
 
 def _search_config(results: Results) -> dict[str, Any]:

@@ -128,6 +128,7 @@ class SearchCommand(Subcommand):
         add_storage_retry(parser)
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.calibration import parse_shapes
         from amp_search.search import SearchConfig
 
         model = Path(args.model)
@@ -136,6 +137,7 @@ class SearchCommand(Subcommand):
             out=Path(args.out or f"results/{model.stem}"),
             data=Path(args.data) if args.data else None,
             synthetic=args.synthetic,
+            shapes={k: list(v) for k, v in parse_shapes(args.shape).items()},
             backend=args.backend,
             device=args.device,
             options=parse_options(args.option, args.threads, args.device),

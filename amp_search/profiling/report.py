@@ -138,6 +138,7 @@ def inspect_model(
     data: str | os.PathLike[str] | None,
     *,
     synthetic: bool = False,
+    shapes: dict[str, tuple[int, ...]] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     fp16_pass: bool = True,
     threads: int = 0,
@@ -149,6 +150,7 @@ def inspect_model(
         model_path: The ONNX model.
         data: ``.npz`` file or folder (None with ``synthetic``).
         synthetic: Use random inputs (with a warning).
+        shapes: Sizes of synthetic inputs with dynamic axes, by input name.
         threshold: |x| above which an activation is "near overflow".
         fp16_pass: Also run the all-FP16 model and measure each unit's deviation.
         threads: ONNX Runtime CPU threads (0: default).
@@ -158,7 +160,7 @@ def inspect_model(
         raise UserInputError(f"--threshold must be positive, got {threshold}.")
     t0 = time.perf_counter()
     model = sanitize(load_model(model_path))
-    cal = load_calibration(data, model_inputs(model), synthetic=synthetic)
+    cal = load_calibration(data, model_inputs(model), synthetic=synthetic, shapes=shapes)
     units = find_units(model)
     if not units:
         raise UserInputError(

@@ -320,7 +320,6 @@ def _open_entries(
     for k, (point, path) in enumerate(entries):
         if progress:
             progress("build", k, len(entries))
-        runner = None
         try:
             candidate = backend.build(path, config)
             runner = backend.open(candidate).__enter__()

@@ -84,6 +84,8 @@ class SearchConfig:
     out: Path
     data: Path | None = None
     synthetic: bool = False
+    #: With ``synthetic``: sizes of inputs with dynamic axes (``--shape``), by input name.
+    shapes: dict[str, list[int]] = field(default_factory=dict)
     backend: str = "onnxruntime"
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
@@ -270,14 +272,16 @@ def _run_search(
         )
     if config.max_units:
         units = group_units(units, config.max_units)
-    data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic)
+    data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic,
+                            shapes={k: tuple(v) for k, v in config.shapes.items()})  # fmt: skip
     if backend.name == "tensorrt" and not options.get("shapes"):
         # Engines are built for the calibration batch's shapes (min = opt = max).
         options["shapes"] = {k: list(v.shape) for k, v in data.first().items()}
     identity = backend.identity(build_config)  # validates the options
     rewriter = MixedPrecisionRewriter(model, units)
     model_digest = hashlib.sha256(model_to_bytes(model)).hexdigest()[:16]
-    data_digest = f"synthetic:{config.seed}" if data.is_synthetic else _digest_files(data.files)
+    data_digest = (f"synthetic:{config.seed}:{sorted(config.shapes.items())}" if data.is_synthetic
+                   else _digest_files(data.files))  # fmt: skip
     label = (
         f"estimated:{config.target}" if latency_source == "estimated"
         else f"measured:{config.backend}-{build_config.device_type}"
