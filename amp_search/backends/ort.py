@@ -176,13 +176,17 @@ class OnnxRuntimeBackend(Backend):
                     model_path, source if isinstance(source, bytes) else None
                 )
             so = self._session_options(opts)
+            graph = config.device_type == "cuda" and _wants_graph(opts)
+            if graph:  # a refusal is recorded with the candidate, not logged by ORT as an error
+                so.log_severity_level = 4
             try:
                 sess = ort.InferenceSession(source, so, providers=providers)
             except Exception as exc:
-                if not (config.device_type == "cuda" and _wants_graph(opts)):
+                if not graph:
                     raise
                 # Most often a node ONNX Runtime places on the CPU: no graph, say why.
                 graph_refused = _first_line(exc)
+                so.log_severity_level = 3
                 sess = ort.InferenceSession(
                     source, so, providers=self._providers(config, opts, graph=False)
                 )
@@ -201,7 +205,7 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime fell back to {used} for {model_path.name}; the CUDA EP refused it."
             )
         info: dict[str, Any] = {"providers": used, "options": opts}
-        if config.device_type == "cuda" and _wants_graph(opts):
+        if graph:
             info["cuda_graph"] = graph_refused is None
             if graph_refused is not None:
                 info["cuda_graph_reason"] = f"session refused a CUDA graph: {graph_refused}"

@@ -42,8 +42,10 @@ class Results:
             f"({m.get('device')}), {len(self.front)} point(s)",
             title_justify="left",
         )
-        for col in ("trial", "latency ms (95% interval)", "deviation", "FP32 units",
-                    "speedup vs FP32", "candidate", "FP32 fallback set"):  # fmt: skip
+        measured = any(p.latency_interval for p in self.front)
+        for col in ("trial", "latency ms (95% interval)" if measured else "latency ms",
+                    "deviation", "FP32 units", "speedup vs FP32", "candidate",
+                    "FP32 fallback set"):  # fmt: skip
             table.add_column(col, overflow="fold")
         fp32 = self.baselines.get("all-fp32", {}).get("latency_ms")
         fp32 = float(fp32) if fp32 is not None else None
