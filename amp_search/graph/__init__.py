@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from amp_search.graph.io import load_model, save_model
 from amp_search.graph.precision import ConversionReport, MixedPrecisionRewriter, apply_assignment
-from amp_search.graph.sanitize import sanitize
+from amp_search.graph.sanitize import reconcile_shapes, sanitize
 from amp_search.graph.units import Unit, find_units, group_units
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "find_units",
     "group_units",
     "load_model",
+    "reconcile_shapes",
     "sanitize",
     "save_model",
 ]

@@ -17,11 +17,17 @@ The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
    writes IR 14 by default, which ONNX Runtime 1.2x/1.3x refuses; no opset up to
    :data:`MAX_OPSET` needs more).
 6. ONNX shape inference, so every tensor has an element type.
+
+Once the model has run in FP32 on the calibration data, :func:`reconcile_shapes` drops the
+declared shapes that run contradicts (a graph output declared rank 2 that comes out rank 3;
+a stale ``value_info`` left by a converter): ONNX Runtime CPU only warns about them, but its
+CUDA EP refuses to bind such an output, so a candidate must never carry them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import onnx
 import onnx_ir as ir
@@ -109,6 +115,54 @@ def name_dynamic_dims(model: onnx.ModelProto) -> None:
             anonymous |= not d.HasField("dim_value") and not d.HasField("dim_param")
             if anonymous:
                 d.dim_param = "batch" if k == 0 else f"{vi.name}_dim{k}"
+
+
+def reconcile_shapes(
+    model: onnx.ModelProto, observed: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """Drops, in place, declared shapes that an FP32 run contradicts; one entry per change.
+
+    A graph output keeps its element type and loses its shape; a ``value_info`` entry is
+    removed. A declared shape contradicts the run when its rank differs from the tensor's or
+    one of its fixed sizes does.
+
+    Args:
+        model: The sanitized model.
+        observed: Tensor name -> shape seen in the run (the first calibration batch).
+    """
+
+    def contradicted(vi: onnx.ValueInfoProto) -> str | None:
+        t = vi.type.tensor_type
+        seen = observed.get(vi.name)
+        if seen is None or not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            return None
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in t.shape.dim]  # fmt: skip
+        clash = len(dims) != len(seen) or any(
+            isinstance(d, int) and d != n for d, n in zip(dims, seen, strict=False)
+        )
+        if not clash:
+            return None
+        shown = ", ".join(map(str, dims))
+        return f"{vi.name} (declared [{shown}], ran {list(seen)})"
+
+    changes: list[str] = []
+    for out in model.graph.output:
+        found = contradicted(out)
+        if found:
+            out.type.tensor_type.ClearField("shape")
+            changes.append(found)
+    keep = []
+    for vi in model.graph.value_info:
+        found = contradicted(vi)
+        if found:
+            changes.append(found)
+        else:
+            keep.append(vi)
+    if len(keep) != len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+    return changes
 
 
 def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:

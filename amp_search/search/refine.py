@@ -161,7 +161,7 @@ def refine_front(
         progress: Called with (stage, done, total).
     """
     from amp_search.backends import BuildConfig, get_backend
-    from amp_search.graph import load_model, sanitize
+    from amp_search.graph import load_model, reconcile_shapes, sanitize
     from amp_search.objective import load_metric
     from amp_search.search.evaluate import ResidentReference
     from amp_search.timing import TimingPlan, nvml_clock
@@ -207,9 +207,11 @@ def refine_front(
     clock = nvml_clock(config.device_id) if config.device_type == "cuda" else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as held:
+        fp32_model = sanitize(load_model(model_path))  # as the search reconciled it:
+        reconcile_shapes(fp32_model, {k: v.shape for k, v in reference[0].items()})
         resident = held.enter_context(contextlib.closing(ResidentReference(
             backend, config, results.store.root / "reference" / "model.onnx",
-            sanitize(load_model(model_path)), data.first(), plan, clock,
+            fp32_model, data.first(), plan, clock,
         )))  # fmt: skip
         resident.open()
         opened, failed = _open_entries(backend, config, entries, data, reference, metric,

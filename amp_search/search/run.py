@@ -30,6 +30,7 @@ from amp_search.graph import (
     find_units,
     group_units,
     load_model,
+    reconcile_shapes,
     sanitize,
 )
 from amp_search.graph.io import model_to_bytes
@@ -310,6 +311,14 @@ def _run_search(
         model, units, data, fp16_pass=True, keep_reference=True, rewriter=rewriter,
         progress=stage,
     )  # fmt: skip
+    # Declared shapes the run contradicts are dropped before any candidate is written: the
+    # CUDA EP refuses to bind an output whose declared rank is wrong (ORT CPU only warns).
+    stale = reconcile_shapes(model, {n: t.shape for n, t in prof.tensors.items()
+                                     if t.shape is not None})  # fmt: skip
+    if stale:
+        logger.warning("Dropped %d declared shape(s) that the FP32 run contradicts: %s",
+                       len(stale), "; ".join(stale))  # fmt: skip
+        rewriter = MixedPrecisionRewriter(model, units)
     risks = assess_units(units, prof, threshold=config.threshold)
     InspectReport(
         model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
@@ -362,6 +371,8 @@ def _run_search(
             else (lambda a: estimator.estimate_assignment(rewriter, a)),
         )  # fmt: skip
     notes: list[str] = []
+    if stale:
+        notes.append(f"Declared shapes the FP32 run contradicts were dropped: {'; '.join(stale)}")
     if build_config.device_type == "cpu":
         notes.append(CPU_NOTE)
     if latency_source == "measured" and build_config.device_type == "cpu":
