@@ -189,6 +189,12 @@ class ResidentReference:
                     self.level.median_ms, self.level.low_ms, self.level.high_ms,
                     ", CUDA graph" if self.execution.get("cuda_graph") else "")  # fmt: skip
 
+    def pair(self, runner: Any) -> PairedTiming:
+        """A timing of a bound ``runner`` in windows paired with this (open) reference."""
+        self.open()
+        return PairedTiming(Step(runner.run_once, runner.timer()), self.step, self.plan,
+                            self.clock)  # fmt: skip
+
     def close(self) -> None:
         """Releases the reference's session."""
         if self._runner is not None:
@@ -438,13 +444,10 @@ class CandidateEvaluator:
         """
         reference = self.resident if self.latency.paired else None
         if reference is not None:
-            reference.open()
-        timing = PairedTiming(
-            Step(runner.run_once, runner.timer()),
-            reference.step if reference is not None else None,
-            self.latency.plan,
-            self.clock,
-        )
+            timing = reference.pair(runner)
+        else:
+            timing = PairedTiming(Step(runner.run_once, runner.timer()), None,
+                                  self.latency.plan, self.clock)  # fmt: skip
         timing.run()
         level = reference.level_ms if reference is not None else None
         stats = timing.stats(source=runner.source, reference_ms=level)

@@ -314,7 +314,6 @@ def _open_entries(
     """Builds each entry, measures its deviation and binds it; failures are entries too."""
     from amp_search.objective import EvalContext
     from amp_search.search.evaluate import local_failure
-    from amp_search.timing import Step
 
     names = list(reference[0])
     opened: list[_Opened] = []
@@ -334,10 +333,8 @@ def _open_entries(
         except Exception as exc:  # any stage, any error: this entry fails, the rest go on
             failed.append(_failure(point, local_failure(exc, "refining it")))
             continue
-        timing = PairedTiming(Step(runner.run_once, runner.timer()), resident.step,
-                              resident.plan, resident.clock)  # fmt: skip
         opened.append(_Opened(point, runner, deviation, candidate.build_time_s,
-                              dict(runner.execution), timing))  # fmt: skip
+                              dict(runner.execution), resident.pair(runner)))  # fmt: skip
     if progress:
         progress("build", len(entries), len(entries))
     return opened, failed
