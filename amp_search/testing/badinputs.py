@@ -127,8 +127,15 @@ def has_userns() -> bool:
     return r.returncode == 0
 
 
-def run_case(case: BadInput, folder: Path, timeout: float = 600) -> CaseRun:
-    """Builds the case in ``folder`` and runs its command (cwd ``folder``)."""
+def run_case(case: BadInput, folder: Path, timeout: float | None = None) -> CaseRun:
+    """Builds the case in ``folder`` and runs its command (cwd ``folder``).
+
+    ``timeout`` guards against a hang, it is no speed target: 600 s, and 1800 s for the slow
+    cases (a search over 2 GiB of weights writes and reads them for every candidate; on a
+    loaded 2-core machine it took close to 600 s).
+    """
+    if timeout is None:
+        timeout = 1800 if case.slow else 600
     folder.mkdir(parents=True, exist_ok=True)
     argv = case.setup(folder)
     cmd = [sys.executable, "-m", "amp_search", *argv]
