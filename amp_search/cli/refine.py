@@ -134,12 +134,10 @@ def render(refinement: Refinement, con: Any) -> None:
     for p in [*refinement.points, *refinement.compared]:
         mx = p.metrics
         compared = "path" in mx
-        interval = p.latency_interval
         speed = p.speedup()
         table.add_row(
             refinement.label(p),
-            f"{p.latency_ms:.4g}" + (f" [{interval[0]:.4g}, {interval[1]:.4g}]"
-                                     if interval else ""),
+            p.latency_text(),
             "-" if compared else f"{float(mx['search_latency_ms']):.4g}",
             f"{p.deviation:.3g}",
             "-" if compared else f"{float(mx['search_deviation']):.3g}",  # "inf" read back

@@ -112,13 +112,14 @@ class PickCommand(Subcommand):
         if point is not choice.fastest:
             f = choice.fastest
             con.print(
-                f"trial {f.trial} ({_latency(f)}) is the fastest within the budget, but not "
-                f"distinguishable from trial {point.trial} ({_latency(point)}): their 95% "
+                f"trial {f.trial} ({f.latency_text(' ms')}) is the fastest within the budget, "
+                f"but not distinguishable from trial {point.trial} "
+                f"({point.latency_text(' ms')}): their 95% "
                 "latency intervals overlap, so the more accurate one is picked (--trial "
                 f"{f.trial} takes the other)."
             )
         con.print(
-            f"picked trial {point.trial}: {_latency(point)} ({point.latency_source}), "
+            f"picked trial {point.trial}: {point.latency_text(' ms')} ({point.latency_source}), "
             f"deviation {point.deviation:.3g} ({point.metric})"
         )
         execution = point.metrics.get("execution") or {}
@@ -138,12 +139,3 @@ class PickCommand(Subcommand):
             con.print(f"wrote {path}")
         return 0
 
-
-def _latency(point: object) -> str:
-    """``1.23 ms [1.21, 1.25]`` (the interval where the latency was measured in windows)."""
-    from amp_search.results.pareto import FrontPoint
-
-    assert isinstance(point, FrontPoint)
-    interval = point.latency_interval
-    text = f"{point.latency_ms:.4g} ms"
-    return text + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")

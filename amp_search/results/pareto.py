@@ -83,6 +83,12 @@ class FrontPoint:
             return None
         return (float(lo), float(hi))
 
+    def latency_text(self, unit: str = "") -> str:
+        """``1.23 [1.21, 1.25]`` (with ``unit`` after the figure; no interval if estimated)."""
+        interval = self.latency_interval
+        text = f"{self.latency_ms:.4g}{unit}"
+        return text + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
+
     def speedup(self, fp32_ms: float | None = None) -> tuple[float, float, float] | None:
         """Speedup over all-FP32 and its 95% interval, as (speedup, low, high).
 

@@ -51,12 +51,10 @@ class Results:
         fp32 = float(fp32) if fp32 is not None else None
         for p in self.front:
             fallback = ", ".join(p.fp32_units[:4]) + (" ..." if len(p.fp32_units) > 4 else "")
-            interval = p.latency_interval
             speed = p.speedup(fp32)
             table.add_row(
                 str(p.trial),
-                f"{p.latency_ms:.4g}" + (f" [{interval[0]:.4g}, {interval[1]:.4g}]"
-                                         if interval else ""),
+                p.latency_text(),
                 f"{p.deviation:.3g}",
                 f"{p.n_fp32}/{p.n_units}",
                 "-" if speed is None else f"{speed[0]:.2f}x" + (
