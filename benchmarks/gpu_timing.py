@@ -110,6 +110,8 @@ def run_one(name: str, times: int, args: argparse.Namespace, out: Path) -> dict:
         "model": name, "batch_times": times, "batch": batch,
         "budget": budget, "trials": len(trials), "failed": outcome.n_failed,
         "search_s": round(search_s, 1), "reference": reference,
+        "pinned_fp32": (json.loads((outcome.out / "run.json").read_text())
+                        .get("pinned_fp32") or {}),
         "front": [_row(p) for p in res.front],
         "search_answer": None if search_answer is None else _row(search_answer),
         "clock_min_fraction": min((a / b for a, b in clocks if a and b), default=None),

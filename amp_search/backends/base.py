@@ -20,6 +20,8 @@ Contracts:
   backends never time themselves (see :mod:`amp_search.timing`).
 - ``identity`` is everything besides the model bytes that makes two candidates differ
   (library versions, device, options); it is part of the cache key.
+- ``low_precision_gaps`` names the nodes the device has no FP16 kernel for; the search keeps
+  them FP32 in every candidate (a node sent to the CPU costs more than FP16 gains).
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from amp_search._optional import is_importable as _findable
 from amp_search.errors import BackendUnavailableError, CandidateRunError, UserInputError
+
+if TYPE_CHECKING:
+    from amp_search.graph.precision import MixedPrecisionRewriter
 
 __all__ = ["Backend", "BuildConfig", "Candidate", "Runner"]
 
@@ -262,6 +267,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def identity(self, config: BuildConfig) -> dict[str, Any]:
         """Versions, device and options that identify candidates built with ``config``."""
+
+    def low_precision_gaps(
+        self,
+        rewriter: MixedPrecisionRewriter,
+        feeds: Mapping[str, np.ndarray],
+        config: BuildConfig,
+    ) -> dict[str, str]:
+        """Nodes of ``rewriter``'s all-FP16 model that ``config``'s device cannot run in FP16.
+
+        Returns node name -> a one-line reason; the search keeps them FP32 in every
+        candidate. ``feeds`` is one calibration batch, for backends that find out by running.
+        Default: none (a strongly typed builder takes FP16 wherever it takes FP32).
+        """
+        return {}
 
     @abc.abstractmethod
     def _build(self, model_path: Path, config: BuildConfig) -> Candidate: ...

@@ -28,10 +28,18 @@ Options (all recorded with the candidate; they change both speed and correctness
   Where the model does not allow a graph (a node ONNX Runtime places on the CPU, a capture
   that fails, a replay that differs from a plain run) the candidate runs without one and says
   why (:attr:`~amp_search.backends.base.Runner.execution`).
+
+On the CUDA EP, :meth:`~OnnxRuntimeBackend.low_precision_gaps` runs the all-FP16 rewrite
+once, profiled, and names the FP16 nodes ONNX Runtime placed on the CPU (an op without a
+float16 CUDA kernel: opset 11's Clip, say); the search keeps them FP32, since each costs a copy
+each way and the CUDA graph. (ONNX Runtime's kernel registry, ``get_all_opkernel_def``, would
+answer without a run, but on onnxruntime-gpu it loads every provider library and crashes where
+TensorRT's is missing.)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -49,6 +57,8 @@ from amp_search.errors import BackendUnavailableError, CandidateBuildError, User
 if TYPE_CHECKING:
     import onnx
     import onnxruntime
+
+    from amp_search.graph.precision import MixedPrecisionRewriter
 
 __all__ = ["CPU_DEFAULTS", "CUDA_DEFAULTS", "OnnxRuntimeBackend", "OnnxRuntimeRunner"]
 
@@ -120,6 +130,38 @@ class OnnxRuntimeBackend(Backend):
         if config.device_type == "cuda":
             ident["gpu"] = _gpu_name(config.device_id)
         return ident
+
+    def low_precision_gaps(  # noqa: D102
+        self,
+        rewriter: MixedPrecisionRewriter,
+        feeds: Mapping[str, np.ndarray],
+        config: BuildConfig,
+    ) -> dict[str, str]:
+        if config.device_type != "cuda":  # the CPU backend emulates FP16 storage: no gaps
+            return {}
+        nodes = {n.name: n for n in rewriter.low_precision_nodes()}
+        opts = {**self.resolve_options(config), "graph_optimization_level": "disable_all"}
+        try:
+            probe, _ = rewriter.apply(rewriter.all_fp16())
+            del probe.graph.value_info[:]  # declared shapes are not what is asked here
+            for out in probe.graph.output:
+                out.type.tensor_type.ClearField("shape")
+            on_cpu = cpu_placed_nodes(
+                probe.SerializeToString(), self._session_options(opts),
+                self._providers(config, opts, graph=False), feeds,
+            )  # fmt: skip
+        except Exception as exc:  # a check, not a requirement: the search goes on without it
+            logger.warning(
+                "Could not check which FP16 nodes onnxruntime would run on the CPU (%s); "
+                "none is kept FP32 for it.", _first_line(exc),
+            )  # fmt: skip
+            return {}
+        return {
+            name: f"{n.op_type}-{n.since_version} in FP16 runs on the CPU under the CUDA EP "
+            "(no float16 kernel there)"
+            for name, n in nodes.items()
+            if name in on_cpu
+        }
 
     def _session_options(self, opts: Mapping[str, Any]) -> onnxruntime.SessionOptions:
         ort = _ort()
@@ -332,6 +374,31 @@ class OnnxRuntimeRunner(Runner):
             self._sess.run_with_iobinding(self._binding, self._timed_options)
         else:
             self._sess.run(None, self._feeds)
+
+
+def cpu_placed_nodes(
+    source: str | bytes,
+    options: onnxruntime.SessionOptions,
+    providers: Sequence[Any],
+    feeds: Mapping[str, np.ndarray],
+) -> set[str]:
+    """Names of the nodes ONNX Runtime runs on the CPU EP, from one profiled run.
+
+    Use ``graph_optimization_level="disable_all"`` in ``options``: fused nodes get new names.
+    """
+    ort = _ort()
+    with tempfile.TemporaryDirectory(prefix="amp_placement_") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "placement")
+        sess = ort.InferenceSession(source, options, providers=list(providers))
+        sess.run(None, dict(feeds))
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        del sess
+    return {
+        str(e["name"]).removesuffix("_kernel_time")
+        for e in events
+        if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider"
+    }
 
 
 def _wants_graph(opts: Mapping[str, Any]) -> bool:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from amp_search.graph.io import load_model, save_model
-from amp_search.graph.precision import ConversionReport, MixedPrecisionRewriter, apply_assignment
+from amp_search.graph.precision import (
+    ConversionReport,
+    LowPrecisionNode,
+    MixedPrecisionRewriter,
+    apply_assignment,
+    summarize_pinned,
+)
 from amp_search.graph.sanitize import reconcile_shapes, sanitize
 from amp_search.graph.units import Unit, find_units, group_units
 
 __all__ = [
     "ConversionReport",
+    "LowPrecisionNode",
     "MixedPrecisionRewriter",
     "Unit",
     "apply_assignment",
@@ -18,4 +25,5 @@ __all__ = [
     "reconcile_shapes",
     "sanitize",
     "save_model",
+    "summarize_pinned",
 ]

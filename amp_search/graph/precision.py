@@ -14,7 +14,10 @@ between calls) never mutates its input. For the nodes of FP16 units it:
   readers use the FP16 tensor directly, so no Cast pair round-trips;
 - lets data-movement nodes (Reshape, Transpose, Concat, Resize, pooling, ...) run FP16 when
   every float input they read is already FP16, and lets Shape/Size/Cast read FP16 tensors
-  directly instead of through a Cast.
+  directly instead of through a Cast;
+- keeps *pinned* nodes FP32 whatever their unit says: nodes the target cannot run in FP16
+  (``Backend.low_precision_gaps`` names them from the all-FP16 rewrite), so that no
+  candidate sends a node to the CPU.
 
 Graph inputs and outputs keep their names and types. The all-FP32 assignment returns an
 unchanged copy.
@@ -41,6 +44,7 @@ __all__ = [
     "FP16_MIN_SUBNORMAL",
     "ConversionReport",
     "InitializerLoss",
+    "LowPrecisionNode",
     "MixedPrecisionRewriter",
     "apply_assignment",
 ]
@@ -103,6 +107,30 @@ class ConversionReport:
         }
 
 
+@dataclass(frozen=True)
+class LowPrecisionNode:
+    """A node that the all-FP16 rewrite runs in FP16.
+
+    Attributes:
+        name: Node name.
+        op_type: Its op.
+        since_version: The version of the op's schema that the model's opset selects.
+    """
+
+    name: str
+    op_type: str
+    since_version: int
+
+
+def summarize_pinned(pinned: dict[str, str]) -> str:
+    """One line for pinned nodes: how many, grouped by reason."""
+    counts: dict[str, int] = {}
+    for reason in pinned.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    parts = [f"{n} node(s): {reason}" for reason, n in sorted(counts.items())]
+    return f"{len(pinned)} node(s) stay FP32 in every candidate ({'; '.join(parts)})"
+
+
 def initializer_loss(name: str, values: np.ndarray) -> InitializerLoss:
     """Counts what FP16 conversion loses in ``values``."""
     a = np.abs(values.astype(np.float32, copy=False)).ravel()
@@ -122,14 +150,26 @@ class MixedPrecisionRewriter:
     Args:
         model: A model returned by :func:`amp_search.graph.sanitize` (not modified).
         units: Its units; found with :func:`find_units` when omitted.
+        pinned: Node name -> why it stays FP32 in every assignment (a unit's node or a
+            follower the target cannot run in FP16).
     """
 
-    def __init__(self, model: onnx.ModelProto, units: list[Unit] | None = None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        units: list[Unit] | None = None,
+        pinned: dict[str, str] | None = None,
+    ) -> None:
         self.model = model
         self.index = GraphIndex.build(model)
         self.units = units if units is not None else find_units(model, self.index)
+        self.pinned = dict(pinned or {})
         self._unit_nodes = {u.name: u.nodes for u in self.units}
         self._pos = {n.name: i for i, n in enumerate(model.graph.node)}
+        unknown = [n for n in self.pinned if n not in self._pos]
+        if unknown:
+            raise KeyError(f"Pinned node(s) not in the model: {', '.join(unknown[:5])}")
+        self._pinned_pos = frozenset(self._pos[n] for n in self.pinned)
         self._params = [self.index.params(i) for i in range(len(model.graph.node))]
         self._fp16_init: dict[str, tuple[onnx.TensorProto, InitializerLoss]] = {}
         # Never a full copy: upb keeps deleted weights in the copy's arena (2x memory at 2 GiB).
@@ -174,8 +214,22 @@ class MixedPrecisionRewriter:
         """The FP16 conversion loss of float initializer ``name``."""
         return self._fp16_initializer(name)[1]
 
+    def all_fp16(self) -> PrecisionAssignment:
+        """The assignment that puts every unit in FP16."""
+        return PrecisionAssignment.uniform([u.name for u in self.units], Precision.FP16)
+
+    def low_precision_nodes(self) -> list[LowPrecisionNode]:
+        """Every node the all-FP16 assignment runs in FP16 (pinned ones excluded)."""
+        _, report = self.apply(_Skeletal(self.all_fp16()))
+        out = []
+        for name in report.fp16_nodes:
+            op = self._ops[self._pos[name]]
+            since = onnx.defs.get_schema(op, self.index.opset, "").since_version
+            out.append(LowPrecisionNode(name, op, int(since)))
+        return out
+
     def fp16_node_positions(self, assignment: PrecisionAssignment) -> set[int]:
-        """Positions of the nodes the assignment puts in FP16 (before followers)."""
+        """Positions of the nodes the assignment's units put in FP16 (not pinned ones)."""
         out: set[int] = set()
         for unit in assignment.fp16_units:
             nodes = self._unit_nodes.get(unit)
@@ -185,7 +239,7 @@ class MixedPrecisionRewriter:
                     f"Unknown unit {unit!r} in the assignment (units look like: {known}, ...)"
                 )
             out.update(self._pos[n] for n in nodes)
-        return out
+        return out - self._pinned_pos
 
     def apply(self, assignment: PrecisionAssignment) -> tuple[onnx.ModelProto, ConversionReport]:
         """Returns the mixed-precision model for ``assignment`` and what the rewrite did."""
@@ -238,7 +292,8 @@ class MixedPrecisionRewriter:
             params = self._params[i]
             ins, outs, op = self._ins[i], self._outs[i], self._ops[i]
             run_fp16 = i in fp16_pos
-            if not run_fp16 and op in FOLLOWER_OPS and params.convertible:
+            follows = op in FOLLOWER_OPS and i not in self._pinned_pos
+            if not run_fp16 and follows and params.convertible:
                 live = [ins[k] for k in params.inputs if ins[k] not in is_init]
                 if live:
                     run_fp16 = all(n in native for n in live)

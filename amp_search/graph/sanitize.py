@@ -16,7 +16,11 @@ The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
 5. The IR version is lowered to :data:`MAX_IR_VERSION` where it is newer (``onnx>=1.23``
    writes IR 14 by default, which ONNX Runtime 1.2x/1.3x refuses; no opset up to
    :data:`MAX_OPSET` needs more).
-6. ONNX shape inference, so every tensor has an element type.
+6. Declared shapes that ONNX shape inference contradicts (a stale ``value_info`` of the
+   wrong rank, a graph output declared rank 3 that the graph makes rank 2) are dropped, with
+   a warning: left in place, they stop inference there and every tensor after them loses its
+   element type (and the search its units).
+7. ONNX shape inference, so every tensor has an element type.
 
 Once the model has run in FP32 on the calibration data, :func:`reconcile_shapes` drops the
 declared shapes that run contradicts (a graph output declared rank 2 that comes out rank 3;
@@ -203,6 +207,15 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
     if out.ir_version > MAX_IR_VERSION:
         logger.debug("IR version %d lowered to %d", out.ir_version, MAX_IR_VERSION)
         out.ir_version = MAX_IR_VERSION
+    conflict = _declared_shape_conflict(out)
+    if conflict:
+        logger.warning(
+            "The model's declared shapes contradict ONNX shape inference (%s); its value_info "
+            "and output shapes were dropped and inferred again.", conflict,
+        )  # fmt: skip
+        del out.graph.value_info[:]
+        for o in out.graph.output:
+            o.type.tensor_type.ClearField("shape")
     try:
         if not exceeds_protobuf_limit(out):
             out = onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)
@@ -217,3 +230,15 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # onnx raises InferenceError and others
         logger.warning("ONNX shape inference failed (%s); element types may be missing", exc)
     return out
+
+
+def _declared_shape_conflict(model: onnx.ModelProto) -> str | None:
+    """The first line of strict shape inference's complaint about a declared shape, if any."""
+    try:
+        onnx.shape_inference.infer_shapes(typed_skeleton(model), strict_mode=True)
+    except Exception as exc:  # InferenceError, or a checker error on odd models
+        text = str(exc)
+        if "existing shape" in text or "differ" in text:
+            lines = [ln.strip() for ln in text.splitlines() if "differ" in ln or "existing" in ln]
+            return (lines[0] if lines else text.splitlines()[0])[:300]
+    return None

@@ -62,6 +62,7 @@ from amp_search.search.study import (
     recover_dead_trials,
     storage_errors,
 )
+from amp_search.search.target import fit_to_target
 from amp_search.timing import TimingPlan, nvml_clock
 from amp_search.types import PrecisionAssignment
 
@@ -279,7 +280,12 @@ def _run_search(
         # Engines are built for the calibration batch's shapes (min = opt = max).
         options["shapes"] = {k: list(v.shape) for k, v in data.first().items()}
     identity = backend.identity(build_config)  # validates the options
-    rewriter = MixedPrecisionRewriter(model, units)
+    # Nodes the target has no FP16 kernel for stay FP32 in every candidate (ONNX Runtime
+    # would run them on the CPU: copies each way and no CUDA graph).
+    # Nodes the target cannot run in FP16 stay FP32 in every candidate (ONNX Runtime would
+    # run them on the CPU: copies each way and no CUDA graph); an opset upgrade may spare some.
+    fitted = fit_to_target(model, units, backend, data.first(), build_config, config.max_units)
+    model, units, rewriter, pinned = fitted.model, fitted.units, fitted.rewriter, fitted.pinned
     model_digest = hashlib.sha256(model_to_bytes(model)).hexdigest()[:16]
     data_digest = (f"synthetic:{config.seed}:{sorted(config.shapes.items())}" if data.is_synthetic
                    else _digest_files(data.files))  # fmt: skip
@@ -302,6 +308,8 @@ def _run_search(
             "latency_source": label,
             "units": [u.name for u in units],
             "max_units": config.max_units,
+            "pinned_fp32": pinned,
+            "opset_upgraded_from": fitted.upgraded_from,
         }
     )
 
@@ -318,7 +326,7 @@ def _run_search(
     if stale:
         logger.warning("Dropped %d declared shape(s) that the FP32 run contradicts: %s",
                        len(stale), "; ".join(stale))  # fmt: skip
-        rewriter = MixedPrecisionRewriter(model, units)
+        rewriter = MixedPrecisionRewriter(model, units, pinned)
     risks = assess_units(units, prof, threshold=config.threshold)
     InspectReport(
         model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
@@ -370,7 +378,7 @@ def _run_search(
             estimate=None if estimator is None
             else (lambda a: estimator.estimate_assignment(rewriter, a)),
         )  # fmt: skip
-    notes: list[str] = []
+    notes: list[str] = list(fitted.notes)
     if stale:
         notes.append(f"Declared shapes the FP32 run contradicts were dropped: {'; '.join(stale)}")
     if build_config.device_type == "cpu":
