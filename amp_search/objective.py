@@ -9,7 +9,10 @@ This module owns:
 - :func:`load_metric`, which turns a user's spec into an objective: a built-in name found
   through the ``amp_search.objectives`` entry-point group (with a fallback table of the
   built-ins, imported lazily by module path), or ``path/to/file.py:name`` naming a class or a
-  plain function ``fn(reference, output) -> float``.
+  plain function ``fn(reference, output) -> float``;
+- :func:`load_deviation_metric`, the same for the search's accuracy axis, which it holds to
+  what that axis means: the metric reads the outputs, not the latency (speed is the other
+  axis), and lower is better (``direction="minimize"``; a budget is an upper bound on it).
 
 The core never imports the top-level ``objectives`` package at module level: built-ins are
 referred to by ``"module:attr"`` strings and imported only when asked for.
@@ -41,6 +44,7 @@ __all__ = [
     "EvalContext",
     "FunctionObjective",
     "Objective",
+    "load_deviation_metric",
     "load_metric",
 ]
 
@@ -62,6 +66,8 @@ BUILTIN_OBJECTIVES: dict[str, str] = {
 }
 
 _NEEDS_OUTPUTS = frozenset({"outputs"})
+#: Everything an objective may ask for.
+_KNOWN_NEEDS = frozenset({"outputs", "latency"})
 
 
 @dataclass
@@ -202,6 +208,30 @@ def load_metric(spec: str) -> Objective:
     )
 
 
+def load_deviation_metric(spec: str) -> Objective:
+    """The objective of the search's accuracy axis (``--metric``).
+
+    Raises:
+        UserInputError: As :func:`load_metric`; or the objective reads the latency, or is
+            maximized.
+    """
+    metric = load_metric(spec)
+    if "latency" in metric.needs or "outputs" not in metric.needs:
+        raise UserInputError(
+            f"--metric {spec!r} does not measure the outputs (it needs "
+            f"{', '.join(sorted(metric.needs)) or 'nothing'}): the search's accuracy axis "
+            "takes a metric of the candidate's outputs against FP32 (rel_l2, max_abs, "
+            "mean_abs, cosine, top1); latency is the other axis already."
+        )
+    if metric.direction != "minimize":
+        raise UserInputError(
+            f"--metric {spec!r} is maximized; the accuracy axis is a deviation, lower is "
+            "better (a budget bounds it from above). Give a metric where 0 means identical to "
+            "FP32, e.g. 1 - similarity."
+        )
+    return metric
+
+
 def _registered() -> dict[str, Callable[[], Any]]:
     """Entry points of the objectives group, by name (loaded only when called)."""
     try:
@@ -280,6 +310,12 @@ def _instantiate(obj: Any, spec: str) -> Objective:
         raise UserInputError(
             f"Objective {spec!r} has direction {instance.direction!r}; expected 'minimize' or "
             "'maximize'."
+        )
+    unknown = set(instance.needs) - _KNOWN_NEEDS
+    if unknown:
+        raise UserInputError(
+            f"Objective {spec!r} needs {', '.join(sorted(unknown))}, which a candidate does "
+            f"not offer; expected a subset of {', '.join(sorted(_KNOWN_NEEDS))}."
         )
     return instance
 

@@ -126,9 +126,8 @@ def retime(name: str, cfg: SearchConfig, outcome, peers: Path, runs: int) -> lis
 
     from amp_search.calibration import load_calibration, model_inputs
     from amp_search.graph import load_model
-    from amp_search.results.plots import PlotPoint
+    from amp_search.results.plots import PlotPoint, draw_plots
     from amp_search.search.refine import refine_front
-    from amp_search.search.run import draw_plots
     from amp_search.search.study import _storage
 
     budget = BUDGETS.get(name, 1e-2)

@@ -27,6 +27,7 @@ Contracts:
 from __future__ import annotations
 
 import abc
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from amp_search.errors import BackendUnavailableError, CandidateRunError, UserIn
 if TYPE_CHECKING:
     from amp_search.graph.precision import MixedPrecisionRewriter
 
-__all__ = ["Backend", "BuildConfig", "Candidate", "Runner"]
+__all__ = ["Backend", "BuildConfig", "Candidate", "Runner", "gpu_name"]
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,8 @@ class Backend(abc.ABC):
     refine_defaults: ClassVar[tuple[str, ...]] = ()
     #: Whether :meth:`build` takes the model's bytes (so its file can be written meanwhile).
     builds_from_memory: ClassVar[bool] = False
+    #: What times a run (recorded with refined figures).
+    timer_name: ClassVar[str] = "wall clock"
 
     @classmethod
     def is_available(cls) -> bool:
@@ -221,6 +224,16 @@ class Backend(abc.ABC):
     def devices(self) -> list[str]:
         """Devices this backend can build for on this machine."""
         return ["cpu"]
+
+    def device_hint(self, device: str) -> str:
+        """What would make ``device`` usable when :meth:`devices` lacks it (a sentence, or '')."""
+        return ""
+
+    def options_for_data(
+        self, options: Mapping[str, Any], feeds: Mapping[str, np.ndarray]
+    ) -> dict[str, Any]:
+        """``options`` completed from one calibration batch (default: unchanged)."""
+        return dict(options)
 
     def build(
         self,
@@ -293,3 +306,21 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _open(self, candidate: Candidate) -> Runner: ...
+
+
+@functools.lru_cache(maxsize=16)  # nvidia-smi once per device
+def gpu_name(device_id: int) -> str:
+    """The GPU's name via nvidia-smi (part of a GPU candidate's identity), or 'unknown'."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", f"--id={device_id}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

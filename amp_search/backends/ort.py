@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from amp_search._optional import require
-from amp_search.backends.base import Backend, BuildConfig, Candidate, Runner
+from amp_search.backends.base import Backend, BuildConfig, Candidate, Runner, gpu_name
 from amp_search.errors import BackendUnavailableError, CandidateBuildError, UserInputError
 
 if TYPE_CHECKING:
@@ -102,6 +102,11 @@ class OnnxRuntimeBackend(Backend):
             out.append("cuda")
         return out
 
+    def device_hint(self, device: str) -> str:  # noqa: D102
+        if device.split(":")[0] == "cuda":
+            return "For the CUDA EP install onnxruntime-gpu (pip install 'amp-search[gpu]')."
+        return ""
+
     def resolve_options(self, config: BuildConfig) -> dict[str, Any]:
         """The configuration's options completed with the device's defaults."""
         defaults = CUDA_DEFAULTS if config.device_type == "cuda" else CPU_DEFAULTS
@@ -128,7 +133,7 @@ class OnnxRuntimeBackend(Backend):
             "options": self.resolve_options(config),
         }
         if config.device_type == "cuda":
-            ident["gpu"] = _gpu_name(config.device_id)
+            ident["gpu"] = gpu_name(config.device_id)
         return ident
 
     def low_precision_gaps(  # noqa: D102
@@ -497,20 +502,3 @@ def _emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) 
         scratch = tempfile.mkdtemp(prefix=".emulated-", dir=model_path.parent)
         return str(save_model(model, Path(scratch) / model_path.name))
     return data
-
-
-def _gpu_name(device_id: int) -> str:
-    """The GPU's name via nvidia-smi, or 'unknown' (no CUDA import needed)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", f"--id={device_id}"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

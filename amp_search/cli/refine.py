@@ -9,8 +9,8 @@ from amp_search.cli._base import Subcommand, console
 
 if TYPE_CHECKING:
     from amp_search.calibration import CalibrationData
+    from amp_search.results.refined import Refinement
     from amp_search.results.report import Results
-    from amp_search.search.refine import Refinement
 
 __all__ = ["RefineCommand"]
 
@@ -115,7 +115,7 @@ def render(refinement: Refinement, con: Any) -> None:
     """Prints every refined point, fastest first, and the fastest within the budget."""
     from rich.table import Table
 
-    from amp_search.search.refine import summarize
+    from amp_search.results.refined import summarize
 
     m = refinement.meta
     t = m["timing"]

@@ -19,8 +19,8 @@ class ReportCommand(Subcommand):
         parser.add_argument("--no-plots", action="store_true", help="only print the table")
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.results.refined import is_current, load_refinement
         from amp_search.results.report import load_results
-        from amp_search.search.refine import is_current, load_refinement
 
         results = load_results(args.results)
         con = console()
@@ -35,7 +35,7 @@ class ReportCommand(Subcommand):
         if not args.no_plots:
             import optuna
 
-            from amp_search.search.run import draw_plots
+            from amp_search.results.plots import draw_plots
             from amp_search.search.study import _storage
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -71,8 +71,8 @@ class PickCommand(Subcommand):
         )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
+        from amp_search.results.refined import is_current, load_refinement
         from amp_search.results.report import Results, choose, copy_candidate, load_results
-        from amp_search.search.refine import is_current, load_refinement
 
         results = load_results(args.results)
         con = console()

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD_ATTR",
     "FrontPoint",
+    "baselines",
     "compute_front",
     "latency_tie",
     "nondominated_points",
@@ -210,3 +211,23 @@ def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, An
              p.metric, p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units)]
         )  # fmt: skip
     write_bytes_atomic(store.root / "front.csv", buf.getvalue().encode())
+
+
+def baselines(study: Any) -> dict[str, dict[str, Any]]:
+    """all-FP32 and all-FP16 figures from the seed trials (and why FP16 is off the front)."""
+    from optuna.trial import TrialState
+
+    out: dict[str, dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        seed = t.user_attrs.get("seed")
+        if seed in ("all-fp32", "all-fp16") and seed not in out:
+            p = point_from_trial(t)
+            if p is not None:
+                out[seed] = {
+                    "trial": p.trial,
+                    "latency_ms": p.latency_ms,
+                    "deviation": p.deviation,
+                    "feasible": p.feasible,
+                    "digest": p.digest,
+                }
+    return out

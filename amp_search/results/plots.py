@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic
 from amp_search._optional import try_import
@@ -23,11 +23,13 @@ if TYPE_CHECKING:
     import optuna
 
     from amp_search.results.pareto import FrontPoint
-    from amp_search.search.refine import Refinement
+    from amp_search.results.refined import Refinement
+    from amp_search.results.store import ResultsStore
 
 __all__ = [
     "PlotData",
     "PlotPoint",
+    "draw_plots",
     "plot_data_from_refinement",
     "plot_data_from_study",
     "write_html",
@@ -294,3 +296,16 @@ def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
     )  # fmt: skip
     html = fig.to_html(include_plotlyjs=True, full_html=True)
     return write_bytes_atomic(path, html.encode())
+
+
+def draw_plots(store: ResultsStore, study: Any, front: list[FrontPoint], meta: dict[str, Any],
+               references: list[Any] | None = None) -> list[Path]:  # fmt: skip
+    """Writes pareto.png and pareto.html (skipped with a warning without the plot extras)."""
+    data = plot_data_from_study(
+        study, front, title=f"amp-search: {Path(str(meta['model'])).name} "
+        f"on {meta['backend']} ({meta['device']})",
+        metric=str(meta["metric"]), latency_source=str(meta["latency_source"]),
+        budget=meta.get("max_deviation"),
+    )  # fmt: skip
+    data.points.extend(references or [])
+    return write_plots(data, store.root, "pareto")

@@ -24,7 +24,7 @@ import datetime
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,14 @@ import numpy as np
 from amp_search._atomic import write_json_atomic
 from amp_search.errors import BackendUnavailableError, UserInputError
 from amp_search.results.pareto import FrontPoint, nondominated_points
+from amp_search.results.refined import (
+    REFINED_FILE,
+    Refinement,
+    draw_refined,
+    is_current,
+    load_refinement,
+    summarize,
+)
 from amp_search.timing import PairedTiming
 
 if TYPE_CHECKING:
@@ -50,79 +58,10 @@ __all__ = [
     "summarize",
 ]
 
-REFINED_FILE = "refined.json"
 CPU_TIMING_NOTE = (
     "Refined on the CPU: ONNX Runtime CPU runs FP16 nodes in FP32 behind casts, so these "
     "timings say nothing about a GPU; refine on the target GPU (--device cuda) before shipping."
 )
-
-
-@dataclass
-class Refinement:
-    """What :func:`refine_front` measured.
-
-    Attributes:
-        points: Every refined candidate (front points, all-FP32, all-FP16), fastest first; their
-            latency and deviation are the refined ones, the search's are in ``metrics``.
-        front: The non-dominated feasible points among ``points``.
-        meta: Device, backend, options, timing protocol, date, budget and notes.
-        compared: The ``compare`` models, measured alike (``metrics["path"]`` is the file).
-        failed: Candidates that did not build or run here, with the reason.
-    """
-
-    points: list[FrontPoint]
-    front: list[FrontPoint]
-    meta: dict[str, Any]
-    compared: list[FrontPoint] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``refined.json`` document."""
-        return {
-            **self.meta,
-            "points": [asdict(p) for p in self.points],
-            "front": [asdict(p) for p in self.front],
-            "compared": [asdict(p) for p in self.compared],
-            "failed": self.failed,
-        }
-
-    def label(self, point: FrontPoint) -> str:
-        """``all-fp32``/``all-fp16`` for the baselines, else ``#trial``."""
-        return str(point.metrics.get("label") or f"#{point.trial}")
-
-
-def load_refinement(root: str | Path) -> Refinement | None:
-    """The ``refined.json`` of a results directory, or None if it was never refined."""
-    import json
-
-    path = Path(root) / REFINED_FILE
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserInputError(
-            f"{path} cannot be read ({exc}); delete it and run 'amp-search refine' again."
-        ) from exc
-
-    def points(rows: list[dict[str, Any]]) -> list[FrontPoint]:
-        out = []
-        for row in rows:
-            row = dict(row)
-            for key in ("latency_ms", "deviation"):
-                row[key] = float(row[key]) if not isinstance(row[key], str) else math.inf
-            out.append(FrontPoint(**row))
-        return out
-
-    lists = ("points", "front", "compared", "failed")
-    meta = {k: v for k, v in doc.items() if k not in lists}
-    return Refinement(points(doc["points"]), points(doc["front"]), meta,
-                      points(doc.get("compared", [])), doc.get("failed", []))  # fmt: skip
-
-
-def is_current(refinement: Refinement, results: Results) -> bool:
-    """Whether the search's front is still the one that was refined (no trial changed it)."""
-    return sorted(p.digest for p in results.front) == refinement.meta.get("front_digests")
 
 
 def refine_front(
@@ -179,9 +118,7 @@ def refine_front(
             f"Backend '{backend.name}' cannot use device {device!r} here (available: "
             f"{', '.join(backend.devices())}). Refine on the machine of the target GPU."
         )
-    if backend.name == "tensorrt" and not config.options.get("shapes"):
-        shapes = {k: list(v.shape) for k, v in data.first().items()}
-        config = replace(config, options={**config.options, "shapes": shapes})
+    config = replace(config, options=backend.options_for_data(config.options, data.first()))
     identity = backend.identity(config)
     if rounds < 1 or pairs < 2 * rounds:
         raise UserInputError(f"--pairs ({pairs}) must be at least twice --rounds ({rounds}).")
@@ -282,7 +219,7 @@ def refine_front(
                 "target": target,
                 "protocol": "windows paired with the resident all-FP32 reference; latency = "
                 "median ratio x the reference's level; 95% bootstrap intervals",
-                "timer": "cuda events" if backend.name == "tensorrt" else "wall clock",
+                "timer": backend.timer_name,
             },
             "seconds": round(time.perf_counter() - t0, 1),
             "front_digests": sorted(p.digest for p in results.front),
@@ -368,16 +305,6 @@ def _time_in_rounds(
     opened[:] = [e for e in opened if e.runner is not None and e.timing.pairs]
 
 
-def draw_refined(refinement: Refinement, folder: Path, model: str) -> list[Path]:
-    """Writes ``refined.png``/``refined.html`` (skipped with a warning without plot extras)."""
-    from amp_search.results.plots import plot_data_from_refinement, write_plots
-
-    title = f"amp-search refine: {Path(model).name} on {refinement.meta['backend']} " + (
-        f"({refinement.meta['device']})"
-    )
-    return write_plots(plot_data_from_refinement(refinement, title=title), folder, "refined")
-
-
 def _failure(point: FrontPoint, exc: Exception) -> dict[str, Any]:
     return {"label": str(point.metrics["label"]), "digest": point.digest, "error": str(exc)}
 
@@ -452,29 +379,3 @@ def _reference(model_path: Path, data: CalibrationData) -> list[dict[str, np.nda
     model = sanitize(load_model(model_path))
     prof = profile_model(model, [], data, fp16_pass=False, keep_reference=True)
     return list(prof.reference_outputs)
-
-
-def summarize(refinement: Refinement, budget: float | None) -> Sequence[str]:
-    """Lines on the fastest refined point within the budget against all-FP32 and all-FP16."""
-    by_label = {refinement.label(p): p for p in refinement.points}
-    fp32 = by_label.get("all-fp32")
-    within = [p for p in refinement.front if budget is None or p.deviation <= budget]
-    lines = []
-    if within:
-        best = min(within, key=lambda p: (p.latency_ms, p.deviation))
-        s = best.speedup(fp32.latency_ms if fp32 else None)
-        speed = "" if s is None else f", {s[0]:.2f}x all-FP32 [{s[1]:.2f}, {s[2]:.2f}]"
-        lines.append(
-            f"fastest {'refined point' if budget is None else f'within {budget:g}'}: "
-            f"{refinement.label(best)} {best.latency_ms:.4g} ms at {best.deviation:.3g}{speed}"
-        )
-    else:
-        best = None
-        lines.append("no refined point is within the budget")
-    for c in refinement.compared:
-        ok = math.isfinite(c.deviation) and (budget is None or c.deviation <= budget)
-        vs = (f"; {best.metrics['label']} is {c.latency_ms / best.latency_ms:.2f}x as fast"
-              if best is not None and ok else "")  # fmt: skip
-        lines.append(f"{c.metrics['label']}: {c.latency_ms:.4g} ms at {c.deviation:.3g}"
-                     f"{'' if ok else ' (over the budget)'}{vs}")  # fmt: skip
-    return lines

@@ -39,6 +39,7 @@ from amp_search.profiling.report import CPU_NOTE, InspectReport
 from amp_search.results.pareto import (
     RECORD_ATTR,
     FrontPoint,
+    baselines,
     compute_front,
     record_of,
     write_front,
@@ -220,7 +221,7 @@ def _run_search(
 ) -> SearchOutcome:
     import optuna
 
-    from amp_search.objective import load_metric
+    from amp_search.objective import load_deviation_metric, load_metric
 
     t_start = time.perf_counter()
     # Optuna logs a caught trial failure with its traceback; amp-search reports failures
@@ -239,7 +240,7 @@ def _run_search(
         raise UserInputError(
             f"--keep-models must be one of {', '.join(KEEP_MODELS)}, got {config.keep_models!r}."
         )
-    metric = load_metric(config.metric)
+    metric = load_deviation_metric(config.metric)
     extra = [load_metric(m) for m in config.record_metrics if m != metric.name]
     backend = get_backend(config.backend)
     reason = backend.unavailable_reason()
@@ -249,14 +250,11 @@ def _run_search(
     build_config = BuildConfig(device=config.device, options=options)
     devices = backend.devices()
     if build_config.device_type not in devices:
-        hint = (
-            "For the CUDA EP install onnxruntime-gpu (pip install 'amp-search[gpu]'), or "
-            if backend.name == "onnxruntime"
-            else ""
-        )
+        hint = backend.device_hint(config.device)
         raise BackendUnavailableError(
             f"Backend '{config.backend}' cannot use device {config.device!r} here "
-            f"(available: {', '.join(devices)}). {hint}pass --device {devices[0]}."
+            f"(available: {', '.join(devices)}). {hint + ' Or ' if hint else ''}pass "
+            f"--device {devices[0]}."
         )
     latency_source = config.latency or ("measured" if build_config.device_type != "cpu"
                                         else "estimated")  # fmt: skip
@@ -276,9 +274,8 @@ def _run_search(
         units = group_units(units, config.max_units)
     data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic,
                             shapes={k: tuple(v) for k, v in config.shapes.items()})  # fmt: skip
-    if backend.name == "tensorrt" and not options.get("shapes"):
-        # Engines are built for the calibration batch's shapes (min = opt = max).
-        options["shapes"] = {k: list(v.shape) for k, v in data.first().items()}
+    options = backend.options_for_data(options, data.first())  # TensorRT: profile shapes
+    build_config = BuildConfig(device=config.device, options=options)
     identity = backend.identity(build_config)  # validates the options
     # Nodes the target has no FP16 kernel for stay FP32 in every candidate (ONNX Runtime
     # would run them on the CPU: copies each way and no CUDA graph).
@@ -535,6 +532,8 @@ def _run_search(
             "Loosen the budget (the study holds every trial)."
         )
     write_front(store, front, {**meta, "baselines": baselines(study)})
+    from amp_search.results.plots import draw_plots  # matplotlib/plotly: imported when drawn
+
     draw_plots(store, study, front, meta)
     trials = study.get_trials(deepcopy=False)
     from optuna.trial import TrialState
@@ -679,43 +678,6 @@ class _quiet_heartbeat_errors:  # noqa: N801 - used as a context manager
 
     def __exit__(self, *exc: object) -> None:
         threading.excepthook = self._previous
-
-
-def baselines(study: Any) -> dict[str, dict[str, Any]]:
-    """all-FP32 and all-FP16 figures from the seed trials (and why FP16 is off the front)."""
-    from optuna.trial import TrialState
-
-    from amp_search.results.pareto import point_from_trial
-
-    out: dict[str, dict[str, Any]] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        seed = t.user_attrs.get("seed")
-        if seed in ("all-fp32", "all-fp16") and seed not in out:
-            p = point_from_trial(t)
-            if p is not None:
-                out[seed] = {
-                    "trial": p.trial,
-                    "latency_ms": p.latency_ms,
-                    "deviation": p.deviation,
-                    "feasible": p.feasible,
-                    "digest": p.digest,
-                }
-    return out
-
-
-def draw_plots(store: ResultsStore, study: Any, front: list[FrontPoint], meta: dict[str, Any],
-               references: list[Any] | None = None) -> list[Path]:  # fmt: skip
-    """Writes pareto.png and pareto.html (skipped with a warning without the plot extras)."""
-    from amp_search.results.plots import plot_data_from_study, write_plots
-
-    data = plot_data_from_study(
-        study, front, title=f"amp-search: {Path(str(meta['model'])).name} "
-        f"on {meta['backend']} ({meta['device']})",
-        metric=str(meta["metric"]), latency_source=str(meta["latency_source"]),
-        budget=meta.get("max_deviation"),
-    )  # fmt: skip
-    data.points.extend(references or [])
-    return write_plots(data, store.root, "pareto")
 
 
 def _record(trial: Any, ev: Evaluation, metric: str, n_units: int) -> None:

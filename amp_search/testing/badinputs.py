@@ -534,6 +534,8 @@ CASES: tuple[BadInput, ...] = (
              ("Unknown backend 'nope'", "onnxruntime")),
     BadInput("unknown_metric", "--metric nope", _flag("--metric", "nope"), 2,
              ("Unknown metric 'nope'", "rel_l2")),
+    BadInput("latency_as_metric", "--metric latency_ms", _flag("--metric", "latency_ms"), 2,
+             ("--metric 'latency_ms' does not measure the outputs",)),
     BadInput("timing_target_zero", "--latency measured --timing-target 0",
              _flag("--latency", "measured", "--timing-target", "0"), 2,
              ("--timing-target must be in (0, 1)",)),

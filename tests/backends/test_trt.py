@@ -386,7 +386,7 @@ def test_tf32_is_part_of_the_identity(monkeypatch):
     # identity() asks TensorRT for its version and nvidia-smi for the GPU; both are fixed here
     # (our own lookups, not TensorRT) so the options part can be compared without either.
     monkeypatch.setattr(TensorRTBackend, "_module", lambda self, opts: ("tensorrt", "10.13.3"))
-    monkeypatch.setattr(trt_backend, "_gpu", lambda device_id: "NVIDIA H200")
+    monkeypatch.setattr(trt_backend, "gpu_name", lambda device_id: "NVIDIA H200")
     backend = TensorRTBackend()
     base = {"shapes": {"image": [8, 3, 48, 48]}, "timing_cache_dir": "/tmp/a"}
     off = backend.identity(BuildConfig("cuda", base))
@@ -716,3 +716,12 @@ def test_real_engine_matches_onnxruntime_cpu(tmp_path, cuda_graph):
     assert stats.source == "measured:tensorrt-cuda"
     assert stats.n_runs == 5
     assert 0 < stats.median_ms < 1000
+
+
+def test_engines_are_built_for_the_calibration_shapes_unless_given():
+    feeds = {"x": np.zeros((4, 3, 48, 192), np.float32)}
+    backend = TensorRTBackend()
+    assert backend.options_for_data({}, feeds) == {"shapes": {"x": [4, 3, 48, 192]}}
+    given = {"shapes": {"x": [1, 3, 48, 192]}, "tf32": 0}
+    assert backend.options_for_data(given, feeds) == given
+    assert backend.timer_name == "cuda events"

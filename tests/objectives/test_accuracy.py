@@ -16,6 +16,7 @@ from amp_search.objective import (
     EvalContext,
     FunctionObjective,
     Objective,
+    load_deviation_metric,
     load_metric,
 )
 from amp_search.types import LatencyStats
@@ -255,3 +256,33 @@ def test_object_that_is_not_an_objective(tmp_path: Path):
     path.write_text("class Half:\n    name = 'half'\n")
     with pytest.raises(UserInputError, match="not an objective"):
         load_metric(f"{path}:Half")
+
+
+# --- the accuracy axis holds its metric to what the axis means ------------------------------
+
+
+def test_the_deviation_metric_refuses_latency_and_maximized_metrics(tmp_path: Path):
+    assert load_deviation_metric("rel_l2").name == "rel_l2"
+    with pytest.raises(UserInputError, match="does not measure the outputs") as info:
+        load_deviation_metric("latency_ms")
+    assert "latency is the other axis" in str(info.value) and "\n" not in str(info.value)
+    path = tmp_path / "similarity.py"
+    path.write_text(
+        "class Similarity:\n"
+        "    name = 'similarity'\n"
+        "    direction = 'maximize'\n"
+        "    needs = frozenset({'outputs'})\n"
+        "    def evaluate(self, ctx):\n"
+        "        return 1.0\n"
+        "class Psychic:\n"
+        "    name = 'psychic'\n"
+        "    direction = 'minimize'\n"
+        "    needs = frozenset({'outputs', 'intent'})\n"
+        "    def evaluate(self, ctx):\n"
+        "        return 0.0\n"
+    )
+    assert load_metric(f"{path}:Similarity").direction == "maximize"  # fine to record
+    with pytest.raises(UserInputError, match="is maximized"):
+        load_deviation_metric(f"{path}:Similarity")
+    with pytest.raises(UserInputError, match="needs intent, which a candidate does not offer"):
+        load_metric(f"{path}:Psychic")

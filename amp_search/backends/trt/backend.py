@@ -20,17 +20,16 @@ opened.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic
 from amp_search._optional import is_importable
-from amp_search.backends.base import Backend, BuildConfig, Candidate, Runner
-from amp_search.backends.ort import _gpu_name
+from amp_search.backends.base import Backend, BuildConfig, Candidate, Runner, gpu_name
 from amp_search.backends.trt.builder import (
     DEFAULT_OPTIONS,
     FLAG_OPTIONS,
@@ -44,6 +43,9 @@ from amp_search.backends.trt.builder import (
 from amp_search.backends.trt.runner import TensorRTRunner
 from amp_search.errors import CandidateBuildError, UserInputError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = ["TensorRTBackend", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ ENGINE_FILE = "engine.plan"
 LAYERS_FILE = "layers.json"
 #: Options that say where things live, not what the engine is: left out of the identity.
 _NOT_IDENTITY = frozenset({"timing_cache_dir"})
-_gpu = functools.lru_cache(maxsize=16)(_gpu_name)  # nvidia-smi once per device
 
 
 def default_cache_dir() -> Path:
@@ -82,6 +83,7 @@ class TensorRTBackend(Backend):
     #: Search at a lower level (``--option builder_optimization_level=1`` or ``2``), refine at the
     #: default. Not 0: it takes the first tactic that runs and ignores the timing cache.
     refine_defaults = ("builder_optimization_level",)
+    timer_name = "cuda events"
 
     @classmethod
     def is_available(cls) -> bool:
@@ -101,6 +103,15 @@ class TensorRTBackend(Backend):
 
     def devices(self) -> list[str]:  # noqa: D102
         return ["cuda"]
+
+    def options_for_data(
+        self, options: Mapping[str, Any], feeds: Mapping[str, np.ndarray]
+    ) -> dict[str, Any]:
+        """Without ``shapes``, engines are built for the calibration batch's (min=opt=max)."""
+        out = dict(options)
+        if not out.get("shapes"):
+            out["shapes"] = {k: list(v.shape) for k, v in feeds.items()}
+        return out
 
     def resolve_options(self, config: BuildConfig) -> dict[str, Any]:
         """The configuration's options completed with the defaults (and checked)."""
@@ -137,7 +148,7 @@ class TensorRTBackend(Backend):
             "module": module,
             module: version,
             "device": config.device,
-            "gpu": _gpu(config.device_id),
+            "gpu": gpu_name(config.device_id),
             "options": {
                 k: v for k, v in {**opts, "module": module}.items() if k not in _NOT_IDENTITY
             },
@@ -156,7 +167,7 @@ class TensorRTBackend(Backend):
             return None
         folder = Path(opts["timing_cache_dir"]) if opts["timing_cache_dir"] else None
         folder = folder or default_cache_dir()
-        gpu = _slug(_gpu(config.device_id))
+        gpu = _slug(gpu_name(config.device_id))
         return folder / f"{module}-{_slug(version)}-{gpu}.timing-cache"
 
     def _build(self, model_path: Path, config: BuildConfig) -> Candidate:
