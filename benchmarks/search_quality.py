@@ -45,6 +45,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amp_search.results.pareto import front_order, hypervolume  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(tempfile.gettempdir()) / "amp_search_quality"
@@ -290,25 +294,7 @@ class Space:
 
 def front_indices(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> list[int]:
     """Ids of the non-dominated points (minimize x and y), fastest first."""
-    order = np.lexsort((y, x))
-    out: list[int] = []
-    best = math.inf
-    for k in order:
-        if y[k] < best:
-            out.append(int(ids[k]))
-            best = float(y[k])
-    return out
-
-
-def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
-    """Exact 2-D hypervolume (both minimized) of ``points`` against ``ref``."""
-    pts = sorted((x, y) for x, y in points if x < ref[0] and y < ref[1])
-    area, best_y = 0.0, ref[1]
-    for x, y in pts:
-        if y < best_y:
-            area += (ref[0] - x) * (best_y - y)
-            best_y = y
-    return area
+    return [int(ids[k]) for k in front_order(x.tolist(), y.tolist())]
 
 
 # ------------------------------------------------------------------------------------------
@@ -331,8 +317,8 @@ def load_study(outcome: Any) -> Any:
 def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) -> dict[str, Any]:
     from optuna.trial import TrialState
 
+    from amp_search.keys import GUIDE_ATTR
     from amp_search.results.pareto import record_of
-    from amp_search.search.guide import GUIDE_ATTR
     from amp_search.search.run import SearchConfig, run_search
     from amp_search.search.sampler import DEFAULT_SAMPLER
 
@@ -434,7 +420,7 @@ def replay(
     run with them enqueues (``seed_params`` over the live run's risk order)."""
     import optuna
 
-    from amp_search.search.guide import GUIDE_ATTR
+    from amp_search.keys import GUIDE_ATTR
     from amp_search.search.seeds import seed_params
     from amp_search.search.space import SearchSpace
     from amp_search.search.study import open_study

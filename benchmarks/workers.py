@@ -38,8 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from amp_search.keys import OWNER_ATTR  # noqa: E402
 from amp_search.results.pareto import record_of  # noqa: E402
-from amp_search.search.study import OWNER_ATTR, open_or_create_study  # noqa: E402
+from amp_search.search.study import open_or_create_study  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

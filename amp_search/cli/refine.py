@@ -99,7 +99,7 @@ def _calibration(results: Results, args: argparse.Namespace) -> CalibrationData:
 def _search_config(results: Results) -> dict[str, Any]:
     import optuna
 
-    from amp_search.search.run import CONFIG_ATTR
+    from amp_search.keys import CONFIG_ATTR
     from amp_search.search.study import _storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -13,6 +13,7 @@ from typing import Any
 from amp_search.cli._base import Subcommand, console
 from amp_search.cli.inspect import add_data_arguments
 from amp_search.cli.worker import add_storage_retry
+from amp_search.keys import BASELINES
 from amp_search.search.sampler import DEFAULT_SAMPLER, SAMPLERS
 
 __all__ = ["SearchCommand", "add_option_argument", "parse_options", "print_outcome"]
@@ -207,7 +208,7 @@ def run_with_progress(config: Any, command: str) -> int:
 def baseline_lines(results: Any) -> list[tuple[str, str]]:
     """all-FP32 / all-FP16: figures, and where they stand against the front, with why."""
     out = []
-    for name in ("all-fp32", "all-fp16"):
+    for name in BASELINES:
         b = results.baselines.get(name)
         if not b:
             continue

@@ -43,8 +43,8 @@ class WorkerCommand(Subcommand):
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.cli.search import run_with_progress
         from amp_search.errors import UserInputError
+        from amp_search.keys import CONFIG_ATTR
         from amp_search.search import SearchConfig
-        from amp_search.search.run import CONFIG_ATTR
         from amp_search.search.study import open_or_create_study
 
         study, _ = open_or_create_study(args.storage, args.study_name, must_exist=True)

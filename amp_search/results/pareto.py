@@ -15,20 +15,23 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic, write_json_atomic
+from amp_search.keys import ALL_FP32, BASELINES, RECORD_ATTR, SEED_ATTR
 from amp_search.results.store import ResultsStore
 
 if TYPE_CHECKING:
     import optuna
 
 __all__ = [
-    "RECORD_ATTR",
     "FrontPoint",
     "baselines",
     "compute_front",
+    "front_order",
+    "hypervolume",
     "latency_tie",
     "nondominated_points",
     "point_from_trial",
@@ -36,8 +39,6 @@ __all__ = [
     "write_front",
 ]
 
-#: The trial user attribute that holds a trial's figures (one dict: one storage write).
-RECORD_ATTR = "amp_search"
 
 
 def record_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
@@ -151,15 +152,37 @@ def compute_front(study: optuna.Study) -> list[FrontPoint]:
     return list(unique.values())
 
 
+def front_order(x: Sequence[float], y: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points (both coordinates minimized), fastest first.
+
+    The one Pareto filter: the front, the sampler's, the candidate pool's and the benchmark's.
+    Of equal points the first is kept.
+    """
+    out: list[int] = []
+    best = math.inf
+    for k in sorted(range(len(x)), key=lambda k: (x[k], y[k])):
+        if y[k] < best:
+            out.append(k)
+            best = float(y[k])
+    return out
+
+
+def hypervolume(points: Iterable[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Exact 2-D hypervolume (both minimized) that ``points`` dominate up to ``ref``."""
+    pts = [(x, y) for x, y in points if x < ref[0] and y < ref[1]]
+    area, best_y = 0.0, ref[1]
+    for k in front_order([p[0] for p in pts], [p[1] for p in pts]):
+        x, y = pts[k]
+        area += (ref[0] - x) * (best_y - y)
+        best_y = y
+    return area
+
+
 def nondominated_points(points: list[FrontPoint]) -> list[FrontPoint]:
     """The points no other point beats on both latency and deviation, fastest first."""
-    out: list[FrontPoint] = []
-    best = math.inf
-    for p in sorted(points, key=lambda p: (p.latency_ms, p.deviation, p.trial)):
-        if p.deviation < best:
-            out.append(p)
-            best = p.deviation
-    return out
+    ordered = sorted(points, key=lambda p: p.trial)
+    keep = front_order([p.latency_ms for p in ordered], [p.deviation for p in ordered])
+    return [ordered[k] for k in keep]
 
 
 def latency_tie(a: FrontPoint, b: FrontPoint) -> bool:
@@ -189,7 +212,7 @@ def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, An
     interval (``latency_low_ms``, ``latency_high_ms``, ``speedup``, ``speedup_low``,
     ``speedup_high``; empty where the latency is estimated).
     """
-    fp32 = meta.get("baselines", {}).get("all-fp32", {}).get("latency_ms")
+    fp32 = meta.get("baselines", {}).get(ALL_FP32, {}).get("latency_ms")
     fp32_ms = float(fp32) if isinstance(fp32, int | float) else None
     rows = [{**asdict(p), **_timing_columns(p, fp32_ms)} for p in front]
     write_json_atomic(store.root / "front.json", {**meta, "front": rows})
@@ -219,8 +242,8 @@ def baselines(study: Any) -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        seed = t.user_attrs.get("seed")
-        if seed in ("all-fp32", "all-fp16") and seed not in out:
+        seed = t.user_attrs.get(SEED_ATTR)
+        if seed in BASELINES and seed not in out:
             p = point_from_trial(t)
             if p is not None:
                 out[seed] = {

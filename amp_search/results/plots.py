@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic
 from amp_search._optional import try_import
+from amp_search.keys import ALL_FP16, ALL_FP32, SEED_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -93,13 +94,13 @@ def plot_data_from_study(
 
     on_front = {p.trial for p in front}
     labels = {p.trial: p.label for p in front}
-    seeds = {"all-fp32": "all FP32", "all-fp16": "all FP16"}
+    seeds = {ALL_FP32: "all FP32", ALL_FP16: "all FP16"}
     points: list[PlotPoint] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         p = point_from_trial(t)
         if p is None:
             continue
-        seed = seeds.get(str(t.user_attrs.get("seed")))
+        seed = seeds.get(str(t.user_attrs.get(SEED_ATTR)))
         points.append(
             PlotPoint(
                 latency_ms=p.latency_ms,

@@ -17,6 +17,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+from amp_search.keys import BASELINES, SEED_ATTR
 from amp_search.results.pareto import nondominated_points, point_from_trial
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 KEEP_MODELS = ("all", "front")
 #: What a pruned candidate's folder keeps.
 KEPT_FILES = frozenset({"precision.json", ".claim"})
-_SEEDS = ("all-fp32", "all-fp16")
 
 
 def dominated_digests(study: optuna.Study) -> set[str]:
@@ -45,7 +45,7 @@ def dominated_digests(study: optuna.Study) -> set[str]:
         if p is None or not p.digest:
             continue
         points.append(p)
-        if t.user_attrs.get("seed") in _SEEDS:
+        if t.user_attrs.get(SEED_ATTR) in BASELINES:
             seeds.add(p.digest)
     finite = [p for p in points if math.isfinite(p.deviation)]
     keep = {p.digest for p in nondominated_points(finite)} | seeds

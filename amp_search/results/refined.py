@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
+from amp_search.keys import ALL_FP32
 from amp_search.results.pareto import FrontPoint
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def draw_refined(refinement: Refinement, folder: Path, model: str) -> list[Path]
 def summarize(refinement: Refinement, budget: float | None) -> Sequence[str]:
     """Lines on the fastest refined point within the budget against all-FP32 and all-FP16."""
     by_label = {refinement.label(p): p for p in refinement.points}
-    fp32 = by_label.get("all-fp32")
+    fp32 = by_label.get(ALL_FP32)
     within = [p for p in refinement.front if budget is None or p.deviation <= budget]
     lines = []
     if within:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
+from amp_search.keys import ALL_FP32
 from amp_search.results.pareto import FrontPoint, latency_tie
 from amp_search.results.store import ResultsStore
 
@@ -47,7 +48,7 @@ class Results:
                     "deviation", "FP32 units", "speedup vs FP32", "candidate",
                     "FP32 fallback set"):  # fmt: skip
             table.add_column(col, overflow="fold")
-        fp32 = self.baselines.get("all-fp32", {}).get("latency_ms")
+        fp32 = self.baselines.get(ALL_FP32, {}).get("latency_ms")
         fp32 = float(fp32) if fp32 is not None else None
         for p in self.front:
             fallback = ", ".join(p.fp32_units[:4]) + (" ..." if len(p.fp32_units) > 4 else "")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from amp_search.errors import AmpSearchError
+from amp_search.keys import GUIDE_ATTR
 from amp_search.search.surrogate import LatencyModel
 
 if TYPE_CHECKING:
@@ -36,11 +37,10 @@ if TYPE_CHECKING:
     from amp_search.search.space import SearchSpace
     from amp_search.types import PrecisionAssignment
 
-__all__ = ["GUIDE_ATTR", "GUIDE_VERSION", "build_guide", "load_guide", "own_errors"]
+__all__ = ["GUIDE_VERSION", "build_guide", "load_guide", "own_errors"]
 
 logger = logging.getLogger(__name__)
 
-GUIDE_ATTR = "amp_search:guide"
 GUIDE_VERSION = 1
 #: Most estimator calls spent on the latency model (2 + units + edges are needed).
 MAX_ESTIMATES = 1000

@@ -26,6 +26,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from amp_search.results.pareto import front_order
 from amp_search.search.guide import load_guide
 from amp_search.search.sampler import make_tpe
 from amp_search.search.space import CHOICES
@@ -254,10 +255,4 @@ def propose(
 
 def _front_rows(rows: np.ndarray, lats: np.ndarray, devs: np.ndarray) -> np.ndarray:
     """The rows of the non-dominated trials (for the candidate pool of large spaces)."""
-    keep: list[int] = []
-    best = math.inf
-    for k in np.lexsort((devs, lats)):
-        if devs[k] < best:
-            keep.append(int(k))
-            best = float(devs[k])
-    return rows[keep]
+    return rows[front_order(lats.tolist(), devs.tolist())]

@@ -32,6 +32,7 @@ import numpy as np
 
 from amp_search._atomic import write_json_atomic
 from amp_search.errors import BackendUnavailableError, UserInputError
+from amp_search.keys import ALL_FP32
 from amp_search.results.pareto import FrontPoint, nondominated_points
 from amp_search.results.refined import (
     REFINED_FILE,
@@ -360,7 +361,7 @@ def _entries(results: Results, budget: float | None) -> list[FrontPoint]:
 def _searched_model(results: Results) -> Path:
     """The searched model's file (the all-FP32 candidate, the same graph, if it moved)."""
     model_path = Path(str(results.meta.get("model", "")))
-    fp32 = results.baselines.get("all-fp32", {}).get("digest")
+    fp32 = results.baselines.get(ALL_FP32, {}).get("digest")
     if not model_path.is_file() and fp32:
         model_path = results.store.candidate_dir(str(fp32)) / "model.onnx"
     if not model_path.is_file():

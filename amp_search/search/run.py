@@ -34,10 +34,17 @@ from amp_search.graph import (
     sanitize,
 )
 from amp_search.graph.io import model_to_bytes
+from amp_search.keys import (
+    CONFIG_ATTR,
+    ERROR_ATTR,
+    RECORD_ATTR,
+    REFERENCE_ATTR,
+    SEED_ATTR,
+    SEED_PARAMS_ATTR,
+)
 from amp_search.profiling import assess_units, profile_model
 from amp_search.profiling.report import CPU_NOTE, InspectReport
 from amp_search.results.pareto import (
-    RECORD_ATTR,
     FrontPoint,
     baselines,
     compute_front,
@@ -53,7 +60,7 @@ from amp_search.search.evaluate import (
     ResidentReference,
 )
 from amp_search.search.sampler import DEFAULT_SAMPLER
-from amp_search.search.seeds import SEED_PARAMS_ATTR, enqueue_seeds
+from amp_search.search.seeds import enqueue_seeds
 from amp_search.search.space import SearchSpace
 from amp_search.search.study import (
     WorkerLock,
@@ -67,16 +74,12 @@ from amp_search.search.target import fit_to_target
 from amp_search.timing import TimingPlan, nvml_clock
 from amp_search.types import PrecisionAssignment
 
-__all__ = ["CONFIG_ATTR", "SearchConfig", "SearchOutcome", "run_search"]
+__all__ = ["SearchConfig", "SearchOutcome", "run_search"]
 
 logger = logging.getLogger(__name__)
 
-#: Study user attribute holding the search settings, for workers that join it.
-CONFIG_ATTR = "amp_search:config"
 #: Seconds between checks for trials of dead workers on this host.
 RECOVER_EVERY_S = 15.0
-#: Study user attribute holding the resident reference's level (one scale for every worker).
-REFERENCE_ATTR = "amp_search:reference_ms"
 
 
 @dataclass
@@ -414,7 +417,7 @@ def _run_search(
         if isinstance(seed_params, dict):  # a seed: its fixed parameters win over the sampler
             early = space.assignment(seed_params)
         else:
-            early = None if "seed" in trial.user_attrs else space.proposed(trial)
+            early = None if SEED_ATTR in trial.user_attrs else space.proposed(trial)
         if early is not None and early.digest() not in evaluated:
             ahead = _Ahead(evaluator.evaluate, early)
         try:
@@ -442,7 +445,7 @@ def _run_search(
         try:
             ev = ahead.result() if ahead is not None else evaluator.evaluate(assignment)
         except (CandidateBuildError, CandidateRunError) as exc:
-            trial.set_user_attr("error", str(exc)[:1000])
+            trial.set_user_attr(ERROR_ATTR, str(exc)[:1000])
             raise
         _record(trial, ev, metric.name, len(units))
         trial.set_constraint("finite_outputs", 0.0 if ev.finite else 1.0)
@@ -487,7 +490,7 @@ def _run_search(
                         "total": config.n_trials,
                         "front": len(front),
                         "best_latency": front[0].latency_ms if front else None,
-                        "error": trial.user_attrs.get("error"),
+                        "error": trial.user_attrs.get(ERROR_ATTR),
                     }
                 )
             if interrupt.requested or (

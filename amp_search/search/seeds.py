@@ -25,7 +25,15 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from amp_search.search.guide import GUIDE_ATTR, build_guide
+from amp_search.keys import (
+    ALL_FP16,
+    ALL_FP32,
+    GUIDE_ATTR,
+    SEED_ATTR,
+    SEED_PARAMS_ATTR,
+    SEEDED_ATTR,
+)
+from amp_search.search.guide import build_guide
 from amp_search.search.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -34,13 +42,10 @@ if TYPE_CHECKING:
     from amp_search.profiling.sensitivity import UnitRisk
     from amp_search.types import PrecisionAssignment
 
-__all__ = ["PREFIXES", "SEEDED_ATTR", "SEED_PARAMS_ATTR", "enqueue_seeds", "seed_params"]
+__all__ = ["PREFIXES", "enqueue_seeds", "seed_params"]
 
 logger = logging.getLogger(__name__)
 
-SEEDED_ATTR = "amp_search:seeded"
-#: A seed trial's user attribute holding its parameters.
-SEED_PARAMS_ATTR = "seed_params"
 #: The prefix sweep of the guided sampler (k first units kept FP32).
 PREFIXES = (1, 2, 3, 5, 8)
 
@@ -64,8 +69,8 @@ def seed_params(
     keep = {u for u in critical if u in set(free)}
     ordered = [u for u in risk_order if u in set(free)]
     seeds: list[tuple[str, dict[str, str]]] = [
-        ("all-fp32", space.params([])),
-        ("all-fp16", space.params(free)),
+        (ALL_FP32, space.params([])),
+        (ALL_FP16, space.params(free)),
     ]
     if keep:
         seeds.append(("all-fp16-safe", space.params([u for u in free if u not in keep])))
@@ -123,7 +128,7 @@ def enqueue_seeds(
     for label, params in seeds:
         # The parameters in a user attribute too: the trial's own (fixed) ones are private to
         # Optuna until suggested, and the search starts evaluating before that.
-        attrs = {"seed": label, SEED_PARAMS_ATTR: params}
+        attrs = {SEED_ATTR: label, SEED_PARAMS_ATTR: params}
         study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
     study.set_user_attr(SEEDED_ATTR, True)
     return len(seeds)

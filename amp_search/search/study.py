@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
+from amp_search.keys import ERROR_ATTR, OWNER_ATTR, SEED_ATTR, SEED_PARAMS_ATTR
 from amp_search.search.sampler import make_sampler
-from amp_search.search.seeds import SEED_PARAMS_ATTR
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -46,7 +46,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_STUDIES_DIR = Path("studies")
-OWNER_ATTR = "amp_search:owner"
 #: Age after which a RUNNING trial that never recorded its owner counts as dead.
 UNOWNED_STALE_S = 120
 #: Seconds between a running trial's heartbeats on a database server.
@@ -213,9 +212,9 @@ def _alive(pid: int) -> bool:
 
 def _requeue_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A failed seed trial is enqueued again (seeds are the front's anchors)."""
-    if "seed" in trial.user_attrs:
+    if SEED_ATTR in trial.user_attrs:
         params = trial.system_attrs.get("fixed_params") or dict(trial.params)
-        attrs = {"seed": trial.user_attrs["seed"], SEED_PARAMS_ATTR: dict(params)}
+        attrs = {SEED_ATTR: trial.user_attrs[SEED_ATTR], SEED_PARAMS_ATTR: dict(params)}
         study.enqueue_trial(dict(params), user_attrs=attrs)
 
 
@@ -299,7 +298,7 @@ def recover_dead_trials(
         elif owner_host != host or pid is None or _alive(int(pid)) and int(pid) != os.getpid():
             continue
         try:
-            storage.set_trial_user_attr(t._trial_id, "error", "worker died during this trial")  # noqa: SLF001
+            storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "worker died during this trial")  # noqa: SLF001
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue

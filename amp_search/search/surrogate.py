@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from amp_search.results.pareto import front_order
+
 __all__ = [
     "ENUMERATE_MAX_UNITS",
     "DeviationGP",
@@ -225,13 +227,7 @@ def _psi(z: np.ndarray) -> np.ndarray:
 
 def nondominated(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """The non-dominated points (both minimized), fastest first."""
-    out: list[tuple[float, float]] = []
-    best = math.inf
-    for x, y in sorted(points):
-        if y < best:
-            out.append((x, y))
-            best = y
-    return out
+    return [points[k] for k in front_order([p[0] for p in points], [p[1] for p in points])]
 
 
 def expected_hvi(

@@ -10,12 +10,13 @@ import optuna
 import pytest
 
 from amp_search.graph import MixedPrecisionRewriter, find_units, sanitize
+from amp_search.keys import GUIDE_ATTR, SEEDED_ATTR
 from amp_search.profiling.ranges import UnitDeviation
 from amp_search.profiling.sensitivity import UnitRisk
 from amp_search.search import SearchConfig, run_search
-from amp_search.search.guide import GUIDE_ATTR, build_guide, own_errors
+from amp_search.search.guide import build_guide, own_errors
 from amp_search.search.guided import GuidedSampler, propose
-from amp_search.search.seeds import PREFIXES, SEEDED_ATTR, enqueue_seeds, seed_params
+from amp_search.search.seeds import PREFIXES, enqueue_seeds, seed_params
 from amp_search.search.space import SearchSpace
 from amp_search.search.surrogate import LatencyModel, all_rows, expected_hvi, nondominated
 

@@ -11,8 +11,8 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from amp_search.keys import OWNER_ATTR
 from amp_search.search.study import (
-    OWNER_ATTR,
     WorkerLock,
     open_or_create_study,
     recover_dead_trials,

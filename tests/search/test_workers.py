@@ -22,9 +22,10 @@ import pytest
 from optuna.trial import TrialState
 
 from amp_search.errors import UserInputError
+from amp_search.keys import OWNER_ATTR
 from amp_search.results.pareto import compute_front, record_of
 from amp_search.search import SearchConfig, run_search
-from amp_search.search.study import OWNER_ATTR, open_or_create_study
+from amp_search.search.study import open_or_create_study
 
 pytestmark = pytest.mark.slow
 
