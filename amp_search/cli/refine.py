@@ -92,7 +92,8 @@ def _calibration(results: Results, args: argparse.Namespace) -> CalibrationData:
         shapes = {k: tuple(v) for k, v in (saved.get("shapes") or {}).items()}
         if data is None and not synthetic:
             raise UserInputError(
-                "The search's calibration data is not recorded in its study: pass --data."
+                "The search's calibration data is not recorded in its study, or the study did "
+                "not open: pass --data (or --storage where front.json hides its password)."
             )
     model = sanitize(load_model(str(results.meta.get("model"))))
     return load_calibration(data, model_inputs(model), synthetic=synthetic, shapes=shapes)

@@ -19,6 +19,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from amp_search.cli.refine import _search_config
+from amp_search.results.report import load_results
 from amp_search.search.run import CONFIG_ATTR
 from amp_search.search.study import open_or_create_study
 
@@ -100,6 +102,10 @@ def test_password_never_shown_logged_or_stored(postgres_password, demo_model_pat
     report = _cli("report", str(out), "--storage", url)
     assert report.returncode == 0, report.stderr
     assert "wrote" in report.stdout
+    # 'refine' reads the calibration data from the study's recorded settings the same way.
+    results = load_results(out)
+    assert _search_config(results, None) == {}  # then it asks for --data or --storage
+    assert _search_config(results, url)["data"] == str(demo_data_path.resolve())
 
     # A worker names the password as an environment variable. The study's copy of the
     # storage has it hidden: the worker opens its own --storage, and records it unexpanded.
@@ -115,7 +121,8 @@ def test_password_never_shown_logged_or_stored(postgres_password, demo_model_pat
     again = _cli("report", str(out), password=password)
     assert again.returncode == 0, again.stderr
 
-    outputs = [r.stdout + r.stderr for r in (search, hidden, report, worker, again)]
+    runs = (search, hidden, report, worker, again)
+    outputs = [r.stdout + r.stderr for r in runs]
     stored = _database_text(url)
     assert shown in stored  # the recorded settings are in what is checked
     for text in [*outputs, _files_text(logs), _files_text(out), stored]:
