@@ -102,8 +102,8 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> object:
     missing = None
     if find_bindir() is None:
         missing = "PostgreSQL server binaries not installed (apt-get install postgresql)"
-    elif importlib.util.find_spec("psycopg2") is None:
-        missing = "psycopg2 not installed (pip install -e '.[test]')"
+    elif importlib.util.find_spec("psycopg") is None:
+        missing = "psycopg (3) not installed (pip install -e '.[test]')"
     if missing:
         if required:
             pytest.fail(missing)
@@ -111,3 +111,22 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> object:
     server = PostgresServer(tmp_path_factory.mktemp("postgres"))
     yield server.start()
     server.stop(remove=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_password(postgres_url: str) -> tuple[str, str]:
+    """``(url, password)``: a role on the ``postgres_url`` server that must give its password
+    (the README's ``postgresql://user:password@host/db`` form). The password is random, so
+    finding it in any output is a leak. Fails if the server takes any password (one not
+    started by ``amp_search.testing.postgres``): a test could not tell it reached the server."""
+    import uuid
+
+    import psycopg
+
+    from amp_search.testing.postgres import password_url
+
+    password = f"pw{uuid.uuid4().hex}"
+    url = password_url(postgres_url, password)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(url.replace(password, "wrong"), connect_timeout=10).close()
+    return url, password

@@ -1,4 +1,4 @@
-"""The subcommand base class and the helpers subcommands share (console, model loading)."""
+"""The subcommand base class and the helpers subcommands share (console, command line)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import argparse
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from rich.console import Console
 
-__all__ = ["Subcommand", "console"]
+__all__ = ["Subcommand", "console", "shown_command"]
 
 
 def console(stderr: bool = False) -> Console:
@@ -22,6 +24,19 @@ def console(stderr: bool = False) -> Console:
     width = None if stream.isatty() else 160  # rich's 80 columns fold tables in logs/pipes
     # markup=False: names, reasons and paths may hold "[...]" that rich would eat as tags.
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width, markup=False)
+
+
+def shown_command(argv: Sequence[str]) -> str:
+    """The command line as typed, quoted for a shell, with any storage password hidden."""
+    import shlex
+
+    from amp_search.search.study import redact_storage
+
+    shown = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        shown.append(shlex.quote(flag + eq + redact_storage(value)))
+    return " ".join(shown)
 
 
 class Subcommand(abc.ABC):

@@ -29,11 +29,13 @@ class RefineCommand(Subcommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
         from amp_search.cli.inspect import add_data_arguments
+        from amp_search.cli.report import add_study_storage
         from amp_search.cli.search import add_option_argument
 
         parser.add_argument("results", help="a search's --out folder")
         add_data_arguments(parser)
         parser.add_argument("--device", help="where to measure (default: the search's device)")
+        add_study_storage(parser)
         add_option_argument(parser)
         parser.add_argument(
             "--compare", action="append", default=[], metavar="MODEL.onnx",
@@ -85,18 +87,19 @@ def _calibration(results: Results, args: argparse.Namespace) -> CalibrationData:
 
     data, synthetic, shapes = args.data, args.synthetic, parse_shapes(args.shape)
     if data is None and not synthetic:
-        saved = _search_config(results)
+        saved = _search_config(results, args.storage)
         data, synthetic = saved.get("data"), bool(saved.get("synthetic"))
         shapes = {k: tuple(v) for k, v in (saved.get("shapes") or {}).items()}
         if data is None and not synthetic:
             raise UserInputError(
-                "The search's calibration data is not recorded in its study: pass --data."
+                "The search's calibration data is not recorded in its study, or the study did "
+                "not open: pass --data (or --storage where front.json hides its password)."
             )
     model = sanitize(load_model(str(results.meta.get("model"))))
     return load_calibration(data, model_inputs(model), synthetic=synthetic, shapes=shapes)
 
 
-def _search_config(results: Results) -> dict[str, Any]:
+def _search_config(results: Results, storage: str | None) -> dict[str, Any]:
     import optuna
 
     from amp_search.keys import CONFIG_ATTR
@@ -105,7 +108,8 @@ def _search_config(results: Results) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     meta = results.meta
     try:
-        study = optuna.load_study(study_name=meta["study"], storage=_storage(meta["storage"]))
+        study = optuna.load_study(study_name=meta["study"],
+                                  storage=_storage(storage or meta["storage"]))  # fmt: skip
     except Exception:  # a moved or deleted study: the caller asks for --data
         return {}
     return dict(study.user_attrs.get(CONFIG_ATTR) or {})

@@ -6,7 +6,16 @@ import argparse
 
 from amp_search.cli._base import Subcommand, console
 
-__all__ = ["PickCommand", "ReportCommand"]
+__all__ = ["PickCommand", "ReportCommand", "add_study_storage"]
+
+
+def add_study_storage(parser: argparse.ArgumentParser) -> None:
+    """``--storage``: where report and refine reopen the search's study."""
+    parser.add_argument(
+        "--storage",
+        help="the search's storage URL (default: the one front.json records; give it where "
+        "that one's password is hidden)",
+    )
 
 
 class ReportCommand(Subcommand):
@@ -17,6 +26,7 @@ class ReportCommand(Subcommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
         parser.add_argument("results", help="a search's --out folder")
         parser.add_argument("--no-plots", action="store_true", help="only print the table")
+        add_study_storage(parser)
 
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.results.refined import is_current, load_refinement
@@ -40,7 +50,8 @@ class ReportCommand(Subcommand):
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             meta = results.meta
-            study = optuna.load_study(study_name=meta["study"], storage=_storage(meta["storage"]))
+            storage = _storage(args.storage or meta["storage"])
+            study = optuna.load_study(study_name=meta["study"], storage=storage)
             for path in draw_plots(results.store, study, results.front, meta):
                 con.print(f"wrote {path}")
         return 0
@@ -138,4 +149,3 @@ class PickCommand(Subcommand):
         for path in written:
             con.print(f"wrote {path}")
         return 0
-

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from amp_search.cli._base import Subcommand, console
+from amp_search.cli._base import Subcommand, console, shown_command
 from amp_search.cli.inspect import add_data_arguments
 from amp_search.cli.worker import add_storage_retry
 from amp_search.keys import BASELINES
@@ -107,7 +106,8 @@ class SearchCommand(Subcommand):
             "--timing-max-s", type=float, default=8.0,
             help="measured latency: seconds of timing per candidate at most (%(default)s)",
         )  # fmt: skip
-        parser.add_argument("--storage", help="Optuna storage URL (default sqlite in studies/)")
+        parser.add_argument("--storage", help="Optuna storage URL (default sqlite in studies/); "
+                            "${VAR} in it is read from the environment")  # fmt: skip
         parser.add_argument("--study", dest="study_name", help="study name (default: model)")
         parser.add_argument("--out", default=None, help="results folder (results/<model>)")
         parser.add_argument("--seed", type=int, default=0, help="sampler seed (%(default)s)")
@@ -160,7 +160,7 @@ class SearchCommand(Subcommand):
             storage_retry_s=args.storage_retry,
             keep_models=args.keep_models,
         )
-        return run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
+        return run_with_progress(config, shown_command(sys.argv))
 
 
 def run_with_progress(config: Any, command: str) -> int:

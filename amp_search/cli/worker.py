@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from amp_search.cli._base import Subcommand
+from amp_search.cli._base import Subcommand, shown_command
 
 __all__ = ["WorkerCommand"]
 
@@ -20,14 +19,17 @@ class WorkerCommand(Subcommand):
     and the study name. Start one per GPU with --device cuda:N (or CUDA_VISIBLE_DEVICES). The
     storage must be shared by every worker: a PostgreSQL/MySQL URL across hosts, or a
     .journal file or SQLite database on one host. Workers on one host share the results
-    folder, and a candidate one of them evaluated is never built again by another.
+    folder, and a candidate one of them evaluated is never built again by another. The study
+    records its storage with the password hidden: each worker gives its own --storage, where
+    ${VAR} is read from the environment ('postgresql://amp:${AMP_DB_PASSWORD}@db/amp').
     """
 
     name = "worker"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
         parser.add_argument("--storage", required=True,
-                            help="the search's Optuna storage URL or .journal path")  # fmt: skip
+                            help="the search's Optuna storage URL or .journal path; ${VAR} "
+                            "in it is read from the environment")  # fmt: skip
         parser.add_argument("--study", dest="study_name", required=True, help="study name")
         parser.add_argument("--device", help="device of this worker, e.g. cuda:1 (default: "
                             "the search's)")  # fmt: skip
@@ -66,7 +68,7 @@ class WorkerCommand(Subcommand):
         )
         config.seed = args.seed
         config.join = True
-        return run_with_progress(config, " ".join(shlex.quote(a) for a in sys.argv))
+        return run_with_progress(config, shown_command(sys.argv))
 
 
 def add_storage_retry(parser: argparse.ArgumentParser) -> None:

@@ -68,6 +68,7 @@ from amp_search.search.study import (
     mark_trial_owner,
     open_or_create_study,
     recover_dead_trials,
+    redact_storage,
     storage_errors,
 )
 from amp_search.search.target import fit_to_target
@@ -157,6 +158,7 @@ class SearchOutcome:
     interrupted: bool
     seconds: float
     out: Path
+    #: As shown: a literal password hidden (:func:`~amp_search.search.study.redact_storage`).
     storage: str
     study_name: str
     latency_source: str
@@ -368,8 +370,9 @@ def _run_search(
     if reference is not None:
         _open_reference(reference, study, identity, measured=latency_source == "measured")
     if created:
-        study.set_user_attr(CONFIG_ATTR, {**config.to_json(), "storage": storage,
-                                          "study_name": study_name})  # fmt: skip
+        # The storage as shown: a worker gives its own (amp-search worker --storage).
+        study.set_user_attr(CONFIG_ATTR, {**config.to_json(), "study_name": study_name,
+                                          "storage": redact_storage(storage)})  # fmt: skip
     # Only the worker that created the study seeds it: workers started together all see it
     # empty, and creating is the one step the storage makes atomic.
     if created:
@@ -462,7 +465,7 @@ def _run_search(
         "latency_source": label,
         "max_deviation": config.max_deviation,
         "study": study_name,
-        "storage": storage,
+        "storage": redact_storage(storage),
         "notes": notes,
     }
     target = config.n_trials
@@ -549,7 +552,7 @@ def _run_search(
         interrupted=interrupt.requested,
         seconds=time.perf_counter() - t_start,
         out=store.root,
-        storage=storage,
+        storage=redact_storage(storage),
         study_name=study_name,
         latency_source=label,
         notes=notes,
@@ -656,10 +659,10 @@ def _reconnect(config: SearchConfig, storage: str, study_name: str, first: BaseE
         except retryable as exc:
             if time.monotonic() >= deadline:
                 raise StorageUnavailableError(
-                    f"The study storage {storage} did not answer for {config.storage_retry_s:.0f}"
-                    f" s ({reason}). Every finished trial is stored there and every evaluated "
-                    f"candidate in {config.out}; rerun the same command once the storage is "
-                    "back to resume."
+                    f"The study storage {redact_storage(storage)} did not answer for "
+                    f"{config.storage_retry_s:.0f} s ({reason}). Every finished trial is stored "
+                    f"there and every evaluated candidate in {config.out}; rerun the same "
+                    "command once the storage is back to resume."
                 ) from exc
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 

@@ -5,6 +5,12 @@ storage URL works (``postgresql://...``), a path ending in ``.journal`` or ``.lo
 Optuna's ``JournalFileBackend``, and ``:memory:`` keeps the study in memory (tests). The
 database opens in optuna-dashboard as is.
 
+A storage is kept as given, ``$VAR``/``${VAR}`` references and all, and expanded from the
+environment only where it is opened (:func:`expand_storage`), so a password can stay off the
+command line: ``postgresql://amp:${AMP_DB_PASSWORD}@db/amp``. Wherever a storage reaches a
+message, a log line, the console, a results file or the study's recorded settings it goes
+through :func:`redact_storage`, which hides a literal password.
+
 Every trial records the host and process that runs it. When a study is opened again, and
 after every trial while workers run, a RUNNING trial whose process is gone on this host
 (``kill -9``, a crash) is marked FAIL, and, if it was an enqueued seed, enqueued again, so
@@ -18,6 +24,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import socket
 import warnings
 from pathlib import Path
@@ -36,10 +43,12 @@ __all__ = [
     "DEFAULT_STUDIES_DIR",
     "WorkerLock",
     "default_storage",
+    "expand_storage",
     "mark_trial_owner",
     "open_study",
     "open_or_create_study",
     "recover_dead_trials",
+    "redact_storage",
     "storage_errors",
 ]
 
@@ -52,6 +61,10 @@ UNOWNED_STALE_S = 120
 HEARTBEAT_INTERVAL_S = 20
 #: Seconds without a heartbeat after which a running trial counts as dead.
 GRACE_PERIOD_S = 90
+#: What :func:`redact_storage` shows instead of a password (SQLAlchemy's marker).
+HIDDEN = "***"
+#: ``$NAME`` or ``${NAME}``: an environment variable named in a storage.
+_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:
@@ -76,9 +89,64 @@ def default_storage(study_name: str, studies_dir: Path = DEFAULT_STUDIES_DIR) ->
     return f"sqlite:///{(studies_dir / f'{safe}.db').as_posix()}"
 
 
-def _storage(url: str) -> Any:
+def redact_storage(storage: str) -> str:
+    """``storage`` as amp-search shows and records it: a literal password hidden (``***``).
+
+    A password that only names environment variables (``${AMP_DB_PASSWORD}``) is no secret
+    and is kept, so a later command can expand it again. A storage that is no URL (a journal
+    file, ``:memory:``) or has no password comes back unchanged.
+    """
+    url = _parsed(storage)
+    if url is None:
+        return storage
+    hide = _secret(url.password)
+    if _secret(url.query.get("password")):  # libpq also takes it as a query parameter
+        url = url.update_query_dict({"password": HIDDEN})
+    elif not hide:
+        return storage
+    return str(url.render_as_string(hide_password=hide))
+
+
+def _parsed(storage: str) -> Any:
+    """``storage`` as a SQLAlchemy URL, or None where it is none (a journal file)."""
+    if "://" not in storage:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(storage)
+    except (ArgumentError, ValueError):
+        return None
+
+
+def _secret(password: object) -> bool:
+    """A password that is more than references to environment variables."""
+    if isinstance(password, tuple):  # a repeated query parameter
+        return any(_secret(p) for p in password)
+    return isinstance(password, str) and bool(_VARIABLE.sub("", password))
+
+
+def expand_storage(storage: str) -> str:
+    """``storage`` with the environment variables it names (``$NAME``, ``${NAME}``) expanded.
+
+    Raises:
+        UserInputError: It names a variable that is not set.
+    """
+    unset = sorted({a or b for a, b in _VARIABLE.findall(storage)} - set(os.environ))
+    if unset:
+        raise UserInputError(
+            f"The study storage {redact_storage(storage)!r} names the environment variable "
+            f"{unset[0]}, which is not set. Export it (export {unset[0]}=...) and rerun, or "
+            "write a literal '$' in the URL as %24."
+        )
+    return os.path.expandvars(storage)
+
+
+def _storage(storage: str) -> Any:
     import optuna
 
+    url = expand_storage(storage)
     if url == ":memory:":
         return optuna.storages.InMemoryStorage()
     if url.endswith((".journal", ".log")) and "://" not in url:
@@ -100,10 +168,30 @@ def _storage(url: str) -> Any:
                 heartbeat_stale_trial_callback=_requeue_seed if server else None,
             )
     except Exception as exc:  # sqlalchemy raises many types for bad URLs / dead servers
-        raise UserInputError(
-            f"Cannot open the study storage {url!r}: {str(exc).splitlines()[0][:200]}. "
-            "Check the URL and that the database server is reachable."
-        ) from exc
+        raise _open_error(storage, exc) from exc
+
+
+def _open_error(storage: str, exc: Exception) -> UserInputError:
+    """Why the storage did not open, in one line that shows no password."""
+    shown = redact_storage(storage)
+    if isinstance(exc, ImportError) and isinstance(exc.__cause__, ImportError):
+        return UserInputError(
+            f"Cannot open the study storage {shown!r}: its database driver is not installed "
+            f"({exc.__cause__}). For PostgreSQL install it with: pip install "
+            "'amp-search[postgres]' (or name an installed driver: postgresql+psycopg2://...)."
+        )
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    url = _parsed(storage)
+    hidden = url is not None and url.password == HIDDEN
+    return UserInputError(
+        f"Cannot open the study storage {shown!r}: {reason}. "
+        "Check the URL and that the database server is reachable.",
+        notes=[
+            "amp-search records and prints a storage URL with its password hidden: give the "
+            "URL with its password (--storage), or name an environment variable in it "
+            "('postgresql://user:${AMP_DB_PASSWORD}@host/db') so it reopens as recorded."
+        ] if hidden else None,
+    )  # fmt: skip
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -177,13 +265,13 @@ def open_or_create_study(
                 study = optuna.load_study(study_name=study_name, storage=backend, sampler=smp)
     except KeyError as exc:
         raise UserInputError(
-            f"No study {study_name!r} in {storage}. Start it with 'amp-search search' (same "
-            "--storage and --study), then add workers."
+            f"No study {study_name!r} in {redact_storage(storage)}. Start it with 'amp-search "
+            "search' (same --storage and --study), then add workers."
         ) from exc
     if len(study.directions) != 2:
         raise UserInputError(
-            f"Study {study_name!r} in {storage} is not an amp-search study (it has "
-            f"{len(study.directions)} objective(s)). Pass another --study name."
+            f"Study {study_name!r} in {redact_storage(storage)} is not an amp-search study (it "
+            f"has {len(study.directions)} objective(s)). Pass another --study name."
         )
     if not created and seed is not None:
         # Workers joining one study must not draw the same proposals in lockstep.
@@ -259,6 +347,7 @@ class WorkerLock:
 
 
 def _local_storage_file(storage: str) -> str | None:
+    storage = expand_storage(storage)
     if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
         return storage[len("sqlite:///") :]
     if storage.endswith((".journal", ".log")) and "://" not in storage:

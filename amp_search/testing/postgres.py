@@ -3,7 +3,12 @@
 Uses Debian's server binaries (``apt-get install postgresql``; ``.ci/run`` installs them).
 The cluster lives in a folder of its own, listens on 127.0.0.1 on a free port with trust
 authentication, and is stopped and removed by :meth:`PostgresServer.stop`. Run as root, the
-server runs as the ``postgres`` user (PostgreSQL refuses root).
+server runs as the ``postgres`` user (PostgreSQL refuses root). Its URL is the README's
+plain ``postgresql://`` form (psycopg 3 under SQLAlchemy 2.1).
+
+One role, :data:`PASSWORD_USER`, must give its password (``scram-sha-256``):
+:func:`password_url` creates it, so tests can show that a password reaches the server and
+never the output.
 
 Command line (``.ci/run`` uses it to start the server the tests share)::
 
@@ -24,9 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["PostgresServer", "find_bindir"]
+__all__ = ["PASSWORD_USER", "PostgresServer", "find_bindir", "password_url"]
 
 USER = "amp"
+#: The one role the server asks for a password (it owns a database of the same name).
+PASSWORD_USER = "amp_secret"
 
 
 def find_bindir() -> Path | None:
@@ -95,7 +102,7 @@ class PostgresServer:
     @property
     def url(self) -> str:
         """SQLAlchemy URL of the ``postgres`` database."""
-        return f"postgresql+psycopg2://{USER}@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
@@ -109,6 +116,9 @@ class PostgresServer:
         if not (self.data / "PG_VERSION").exists():
             self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
                       "--no-sync")  # fmt: skip
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(f"host all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n"
+                           + hba.read_text())  # fmt: skip
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.home} -c fsync=off -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w",
                   "start")  # fmt: skip
@@ -128,6 +138,37 @@ class PostgresServer:
         if remove:
             shutil.rmtree(self.home, ignore_errors=True)
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def password_url(url: str, password: str) -> str:
+    """The URL of :data:`PASSWORD_USER` with ``password``, on the server of ``url``.
+
+    Creates the role (or sets its password) and its database, connecting as ``url``'s
+    trusted superuser with psycopg 3.
+
+    Args:
+        url: A superuser's storage URL (:attr:`PostgresServer.url`).
+        password: The role's password, put into the URL as is (no characters to escape).
+    """
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(url).set(drivername="postgresql")
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as con:
+        exists = con.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                             (PASSWORD_USER,)).fetchone()  # fmt: skip
+        verb = sql.SQL("ALTER" if exists else "CREATE")
+        con.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
+            verb, sql.Identifier(PASSWORD_USER), sql.Literal(password)))  # fmt: skip
+        if not con.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                           (PASSWORD_USER,)).fetchone():  # fmt: skip
+            con.execute(sql.SQL("CREATE DATABASE {0} OWNER {0}").format(
+                sql.Identifier(PASSWORD_USER)))  # fmt: skip
+    return (
+        f"postgresql://{PASSWORD_USER}:{password}@{admin.host}:{admin.port or 5432}/"
+        f"{PASSWORD_USER}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""recover_dead_trials: which RUNNING trials count as dead (real Optuna, journal storage)."""
+"""The study: which RUNNING trials count as dead (real Optuna, journal storage), and storage
+URLs (passwords hidden where shown, ``${VAR}`` expanded, the README's PostgreSQL form)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 
 import optuna
+import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from amp_search.errors import UserInputError
 from amp_search.keys import OWNER_ATTR
 from amp_search.search.study import (
     WorkerLock,
+    _storage,
+    expand_storage,
     open_or_create_study,
     recover_dead_trials,
+    redact_storage,
 )
 
 DIST = CategoricalDistribution(("fp32", "fp16"))
@@ -96,3 +103,53 @@ def test_alone_an_unowned_trial_is_dead_at_once(tmp_path):
     assert recover_dead_trials(study) == 0  # young: its worker may be writing its owner
     assert recover_dead_trials(study, alone=True) == 1
     assert study.get_trials(deepcopy=False)[unowned].state == TrialState.FAIL
+
+
+@pytest.mark.parametrize(
+    ("storage", "shown"),
+    [
+        ("postgresql://amp:s3cret@db:5432/amp", "postgresql://amp:***@db:5432/amp"),
+        (
+            "mysql+pymysql://amp:p%40ss@db/amp?charset=utf8",
+            "mysql+pymysql://amp:***@db/amp?charset=utf8",
+        ),
+        ("postgresql://amp@db/amp?password=s3cret", "postgresql://amp@db/amp?password=%2A%2A%2A"),
+        ("postgresql://amp:pre${AMP_DB_PASSWORD}@db/amp", "postgresql://amp:***@db/amp"),
+        # Nothing to hide: unchanged, character for character.
+        (
+            "postgresql://amp:${AMP_DB_PASSWORD}@db/amp",
+            "postgresql://amp:${AMP_DB_PASSWORD}@db/amp",
+        ),
+        ("postgresql://amp:$AMP_DB_PASSWORD@db/amp", "postgresql://amp:$AMP_DB_PASSWORD@db/amp"),
+        ("postgresql://amp@db/amp", "postgresql://amp@db/amp"),
+        ("sqlite:///studies/a b.db", "sqlite:///studies/a b.db"),
+        ("runs/study.journal", "runs/study.journal"),
+        (":memory:", ":memory:"),
+    ],
+)
+def test_redact_storage_hides_literal_passwords_only(storage, shown):
+    assert redact_storage(storage) == shown
+
+
+def test_expand_storage_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("AMP_TEST_PW", "s3cret")
+    monkeypatch.delenv("AMP_TEST_UNSET", raising=False)
+    assert expand_storage("postgresql://amp:${AMP_TEST_PW}@db/amp") == (
+        "postgresql://amp:s3cret@db/amp"
+    )
+    assert expand_storage("postgresql://amp:p%24ss@db/amp") == "postgresql://amp:p%24ss@db/amp"
+    with pytest.raises(UserInputError, match="environment variable AMP_TEST_UNSET, which is"):
+        expand_storage("postgresql://amp:$AMP_TEST_UNSET@db/amp")
+
+
+def test_readme_url_opens_with_psycopg3_and_psycopg2_still_works(postgres_url):
+    assert postgres_url.startswith("postgresql://")  # the README's form, no driver named
+    assert _storage(postgres_url).engine.dialect.driver == "psycopg"
+    name = f"drivers-{uuid.uuid4().hex[:8]}"
+    study, created = open_or_create_study(postgres_url, name)
+    assert created
+    pytest.importorskip("psycopg2")
+    explicit = postgres_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    assert _storage(explicit).engine.dialect.driver == "psycopg2"
+    again, created = open_or_create_study(explicit, name, must_exist=True)
+    assert not created and again._study_id == study._study_id  # noqa: SLF001
