@@ -12,17 +12,38 @@ Shape and index computations are never units and never change type. Data-movemen
 and run in FP16 when every float input they read is produced in FP16 (see
 ``graph/precision.py``). Nodes that own subgraphs (If/Loop/Scan) and everything inside them
 stay as they are.
+
+Nothing stays FP32 silently: :func:`not_searched` lists the float computation that is no
+decision variable (an op the search does not switch, a subgraph, a node pinned FP32 for the
+target), grouped by op and reason, with the share of the model's float weights it holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 
-from amp_search.graph._index import GraphIndex
+from amp_search.graph._index import FLOAT, GraphIndex
 
-__all__ = ["COMPUTE_OPS", "FOLLOWER_OPS", "POINTWISE_OPS", "Unit", "find_units", "group_units"]
+__all__ = [
+    "COMPUTE_OPS",
+    "FOLLOWER_OPS",
+    "POINTWISE_OPS",
+    "NotSearched",
+    "Unit",
+    "find_units",
+    "group_units",
+    "not_searched",
+]
+
+#: Ops that read or write floats without computing on them (never reported as left out).
+_NOT_COMPUTE = frozenset({"Shape", "Size", "Cast", "CastLike", "Constant", "ConstantOfShape",
+                          "NonZero", "Range", "EyeLike", "RandomNormalLike", "RandomUniformLike",
+                          "IsNaN", "IsInf", "Equal", "Less", "Greater", "LessOrEqual",
+                          "GreaterOrEqual", "ArgMax", "ArgMin", "TopK"})  # fmt: skip
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 #: Ops that start a unit.
 COMPUTE_OPS = frozenset(
@@ -250,3 +271,98 @@ def group_units(units: list[Unit], max_units: int) -> list[Unit]:
             )
         )
     return groups
+
+
+@dataclass(frozen=True)
+class NotSearched:
+    """Float computation of one op and one reason that no unit covers.
+
+    Attributes:
+        op_type: The op (``domain:op`` outside the default domain).
+        reason: Why it is not searched.
+        nodes: How many nodes.
+        weights: Float weight elements they read (subgraph bodies included).
+        weight_share: That as a share of the model's float weight elements.
+    """
+
+    op_type: str
+    reason: str
+    nodes: int
+    weights: int
+    weight_share: float
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form."""
+        return {"op_type": self.op_type, "reason": self.reason, "nodes": self.nodes,
+                "weights": self.weights, "weight_share": round(self.weight_share, 6)}  # fmt: skip
+
+    def __str__(self) -> str:
+        return (f"{self.nodes} {self.op_type} ({self.weight_share:.1%} of the weights): "
+                f"{self.reason}")  # fmt: skip
+
+
+def not_searched(
+    model: onnx.ModelProto,
+    units: list[Unit],
+    pinned: dict[str, str] | None = None,
+    index: GraphIndex | None = None,
+) -> list[NotSearched]:
+    """The float computation of ``model`` that no unit switches, largest share of weights first.
+
+    Args:
+        model: The sanitized model.
+        units: Its units (grouped or not).
+        pinned: Nodes kept FP32 for the target, with the reason.
+        index: Its :class:`GraphIndex`, if already built.
+    """
+    idx = index or GraphIndex.build(model)
+    pinned = pinned or {}
+    in_units = {n for u in units for n in u.nodes}
+    sizes = {name: _numel(t) for name, t in idx.initializers.items() if t.data_type == FLOAT}
+    total = sum(sizes.values()) + sum(
+        _body_weights(a) for n in model.graph.node for a in n.attribute if a.type in _GRAPH_ATTRS
+    )
+    groups: dict[tuple[str, str], list[int]] = {}  # (op, reason) -> [nodes, weights]
+    for node in model.graph.node:
+        default = node.domain in ("", "ai.onnx")
+        op = node.op_type if default else f"{node.domain}:{node.op_type}"
+        bodies = [a for a in node.attribute if a.type in _GRAPH_ATTRS]
+        floats = any(idx.is_float(x) for x in [*node.input, *node.output] if x)
+        plain = node.op_type in FOLLOWER_OPS or op in _NOT_COMPUTE or not floats
+        if node.name in pinned:
+            reason = f"pinned FP32: {pinned[node.name]}"
+        elif bodies:
+            reason = "owns a subgraph (If/Loop/Scan): its body stays as it is"
+        elif node.name in in_units or plain:
+            continue
+        elif not default:
+            reason = f"ops of domain {node.domain} are not searched"
+        elif node.op_type in COMPUTE_OPS or node.op_type in POINTWISE_OPS:
+            reason = "its schema at this opset has no FP16 form"
+        else:
+            reason = "not a searched op"
+        weights = sum(sizes.get(x, 0) for x in node.input)
+        weights += sum(_body_weights(a) for a in bodies)
+        entry = groups.setdefault((op, reason), [0, 0])
+        entry[0] += 1
+        entry[1] += weights
+    out = [NotSearched(op, reason, n, w, w / max(total, 1))
+           for (op, reason), (n, w) in groups.items()]  # fmt: skip
+    return sorted(out, key=lambda x: (-x.weights, -x.nodes, x.op_type))
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n
+
+
+def _body_weights(attr: onnx.AttributeProto) -> int:
+    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    total = 0
+    for g in graphs:
+        total += sum(_numel(t) for t in g.initializer if t.data_type == FLOAT)
+        for n in g.node:
+            total += sum(_body_weights(a) for a in n.attribute if a.type in _GRAPH_ATTRS)
+    return total

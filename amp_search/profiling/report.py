@@ -17,6 +17,7 @@ from amp_search._atomic import write_json_atomic
 from amp_search.calibration import load_calibration, model_inputs
 from amp_search.errors import UserInputError
 from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
+from amp_search.graph.units import NotSearched, not_searched
 from amp_search.profiling.ranges import profile_model
 from amp_search.profiling.sensitivity import DEFAULT_THRESHOLD, RiskLevel, UnitRisk, assess_units
 
@@ -44,6 +45,8 @@ class InspectReport:
     seconds: float
     fp16_pass: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Float computation no unit covers (:func:`amp_search.graph.units.not_searched`).
+    not_searched: list[NotSearched] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Number of units per risk level."""
@@ -67,6 +70,7 @@ class InspectReport:
             "counts": self.counts(),
             "locked_fp32": [r.unit.name for r in self.risks if r.locked_fp32],
             "units_by_risk": [r.to_json() for r in self.risks],
+            "not_searched": [x.to_json() for x in self.not_searched],
         }
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
@@ -125,6 +129,8 @@ class InspectReport:
         locked = [r.unit.name for r in self.risks if r.locked_fp32]
         if locked:
             console.print(f"locked FP32 (weights overflow FP16): {', '.join(locked)}")
+        for x in self.not_searched:
+            console.print(f"not searched, stays FP32: {x}", style="yellow")
         console.print(
             f"data: {self.data}; threshold {self.threshold:g}; {self.seconds:.1f} s. "
             "Reference: ONNX Runtime CPU, strict FP32."
@@ -173,6 +179,7 @@ def inspect_model(
         progress=progress,
     )  # fmt: skip
     risks = assess_units(units, prof, threshold=threshold)
+    left_out = not_searched(model, units)
     return InspectReport(
         model=str(model_path),
         n_nodes=len(model.graph.node),
@@ -181,4 +188,5 @@ def inspect_model(
         threshold=threshold,
         seconds=time.perf_counter() - t0,
         fp16_pass=fp16_pass,
+        not_searched=left_out,
     )

@@ -34,6 +34,7 @@ from amp_search.graph import (
     sanitize,
 )
 from amp_search.graph.io import model_to_bytes
+from amp_search.graph.units import not_searched
 from amp_search.keys import (
     CONFIG_ATTR,
     ERROR_ATTR,
@@ -330,10 +331,14 @@ def _run_search(
                        len(stale), "; ".join(stale))  # fmt: skip
         rewriter = MixedPrecisionRewriter(model, units, pinned)
     risks = assess_units(units, prof, threshold=config.threshold)
+    left_out = not_searched(model, units)  # pinned nodes are in fitted.notes
+    for x in left_out:
+        logger.warning("Not searched, stays FP32: %s", x)
     InspectReport(
         model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
         data=data.describe(), threshold=config.threshold,
         seconds=time.perf_counter() - t0, fp16_pass=True,
+        not_searched=not_searched(model, units, pinned),
     ).write_json(store.root / "inspect.json")  # fmt: skip
     locked = [r.unit.name for r in risks if r.locked_fp32]
     space = SearchSpace([u.name for u in units], locked=locked)
@@ -381,7 +386,7 @@ def _run_search(
             estimate=None if estimator is None
             else (lambda a: estimator.estimate_assignment(rewriter, a)),
         )  # fmt: skip
-    notes: list[str] = list(fitted.notes)
+    notes: list[str] = [*fitted.notes, *(f"Not searched, stays FP32: {x}" for x in left_out)]
     if stale:
         notes.append(f"Declared shapes the FP32 run contradicts were dropped: {'; '.join(stale)}")
     if build_config.device_type == "cpu":
