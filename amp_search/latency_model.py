@@ -148,7 +148,9 @@ _CAST_SUFFIXES = ("/to_fp16", "/to_fp32")
 _CAST_BYTES_PER_ELEM = 6  # 4 in + 2 out, or 2 in + 4 out
 
 #: Ops that run on tensor cores.
-_MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Attention"})
+_MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Attention",
+                         "LSTM", "GRU", "RNN"})  # fmt: skip
+_RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 #: Pure data movement that TensorRT turns into views or evaluates at build time: free.
 _VIEW_OPS = frozenset(
     {
@@ -735,6 +737,10 @@ def _flops(
         q, kv = shape(ins[0]), shape(ins[1])
         if q and kv and len(kv) >= 2:  # Q K^T and P V: 2 matmuls of 2 * numel(Q) * Skv
             return 4.0 * numel.get(ins[0], 0) * kv[-2]
+    elif op in _RECURRENT_OPS and len(ins) >= 3:
+        x, w, r = shape(ins[0]), shape(ins[1]), shape(ins[2])
+        if x and w and r and len(x) == 3:  # every step: gates x (input + hidden), both GEMMs
+            return 2.0 * x[0] * x[1] * (math.prod(w) + math.prod(r))
     elif op in _FLOPS_PER_INPUT:
         return _FLOPS_PER_INPUT[op] * numel.get(ins[0], 0) if ins else 0.0
     elif op in _POOL_OPS:

@@ -1,11 +1,11 @@
 """Units: the decision variables of the search.
 
 A unit is a group of main-graph nodes that switch precision together. By default one unit is
-one layer: a compute node (Conv, MatMul, Gemm, a normalization, Softmax, a reduction) with
-the pointwise nodes that follow it and read nothing else but constants (bias Add,
-BatchNormalization, activation, HardSwish's Mul), which TensorRT fuses anyway. A pointwise
-node fed by several units (a residual Add) is a unit of its own. A unit is named after its
-first node, a stable name the Optuna parameter reuses across runs.
+one layer: a compute node (Conv, MatMul, Gemm, a normalization, Softmax, a reduction, an
+LSTM/GRU/RNN) with the pointwise nodes that follow it and read nothing else but constants
+(bias Add, BatchNormalization, activation, HardSwish's Mul), which TensorRT fuses anyway. A
+pointwise node fed by several units (a residual Add) is a unit of its own. A unit is named
+after its first node, a stable name the Optuna parameter reuses across runs.
 
 Shape and index computations are never units and never change type. Data-movement nodes
 (Reshape, Transpose, Concat, Resize, pooling, ...) are not units: they *follow* their inputs
@@ -56,6 +56,9 @@ COMPUTE_OPS = frozenset(
         "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "ReduceMax", "ReduceMin",
         "GlobalAveragePool", "AveragePool", "GlobalLpPool", "LpPool", "CumSum",
         "Attention", "RMSNormalization",
+        # Recurrent layers: W, R, B and initial states switch with X (type T); sequence_lens
+        # (T1, int32) stays. ONNX Runtime's CUDA EP and TensorRT run them in FP16.
+        "LSTM", "GRU", "RNN",
     }
 )  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Nothing stays FP32 silently: float computation no unit covers is listed with its reason."""
+"""Nothing stays FP32 silently: float computation no unit covers is listed with its reason.
+And recurrent layers are units: an LSTM switches to FP16 with its weights and stays valid."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from amp_search.graph.units import not_searched
 
 
 def _mixed_model() -> onnx.ModelProto:
-    """MatMul (a unit) -> LSTM (not a searched op), com.microsoft FusedMatMul, and an If whose
-    branch holds a MatMul weight: the kinds of computation a search leaves alone."""
+    """MatMul (a unit) -> LSTM (a unit), com.microsoft FusedMatMul and an If whose branch holds
+    a MatMul weight (the kinds of computation a search leaves alone)."""
     rng = np.random.default_rng(0)
 
     def w(name, *shape):
@@ -61,18 +62,49 @@ def test_each_kind_of_left_out_computation_is_named_with_its_share():
     assert sess.run(None, {"x": x, "cond": np.array(True)})[1].shape == (2, 4, 8)  # it runs
     model = sanitize(raw)
     units = find_units(model)
-    assert [u.name for u in units] == ["mm"]
+    assert [u.name for u in units] == ["mm", "lstm"]
     found = {x.op_type: x for x in not_searched(model, units, pinned={"mm": "no FP16 kernel"})}
     total = 64 + 64 + 64 + 24 * 8 + 24 * 6 + 48  # every float weight, the If's body included
-    assert found["LSTM"].reason == "not a searched op"
-    assert found["LSTM"].weights == 24 * 8 + 24 * 6 + 48
-    assert found["LSTM"].weight_share == pytest.approx(found["LSTM"].weights / total)
-    assert found["com.microsoft:FusedMatMul"].reason == (
-        "ops of domain com.microsoft are not searched"
-    )
+    assert set(found) == {"com.microsoft:FusedMatMul", "If", "MatMul"}
+    fused = found["com.microsoft:FusedMatMul"]
+    assert fused.reason == "ops of domain com.microsoft are not searched"
+    assert fused.weights == 64 and fused.weight_share == pytest.approx(64 / total)
     assert found["If"].reason.startswith("owns a subgraph") and found["If"].weights == 64
     assert found["MatMul"].reason == "pinned FP32: no FP16 kernel"
-    assert str(found["LSTM"]).startswith("1 LSTM (") and "not a searched op" in str(found["LSTM"])
-    # Largest share first; without pins the unit's own node is not listed.
-    listed = not_searched(model, units)
-    assert listed[0].op_type == "LSTM" and "MatMul" not in {x.op_type for x in listed}
+    assert str(fused).startswith("1 com.microsoft:FusedMatMul (") and "not searched" in str(fused)
+    # Without pins the unit's own node is not listed.
+    assert "MatMul" not in {x.op_type for x in not_searched(model, units)}
+
+
+def test_an_lstm_unit_runs_fp16_with_its_weights_and_stays_valid(tmp_path):
+    from amp_search.backends import BuildConfig
+    from amp_search.backends.ort import OnnxRuntimeBackend
+    from amp_search.graph import MixedPrecisionRewriter
+    from amp_search.types import PrecisionAssignment
+
+    model = sanitize(_mixed_model())
+    rewriter = MixedPrecisionRewriter(model)
+    out, report = rewriter.apply(PrecisionAssignment.with_fp16(["mm", "lstm"], ["lstm"]))
+    assert report.fp16_nodes == ["lstm"]
+    lstm = next(n for n in out.graph.node if n.name == "lstm")
+    assert list(lstm.input[1:4]) == ["W__fp16", "R__fp16", "B__fp16"]  # FP16 weights
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, 4, 8)).astype(np.float32),
+             "cond": np.array(True)}  # fmt: skip
+    backend = OnnxRuntimeBackend()
+    got = []
+    for name, m in (("fp16", out), ("fp32", model)):
+        onnx.save(m, str(tmp_path / f"{name}.onnx"))
+        with backend.open(backend.build(tmp_path / f"{name}.onnx", BuildConfig("cpu"))) as r:
+            got.append(r.infer(feeds))
+    err = np.linalg.norm(got[0]["Y"] - got[1]["Y"]) / np.linalg.norm(got[1]["Y"])
+    assert 0 < err < 5e-3  # FP16 weights and storage: close, not identical
+
+
+def test_the_latency_estimate_prices_an_lstm_by_its_gemms():
+    from amp_search.latency_model import LatencyEstimator
+
+    estimator = LatencyEstimator(sanitize(_mixed_model()), {"x": (2, 4, 8), "cond": ()},
+                                 target="h200")  # fmt: skip
+    # Every one of 2 steps x 4 sequences: gates (4 x 6) x (input 8 + hidden 6), 2 FLOPs each.
+    assert estimator.flops("lstm") == 2 * 2 * 4 * (24 * 8 + 24 * 6)
