@@ -319,10 +319,31 @@ def test_unavailable_backend_says_how_to_install(monkeypatch):
     assert "tensorrt_rtx" in reason
 
 
-@pytest.mark.skipif(TRT_MODULE is not None, reason="TensorRT imports here")
-def test_backend_is_unavailable_in_this_workplace():
+def _import_path(monkeypatch, folder):
+    """Python finds top-level modules in ``folder`` only (none loaded yet)."""
+    for name in ("tensorrt", "tensorrt_rtx", "cuda"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [str(folder)])
+    importlib.invalidate_caches()
+
+
+def test_backend_is_unavailable_where_tensorrt_is_not_installed(monkeypatch, tmp_path):
+    # Not installed (nothing on the import path), as opposed to an import blocked above.
+    _import_path(monkeypatch, tmp_path)
     assert TensorRTBackend.is_available() is False
     assert "pip install 'amp-search[tensorrt]'" in (TensorRTBackend.unavailable_reason() or "")
+
+
+# Ids that are not marker names: an id "tensorrt" would read as the tensorrt marker (conftest).
+@pytest.mark.parametrize("module", trt_builder.MODULES, ids=["plain", "rtx"])
+def test_an_installed_tensorrt_is_found_without_importing_it(monkeypatch, tmp_path, module):
+    package = tmp_path / module
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    _import_path(monkeypatch, tmp_path)
+    assert TensorRTBackend.is_available() is True
+    assert TensorRTBackend.unavailable_reason() is None
+    assert module not in sys.modules
 
 
 def test_build_without_tensorrt_raises_a_typed_error(monkeypatch, tmp_path):

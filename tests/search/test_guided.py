@@ -14,8 +14,9 @@ from amp_search.keys import GUIDE_ATTR, SEEDED_ATTR
 from amp_search.profiling.ranges import UnitDeviation
 from amp_search.profiling.sensitivity import UnitRisk
 from amp_search.search import SearchConfig, run_search
-from amp_search.search.guide import build_guide, own_errors
+from amp_search.search.guide import build_guide, load_guide, own_errors
 from amp_search.search.guided import GuidedSampler, propose
+from amp_search.search.sampler import make_tpe
 from amp_search.search.seeds import PREFIXES, enqueue_seeds, seed_params
 from amp_search.search.space import SearchSpace
 from amp_search.search.surrogate import LatencyModel, all_rows, expected_hvi, nondominated
@@ -138,14 +139,25 @@ def test_propose_never_repeats_and_follows_the_latency_model():
 
 
 def test_without_a_guide_the_guided_sampler_is_tpe():
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=GuidedSampler(0))
+    # Past TPE's 10 random startup trials (whose sequence is RandomSampler(seed)'s), a study
+    # without a guide gets exactly what --sampler tpe proposes, and not random rows.
+    cost = {f"u{i}": (1.0 + i, 10.0 ** -(i + 2)) for i in range(5)}  # FP16 saves, FP16 costs
 
     def objective(trial):
-        x = trial.suggest_categorical("x", ("fp32", "fp16"))
-        return (1.0 if x == "fp32" else 0.5), (0.0 if x == "fp32" else 1e-3)
+        fp16 = [u for u in cost if trial.suggest_categorical(u, ("fp32", "fp16")) == "fp16"]
+        return 20.0 - sum(cost[u][0] for u in fp16), sum(cost[u][1] for u in fp16)
 
-    study.optimize(objective, n_trials=4)
-    assert len(study.trials) == 4
+    def proposals(sampler):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+        study.optimize(objective, n_trials=16)
+        assert load_guide(study) is None
+        return [t.params for t in study.trials]
+
+    guided = proposals(GuidedSampler(0))
+    assert guided == proposals(make_tpe(0))
+    random = proposals(optuna.samplers.RandomSampler(seed=0))
+    assert guided[:10] == random[:10]
+    assert guided[10:] != random[10:]
 
 
 def test_guided_search_on_the_demo_model(tmp_path, demo_model_path, demo_data_path):
