@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic, write_json_atomic
+from amp_search.errors import UserInputError
 from amp_search.results.store import ResultsStore
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD_ATTR",
     "FrontPoint",
+    "check_max_deviation",
     "compute_front",
     "latency_tie",
     "nondominated_points",
@@ -37,6 +39,12 @@ __all__ = [
 
 #: The trial user attribute that holds a trial's figures (one dict: one storage write).
 RECORD_ATTR = "amp_search"
+
+
+def check_max_deviation(max_deviation: float | None) -> None:
+    """Refuses a ``--max-deviation`` budget that is not positive (None: no budget)."""
+    if max_deviation is not None and not max_deviation > 0:
+        raise UserInputError(f"--max-deviation must be positive, got {max_deviation:g}.")
 
 
 def record_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
@@ -88,6 +96,20 @@ class FrontPoint:
         interval = self.latency_interval
         text = f"{self.latency_ms:.4g}{unit}"
         return text + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
+
+    def fallback_text(self, limit: int = 4) -> str:
+        """The FP32 fallback set in short (the full list is in precision.json).
+
+        ``none (all FP16)``, ``all 86 units (all FP32)``, or the first ``limit`` names and
+        ``+N more``.
+        """
+        units = self.fp32_units
+        if not units:
+            return "none (all FP16)"
+        if len(units) >= self.n_units > 0:
+            return f"all {len(units)} units (all FP32)"
+        more = len(units) - limit
+        return ", ".join(units[:limit]) + (f" +{more} more" if more > 0 else "")
 
     def speedup(self, fp32_ms: float | None = None) -> tuple[float, float, float] | None:
         """Speedup over all-FP32 and its 95% interval, as (speedup, low, high).

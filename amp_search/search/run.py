@@ -39,6 +39,7 @@ from amp_search.profiling.report import CPU_NOTE, InspectReport
 from amp_search.results.pareto import (
     RECORD_ATTR,
     FrontPoint,
+    check_max_deviation,
     compute_front,
     record_of,
     write_front,
@@ -228,8 +229,7 @@ def _run_search(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if config.n_trials is not None and config.n_trials < 1:
         raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
-    if config.max_deviation is not None and not config.max_deviation > 0:
-        raise UserInputError(f"--max-deviation must be positive, got {config.max_deviation}.")
+    check_max_deviation(config.max_deviation)
     if not 0 < config.timing_target < 1 or not config.timing_max_s > 0:
         raise UserInputError(
             f"--timing-target must be in (0, 1) and --timing-max-s positive; got "

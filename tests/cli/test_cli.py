@@ -117,6 +117,19 @@ def test_demo_then_report_then_pick(tmp_path):
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.precision.json").is_file()
     r = _cli("pick", str(out), "--max-deviation", "1e-30", "--to", str(tmp_path / "n.onnx"))
     assert r.returncode == 0  # all-FP32 (deviation 0) always meets a budget
+    # Its fallback set is every unit: counted, not listed (the names are in the files).
+    assert "FP32 fallback set (12 of 12 units): all 12 units (all FP32)" in r.stdout
+    assert "amp4/Conv" not in r.stdout
+    names = json.loads((tmp_path / "n.precision.json").read_text())["fp32_fallback"]
+    assert len(names) == 12
+    for budget in ("-1", "0"):  # refused as search refuses it: one line, exit 2
+        r = _cli("pick", str(out), "--max-deviation", budget, "--to", str(tmp_path / "b.onnx"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert (
+            r.stderr.strip()
+            == f"amp-search pick: error: --max-deviation must be positive, got {budget}."
+        )
+        assert not (tmp_path / "b.onnx").exists()
     r = _cli("pick", str(tmp_path / "nowhere"), "--trial", "3", "--to", str(tmp_path / "x"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
