@@ -2,8 +2,10 @@
 
 ``main`` is the only place that configures logging. It turns an
 :class:`~amp_search.errors.AmpSearchError` into one line on stderr (plus ``Note:`` lines) and
-exit code 1 (runtime failure) or 2 (usage error); ``--debug`` shows the traceback instead.
-A full disk behind any other exception (the study database filling up) is one line too.
+the exit code of its class (:mod:`amp_search.errors`; the README's table); ``--debug`` shows
+the traceback instead. A full disk is one line and exit code 2 wherever it shows (a results
+file, the study database), like any other place the user's paths cannot be written. Ctrl-C
+exits 130.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from amp_search.cli.refine import RefineCommand
 from amp_search.cli.report import PickCommand, ReportCommand
 from amp_search.cli.search import SearchCommand
 from amp_search.cli.worker import WorkerCommand
-from amp_search.errors import AmpSearchError
+from amp_search.errors import AmpSearchError, UserInputError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
@@ -106,13 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         full = disk_full_message(exc)  # says more than a wrapping storage error does
         text = full if full and "No space left" not in str(exc) else exc
         print(f"amp-search {args.command}: error: {text}", file=sys.stderr)
-        return exc.exit_code
+        return UserInputError.exit_code if full else exc.exit_code
     except Exception as exc:  # a full disk where no helper translated the error
         full = disk_full_message(exc)
         if full is None or args.debug:
             raise
         print(f"amp-search {args.command}: error: {full}", file=sys.stderr)
-        return 1
+        return UserInputError.exit_code
     except KeyboardInterrupt:
         print(f"amp-search {args.command}: interrupted", file=sys.stderr)
         return 130
