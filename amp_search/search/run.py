@@ -45,7 +45,7 @@ from amp_search.results.pareto import (
     write_front,
 )
 from amp_search.results.prune import KEEP_MODELS, prune_dominated
-from amp_search.results.store import ResultsStore
+from amp_search.results.store import ResultsStore, removed_if_left_empty
 from amp_search.search.evaluate import (
     CandidateEvaluator,
     Evaluation,
@@ -209,7 +209,8 @@ def run_search(
             latency within budget, state).
         stage: Called with (stage, done, total) during preparation (profiling).
     """
-    with contextlib.ExitStack() as held:  # the worker lock, released when the search ends
+    # The worker lock, released when the search ends; no empty --out if the inputs fail.
+    with contextlib.ExitStack() as held, removed_if_left_empty(config.out):
         return _run_search(config, progress, stage, held)
 
 

@@ -154,3 +154,24 @@ def test_threads_become_the_cpu_thread_option_only_on_the_cpu():
     assert parse_options(None, 4, "cpu") == {"intra_op_num_threads": 4}
     assert parse_options(["intra_op_num_threads=2"], 4, "cpu") == {"intra_op_num_threads": 2}
     assert parse_options(["level=all"], 0, "cpu") == {"level": "all"}
+
+
+def test_a_search_stopped_by_its_inputs_leaves_no_empty_results_folder(
+    tmp_path, demo_model_path, demo_data_path
+):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((1, 3, 64, 64), np.float32))
+    for model, data, match in (
+        (tmp_path / "missing.onnx", demo_data_path, "not found"),
+        (demo_model_path, bad, "Name each array"),
+    ):
+        out = tmp_path / "new" / "out"
+        r = _cli("search", str(model), "--data", str(data), "--out", str(out),
+                 "--storage", str(tmp_path / "s.journal"))  # fmt: skip
+        assert r.returncode == 2 and match in r.stderr, r.stderr
+        assert not (tmp_path / "new").exists()  # neither the folder nor the parent it made
+    # A folder that was there before stays, empty or not.
+    (tmp_path / "mine").mkdir()
+    r = _cli("search", str(tmp_path / "missing.onnx"), "--data", str(demo_data_path),
+             "--out", str(tmp_path / "mine"))  # fmt: skip
+    assert r.returncode == 2 and (tmp_path / "mine").is_dir()
