@@ -5,7 +5,7 @@ Polygraphy's shape: what failed, expected versus got, what to do; then optional 
 lines with data. The CLI prints the first line (and the notes) and exits with the class's
 ``exit_code``, without a traceback unless ``--debug`` is given. Each class has one code, the
 README's table lists them: 1 a runtime failure, 2 the user's input, 3 a backend or device
-unusable here, 4 the model fails to build or run on the backend, 5 the study storage lost.
+unusable here, 4 a build or run that failed outside a trial, 5 the study storage lost.
 
 :class:`InternalError` is kept apart: it means a bug in amp-search itself.
 """
@@ -62,7 +62,7 @@ class BackendUnavailableError(AmpSearchError):
 class CandidateBuildError(AmpSearchError):
     """A candidate could not be built (session creation, engine build); the trial fails.
 
-    Outside a trial (the all-FP32 model itself, checked before the search) the CLI exits 4.
+    Raised outside a trial (while the model is fitted to the target), the CLI exits 4.
     """
 
     exit_code = 4
@@ -71,7 +71,7 @@ class CandidateBuildError(AmpSearchError):
 class CandidateRunError(AmpSearchError):
     """A built candidate failed while running calibration data; the trial fails.
 
-    Outside a trial (the all-FP32 model itself, checked before the search) the CLI exits 4.
+    Raised outside a trial (while the model is fitted to the target), the CLI exits 4.
     """
 
     exit_code = 4

@@ -372,12 +372,14 @@ def _run_search(
         study.set_user_attr(CONFIG_ATTR, {**config.to_json(), "storage": storage,
                                           "study_name": study_name})  # fmt: skip
     # Only the worker that created the study seeds it: workers started together all see it
-    # empty, and creating is the one step the storage makes atomic.
-    if created:
+    # empty, and creating is the one step the storage makes atomic. Seeds count toward
+    # n_trials; a later search with a larger target enqueues the ones it cut.
+    if created or not config.join:
         enqueue_seeds(
             study, space, [r.unit.name for r in risks], risks=risks,
             estimate=None if estimator is None
             else (lambda a: estimator.estimate_assignment(rewriter, a)),
+            limit=config.n_trials, resume=not created,
         )  # fmt: skip
     notes: list[str] = list(fitted.notes)
     if stale:
