@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from amp_search._atomic import disk_full_message
+from amp_search._atomic import disk_full_message, os_error_message
 from amp_search.cli._base import Subcommand
 from amp_search.cli.backends import BackendsCommand
 from amp_search.cli.demo import DemoCommand
@@ -71,25 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING - 10 * getattr(args, "verbose", 0) + 10 * getattr(args, "quiet", 0)
-    handlers: list[logging.Handler] = []
+    """The console gets -v/-q's level; --log-file gets INFO at least (progress lines too)."""
+    from amp_search.cli._progress import PROGRESS_LOGGER
+
+    level = max(logging.DEBUG, logging.WARNING - 10 * getattr(args, "verbose", 0)
+                + 10 * getattr(args, "quiet", 0))  # fmt: skip
     try:
         from rich.logging import RichHandler
 
         from amp_search.cli._base import console
 
         # Logs go to stderr, beside the progress bar; stdout holds only results.
-        handlers.append(RichHandler(console=console(stderr=True), show_time=False,
-                                    show_path=False, markup=False))  # fmt: skip
-        fmt = "%(message)s"
+        con: logging.Handler = RichHandler(console=console(stderr=True), show_time=False,
+                                           show_path=False, markup=False)  # fmt: skip
+        con.setFormatter(logging.Formatter("%(message)s"))
     except ImportError:
-        handlers.append(logging.StreamHandler())
-        fmt = "%(levelname)s: %(message)s"
+        con = logging.StreamHandler()
+        con.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    con.setLevel(level)
+    # Progress lines are on the console already (the bar, or plain lines on stdout).
+    con.addFilter(lambda record: record.name != PROGRESS_LOGGER)
+    handlers = [con]
     if getattr(args, "log_file", None):
-        fh = logging.FileHandler(args.log_file)
+        try:
+            fh = logging.FileHandler(args.log_file)
+        except OSError as exc:
+            raise UserInputError(f"--log-file: {os_error_message(args.log_file, exc)}") from exc
         fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        fh.setLevel(min(level, logging.INFO))
         handlers.append(fh)
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, handlers=handlers, force=True)
+    logging.basicConfig(level=min(h.level for h in handlers), handlers=handlers, force=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 2
-    _configure_logging(args)
     try:
+        _configure_logging(args)
         return int(args._command.run(args))
     except AmpSearchError as exc:
         if args.debug:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -135,11 +136,22 @@ def test_demo_then_report_then_pick(tmp_path):
 
 
 def test_search_keep_models_front_then_pick(tmp_path, demo_model_path, demo_data_path):
-    out = tmp_path / "out"
+    out, log = tmp_path / "out", tmp_path / "search.log"
     r = _cli("search", str(demo_model_path), "--data", str(demo_data_path), "--n-trials", "14",
              "--keep-models", "front", "--out", str(out),
-             "--storage", str(tmp_path / "s.journal"))  # fmt: skip
+             "--storage", str(tmp_path / "s.journal"), "--log-file", str(log))  # fmt: skip
     assert r.returncode == 0, r.stderr
+    # Piped: progress as plain lines on stdout and in the log file, first and last trial
+    # always; --n-trials 14 ran 14 trials, seeds included.
+    lines = [ln for ln in r.stdout.splitlines() if re.match(r"\[ *[\d.]+s\] ", ln)]
+    assert any(" profile: " in ln for ln in lines)
+    trials = [ln for ln in lines if " trial #" in ln]
+    assert "1/14 candidates" in trials[0] and "14/14 candidates, front " in trials[-1]
+    assert "14 complete, 0 failed of 14 trials in the study" in r.stdout
+    text = log.read_text()
+    assert all(ln in text for ln in lines)
+    assert r.stdout.strip().splitlines()[-1].startswith("PASSED | ")
+    assert "PASSED | " in text
     folders = list((out / "candidates").iterdir())
     assert 0 < len(list((out / "candidates").glob("*/model.onnx"))) < len(folders)
     r = _cli("pick", str(out), "--max-deviation", "0.01", "--to", str(tmp_path / "m.onnx"))
@@ -175,3 +187,11 @@ def test_a_search_stopped_by_its_inputs_leaves_no_empty_results_folder(
     r = _cli("search", str(tmp_path / "missing.onnx"), "--data", str(demo_data_path),
              "--out", str(tmp_path / "mine"))  # fmt: skip
     assert r.returncode == 2 and (tmp_path / "mine").is_dir()
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line(tmp_path, demo_model_path):
+    r = _cli("inspect", str(demo_model_path), "--synthetic",
+             "--log-file", str(tmp_path / "missing" / "x.log"))  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("amp-search inspect: error: --log-file: Cannot write ")
+    assert len(r.stderr.strip().splitlines()) == 1
