@@ -179,6 +179,10 @@ def _validate(arrays: dict[str, np.ndarray], inputs: list[InputSpec], path: Path
             )
         for axis, (want, got) in enumerate(zip(spec.shape, batch_shape, strict=True)):
             if isinstance(want, int) and want != got:
+                if _fits(spec, _channels_first(batch_shape)):
+                    raise UserInputError(
+                        _channels_last_message(path, spec, a.shape, stacked=a.ndim > spec.rank)
+                    )
                 raise UserInputError(
                     f"{path.name}: array {spec.name!r} has size {got} on axis {axis}, the model "
                     f"input {spec.describe()} fixes it at {want}. Resize the data to match."
@@ -198,6 +202,32 @@ def _validate(arrays: dict[str, np.ndarray], inputs: list[InputSpec], path: Path
             "Give every input the same leading size."
         )
     return counts.pop()
+
+
+def _channels_first(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """An image batch's shape N,H,W,C as N,C,H,W (None unless of rank 4)."""
+    return (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else None
+
+
+def _fits(spec: InputSpec, shape: tuple[int, ...] | None) -> bool:
+    """Whether ``shape`` has every size ``spec`` fixes."""
+    return shape is not None and all(
+        not isinstance(want, int) or want == got
+        for want, got in zip(spec.shape, shape, strict=True)
+    )
+
+
+def _channels_last_message(
+    path: Path, spec: InputSpec, shape: tuple[int, ...], *, stacked: bool
+) -> str:
+    """The data is N,H,W,C (channels last) where the model takes N,C,H,W: say how to fix it."""
+    how = "x.transpose(0, 1, 4, 2, 3) for a stack of batches" if stacked else (
+        "x.transpose(0, 3, 1, 2)")  # fmt: skip
+    return (
+        f"{path.name}: array {spec.name!r} has shape {list(shape)}, channels last (N,H,W,C); "
+        f"the model input {spec.describe()} takes channels first. Transpose it to N,C,H,W "
+        f"(e.g. {how})."
+    )
 
 
 def parse_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:

@@ -2,8 +2,10 @@
 
 Every error a user can cause or meet derives from :class:`AmpSearchError`. Messages follow
 Polygraphy's shape: what failed, expected versus got, what to do; then optional ``Note:``
-lines with data. The CLI prints the first line (and the notes) and exits non-zero, without a
-traceback unless ``--debug`` is given.
+lines with data. The CLI prints the first line (and the notes) and exits with the class's
+``exit_code``, without a traceback unless ``--debug`` is given. Each class has one code, the
+README's table lists them: 1 a runtime failure, 2 the user's input, 3 a backend or device
+unusable here, 4 a build or run that failed outside a trial, 5 the study storage lost.
 
 :class:`InternalError` is kept apart: it means a bug in amp-search itself.
 """
@@ -52,19 +54,33 @@ class UserInputError(AmpSearchError):
 
 
 class BackendUnavailableError(AmpSearchError):
-    """A backend (or an optional dependency it needs) cannot be used on this machine."""
+    """A backend, a device or an optional dependency cannot be used here; exit code 3."""
+
+    exit_code = 3
 
 
 class CandidateBuildError(AmpSearchError):
-    """A candidate could not be built (session creation, engine build); the trial fails."""
+    """A candidate could not be built (session creation, engine build); the trial fails.
+
+    Raised outside a trial (while the model is fitted to the target), the CLI exits 4.
+    """
+
+    exit_code = 4
 
 
 class CandidateRunError(AmpSearchError):
-    """A built candidate failed while running calibration data; the trial fails."""
+    """A built candidate failed while running calibration data; the trial fails.
+
+    Raised outside a trial (while the model is fitted to the target), the CLI exits 4.
+    """
+
+    exit_code = 4
 
 
 class StorageUnavailableError(AmpSearchError):
-    """The study storage stopped answering and did not come back in time."""
+    """The study storage stopped answering and did not come back in time; exit code 5."""
+
+    exit_code = 5
 
 
 class InternalError(Exception):

@@ -33,7 +33,7 @@ CONFIG_ATTR = "amp_search:config"
 REFERENCE_ATTR = "amp_search:reference_ms"
 #: The guided sampler's prior (units, edges, per-unit figures).
 GUIDE_ATTR = "amp_search:guide"
-#: Set once the seeds are enqueued.
+#: True once every seed is enqueued, else how many are (a --n-trials below the seed count).
 SEEDED_ATTR = "amp_search:seeded"
 
 # --- trial user attributes ------------------------------------------------------------------

@@ -310,8 +310,10 @@ class LatencyEstimator:
         self.unknown_shapes: tuple[str, ...] = tuple(sorted(unknown))
         if unknown:
             logger.warning(
-                "Latency estimate: %d tensors have no static shape with the given input "
-                "shapes (e.g. %s); they count as empty.", len(unknown), unknown[0],
+                "Latency estimate: the size of %d tensor(s) (e.g. %s) could not be worked "
+                "out from the input shapes, so the work on them is left out and the estimate "
+                "may read low (--latency measured times the real model).", len(unknown),
+                unknown[0],
             )  # fmt: skip
         self._costs, self._probe = _node_costs(model, types, self._numel)
         self._pos = {c.name: i for i, c in enumerate(self._costs)}

@@ -45,7 +45,13 @@ def test_folder_of_files_is_read_in_order(tmp_path):
         ({"y": np.zeros((1, 3, 8, 8), np.float32)}, r"missing \['x'\]"),
         ({"x": np.zeros((1, 3, 8, 8), np.float64)}, r"float64.*astype\(np.float32\)"),
         ({"x": np.zeros((3, 8, 8), np.float32)}, "rank 4"),
-        ({"x": np.zeros((1, 3, 9, 8), np.float32)}, "axis 2"),
+        ({"x": np.zeros((1, 3, 9, 8), np.float32)}, "axis 2.*Resize"),
+        # Channels last (N,H,W,C) where the model takes N,C,H,W: a transpose, not a resize.
+        (
+            {"x": np.zeros((2, 8, 8, 3), np.float32)},
+            r"channels last.*Transpose it to N,C,H,W \(e.g. x.transpose\(0, 3, 1, 2\)\)",
+        ),
+        ({"x": np.zeros((4, 2, 8, 8, 3), np.float32)}, r"x.transpose\(0, 1, 4, 2, 3\)"),
         ({"x": np.full((1, 3, 8, 8), np.nan, np.float32)}, "NaN"),
         ({"x": np.zeros((0, 3, 8, 8), np.float32)}, "empty"),
     ],

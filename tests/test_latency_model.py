@@ -247,3 +247,21 @@ def test_batch_scales_the_memory_bound_part(demo, rewriter):
     model = rewriter.apply(_all(rewriter, Precision.FP32))[0]
     assert big.estimate(model) > small.estimate(model)
     assert big.flops("block1/Conv") == 8 * small.flops("block1/Conv")
+
+
+def test_tensors_of_unknown_size_are_explained_in_plain_words(caplog):
+    """A data-dependent size (NonZero) cannot be priced: the warning says what that means."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+         helper.make_node("NonZero", ["m"], ["nz"], name="nz"),
+         helper.make_node("Cast", ["nz"], ["y"], to=TensorProto.FLOAT, name="c")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with caplog.at_level("WARNING", logger="amp_search.latency_model"):
+        est = LatencyEstimator(sanitize(model), {"x": (1, 4)})
+    assert est.unknown_shapes == ("nz", "y")
+    assert "size of 2 tensor(s)" in caplog.text and "may read low" in caplog.text
+    assert "static shape" not in caplog.text and "count as empty" not in caplog.text

@@ -58,6 +58,13 @@ class BuildConfig:
     device: str = "cpu"
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        kind, sep, index = self.device.partition(":")
+        if kind not in ("cpu", "cuda") or (sep and (kind == "cpu" or not index.isdigit())):
+            raise UserInputError(
+                f"Unknown device {self.device!r}: expected cpu, cuda or cuda:N (N a GPU index)."
+            )
+
     @property
     def device_type(self) -> str:
         """``"cpu"`` or ``"cuda"``."""

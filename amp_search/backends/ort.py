@@ -184,8 +184,6 @@ class OnnxRuntimeBackend(Backend):
     ) -> list[Any]:
         if config.device_type == "cpu":
             return ["CPUExecutionProvider"]
-        if config.device_type != "cuda":
-            raise UserInputError(f"Unknown device {config.device!r}; use 'cpu' or 'cuda[:N]'.")
         ort = _ort()
         if hasattr(ort, "preload_dlls"):
             try:
@@ -239,8 +237,7 @@ class OnnxRuntimeBackend(Backend):
                 )
         except Exception as exc:  # ORT raises its own exception types
             raise CandidateBuildError(
-                f"onnxruntime could not create a session for {model_path.name}: "
-                f"{_first_line(exc)}"
+                f"onnxruntime could not create a session for {model_path.name}: {_first_line(exc)}"
             ) from exc
         finally:
             if isinstance(source, str) and source != str(model_path):  # a twin over 2 GiB

@@ -2,8 +2,10 @@
 
 ``main`` is the only place that configures logging. It turns an
 :class:`~amp_search.errors.AmpSearchError` into one line on stderr (plus ``Note:`` lines) and
-exit code 1 (runtime failure) or 2 (usage error); ``--debug`` shows the traceback instead.
-A full disk behind any other exception (the study database filling up) is one line too.
+the exit code of its class (:mod:`amp_search.errors`; the README's table); ``--debug`` shows
+the traceback instead. A full disk is one line and exit code 2 wherever it shows (a results
+file, the study database), like any other place the user's paths cannot be written. Ctrl-C
+exits 130.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from amp_search._atomic import disk_full_message
+from amp_search._atomic import disk_full_message, os_error_message
 from amp_search.cli._base import Subcommand
 from amp_search.cli.backends import BackendsCommand
 from amp_search.cli.demo import DemoCommand
@@ -22,7 +24,7 @@ from amp_search.cli.refine import RefineCommand
 from amp_search.cli.report import PickCommand, ReportCommand
 from amp_search.cli.search import SearchCommand
 from amp_search.cli.worker import WorkerCommand
-from amp_search.errors import AmpSearchError
+from amp_search.errors import AmpSearchError, UserInputError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
@@ -69,25 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING - 10 * getattr(args, "verbose", 0) + 10 * getattr(args, "quiet", 0)
-    handlers: list[logging.Handler] = []
+    """The console gets -v/-q's level; --log-file gets INFO at least (progress lines too)."""
+    from amp_search.cli._progress import PROGRESS_LOGGER
+
+    level = max(logging.DEBUG, logging.WARNING - 10 * getattr(args, "verbose", 0)
+                + 10 * getattr(args, "quiet", 0))  # fmt: skip
     try:
         from rich.logging import RichHandler
 
         from amp_search.cli._base import console
 
         # Logs go to stderr, beside the progress bar; stdout holds only results.
-        handlers.append(RichHandler(console=console(stderr=True), show_time=False,
-                                    show_path=False, markup=False))  # fmt: skip
-        fmt = "%(message)s"
+        con: logging.Handler = RichHandler(console=console(stderr=True), show_time=False,
+                                           show_path=False, markup=False)  # fmt: skip
+        con.setFormatter(logging.Formatter("%(message)s"))
     except ImportError:
-        handlers.append(logging.StreamHandler())
-        fmt = "%(levelname)s: %(message)s"
+        con = logging.StreamHandler()
+        con.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    con.setLevel(level)
+    # Progress lines are on the console already (the bar, or plain lines on stdout).
+    con.addFilter(lambda record: record.name != PROGRESS_LOGGER)
+    handlers = [con]
     if getattr(args, "log_file", None):
-        fh = logging.FileHandler(args.log_file)
+        try:
+            fh = logging.FileHandler(args.log_file)
+        except OSError as exc:
+            raise UserInputError(f"--log-file: {os_error_message(args.log_file, exc)}") from exc
         fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        fh.setLevel(min(level, logging.INFO))
         handlers.append(fh)
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, handlers=handlers, force=True)
+    logging.basicConfig(level=min(h.level for h in handlers), handlers=handlers, force=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 2
-    _configure_logging(args)
     try:
+        _configure_logging(args)
         return int(args._command.run(args))
     except AmpSearchError as exc:
         if args.debug:
@@ -106,13 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         full = disk_full_message(exc)  # says more than a wrapping storage error does
         text = full if full and "No space left" not in str(exc) else exc
         print(f"amp-search {args.command}: error: {text}", file=sys.stderr)
-        return exc.exit_code
+        return UserInputError.exit_code if full else exc.exit_code
     except Exception as exc:  # a full disk where no helper translated the error
         full = disk_full_message(exc)
         if full is None or args.debug:
             raise
         print(f"amp-search {args.command}: error: {full}", file=sys.stderr)
-        return 1
+        return UserInputError.exit_code
     except KeyboardInterrupt:
         print(f"amp-search {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,9 @@ def add_study_storage(parser: argparse.ArgumentParser) -> None:
         "that one's password is hidden)",
     )
 
+#: Unit names 'pick' prints of a fallback set (the rest are counted; all are in the files).
+FALLBACK_NAMES = 8
+
 
 class ReportCommand(Subcommand):
     """Print the Pareto front of a results directory and redraw pareto.png / pareto.html."""
@@ -141,10 +144,12 @@ class PickCommand(Subcommand):
                 if execution["cuda_graph"]
                 else f"timed without a CUDA graph ({execution.get('cuda_graph_reason', '')})"
             )
-        fallback = point.fp32_units
+        full = next((p for p in written if p.name.endswith("precision.json")), None)
+        short = FALLBACK_NAMES < len(point.fp32_units) < point.n_units  # names left out
         con.print(
-            f"FP32 fallback set ({len(fallback)} of {point.n_units} units): "
-            + (", ".join(fallback) if fallback else "none (all FP16)")
+            f"FP32 fallback set ({len(point.fp32_units)} of {point.n_units} units): "
+            + point.fallback_text(FALLBACK_NAMES)
+            + (f" (every name in {full})" if short and full is not None else "")
         )
         for path in written:
             con.print(f"wrote {path}")

@@ -164,44 +164,28 @@ class SearchCommand(Subcommand):
 
 
 def run_with_progress(config: Any, command: str) -> int:
-    """Runs a search with a progress bar and prints the outcome; returns the exit code."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    """Runs a search with its progress shown, prints the outcome; returns the exit code.
 
+    The last line says how it ended: ``PASSED``/``FAILED | runtime | command``, or, when
+    Ctrl-C stopped it, how many trials ran, where the front so far is and how to resume
+    (exit code 130, as for any interrupted command).
+    """
+    from amp_search.cli._progress import search_progress
     from amp_search.search import run_search
 
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-        console=console(stderr=True), transient=False,
-    ) as bar:  # fmt: skip
-        tasks: dict[str, Any] = {}
-
-        def stage(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total or None, info="")
-            bar.update(tasks[name], completed=done)
-
-        def progress(ev: dict[str, Any]) -> None:
-            if "trials" not in tasks:
-                tasks["trials"] = bar.add_task("trials", total=ev["total"], info="")
-            best = ev["best_latency"]
-            info = f"front {ev['front']}" + (f", fastest {best:.4g} ms" if best else "")
-            if ev["state"] == "FAIL":
-                info += f"; trial {ev['trial']} failed: {(ev.get('error') or '')[:60]}"
-            bar.update(tasks["trials"], completed=ev["done"], info=info)
-
-        outcome = run_search(config, progress=progress, stage=stage)
+    with search_progress() as (lines, stage, trial):
+        outcome = run_search(config, progress=trial, stage=stage)
     print_outcome(outcome)
+    seconds = time.perf_counter() - t0
+    if outcome.interrupted:
+        lines.end(
+            f"interrupted by Ctrl-C after {lines.trials} trial(s) in {seconds:.1f}s; the front "
+            f"so far is in {outcome.out}; run the same command to resume: {command}"
+        )
+        return 130
     passed = bool(outcome.front) or config.max_deviation is not None
-    status = "PASSED" if passed else "FAILED"
-    console().print(f"{status} | {time.perf_counter() - t0:.1f}s | {command}")
+    lines.end(f"{'PASSED' if passed else 'FAILED'} | {seconds:.1f}s | {command}")
     return 0 if passed else 1
 
 
@@ -246,7 +230,7 @@ def print_outcome(outcome: Any) -> None:
         con.print(f"{name}: {line}")
     con.print(
         f"{outcome.n_complete} complete, {outcome.n_failed} failed of {outcome.n_trials} trials"
-        f" in the study{' (stopped by Ctrl-C; rerun to resume)' if outcome.interrupted else ''}"
+        " in the study"
     )
     plot = outcome.out / "pareto.png"
     con.print(f"results: {outcome.out}  plot: {plot if plot.exists() else '(not drawn)'}")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic, write_json_atomic
+from amp_search.errors import UserInputError
 from amp_search.keys import ALL_FP32, BASELINES, RECORD_ATTR, SEED_ATTR
 from amp_search.results.store import ResultsStore
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FrontPoint",
     "baselines",
+    "check_max_deviation",
     "compute_front",
     "front_order",
     "hypervolume",
@@ -39,6 +41,12 @@ __all__ = [
     "write_front",
 ]
 
+
+
+def check_max_deviation(max_deviation: float | None) -> None:
+    """Refuses a ``--max-deviation`` budget that is not positive (None: no budget)."""
+    if max_deviation is not None and not max_deviation > 0:
+        raise UserInputError(f"--max-deviation must be positive, got {max_deviation:g}.")
 
 
 def record_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
@@ -90,6 +98,20 @@ class FrontPoint:
         interval = self.latency_interval
         text = f"{self.latency_ms:.4g}{unit}"
         return text + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
+
+    def fallback_text(self, limit: int = 4) -> str:
+        """The FP32 fallback set in short (the full list is in precision.json).
+
+        ``none (all FP16)``, ``all 86 units (all FP32)``, or the first ``limit`` names and
+        ``+N more``.
+        """
+        units = self.fp32_units
+        if not units:
+            return "none (all FP16)"
+        if len(units) >= self.n_units > 0:
+            return f"all {len(units)} units (all FP32)"
+        more = len(units) - limit
+        return ", ".join(units[:limit]) + (f" +{more} more" if more > 0 else "")
 
     def speedup(self, fp32_ms: float | None = None) -> tuple[float, float, float] | None:
         """Speedup over all-FP32 and its 95% interval, as (speedup, low, high).

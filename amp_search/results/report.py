@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
 from amp_search.keys import ALL_FP32
-from amp_search.results.pareto import FrontPoint, latency_tie
+from amp_search.results.pareto import FrontPoint, check_max_deviation, latency_tie
 from amp_search.results.store import ResultsStore
 
 if TYPE_CHECKING:
@@ -51,17 +51,18 @@ class Results:
         fp32 = self.baselines.get(ALL_FP32, {}).get("latency_ms")
         fp32 = float(fp32) if fp32 is not None else None
         for p in self.front:
-            fallback = ", ".join(p.fp32_units[:4]) + (" ..." if len(p.fp32_units) > 4 else "")
             speed = p.speedup(fp32)
             table.add_row(
                 str(p.trial),
                 p.latency_text(),
                 f"{p.deviation:.3g}",
                 f"{p.n_fp32}/{p.n_units}",
-                "-" if speed is None else f"{speed[0]:.2f}x" + (
-                    f" [{speed[1]:.2f}, {speed[2]:.2f}]" if speed[1] != speed[2] else ""),
+                "-"
+                if speed is None
+                else f"{speed[0]:.2f}x"
+                + (f" [{speed[1]:.2f}, {speed[2]:.2f}]" if speed[1] != speed[2] else ""),
                 f"candidates/{p.digest}",
-                fallback or "(none: all FP16)",
+                p.fallback_text(),
             )
         console.print(table)
         console.print(
@@ -142,6 +143,7 @@ def pick_point(
         )
     if max_deviation is None:
         raise UserInputError("Give --max-deviation X (or --trial N) to pick a candidate.")
+    check_max_deviation(max_deviation)
     within = [p for p in results.front if p.deviation <= max_deviation]
     if not within:
         best = min((p.deviation for p in results.front), default=math.inf)

@@ -39,7 +39,7 @@ from typing import Any
 from amp_search._atomic import write_json_atomic
 from amp_search.errors import UserInputError
 
-__all__ = ["ResultsStore"]
+__all__ = ["ResultsStore", "removed_if_left_empty"]
 
 
 class ResultsStore:
@@ -184,3 +184,25 @@ def _claim_is_dead(path: Path) -> bool:
     except (PermissionError, KeyError, ValueError, TypeError):
         return False
     return False
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(root: str | os.PathLike[str]) -> Iterator[None]:
+    """Removes the folders made for ``root`` if the work inside fails before writing a file.
+
+    A search that stops at its inputs (a missing model, bad data) leaves no empty results
+    folder behind. Only folders that did not exist before are removed, and only while the
+    tree holds no file at all (another worker may be writing into it).
+    """
+    top = None
+    p = Path(root).absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir() and not any(f for _, _, f in os.walk(top)):
+            for folder, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        raise

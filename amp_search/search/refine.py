@@ -33,7 +33,7 @@ import numpy as np
 from amp_search._atomic import write_json_atomic
 from amp_search.errors import BackendUnavailableError, UserInputError
 from amp_search.keys import ALL_FP32
-from amp_search.results.pareto import FrontPoint, nondominated_points
+from amp_search.results.pareto import FrontPoint, check_max_deviation, nondominated_points
 from amp_search.results.refined import (
     REFINED_FILE,
     Refinement,
@@ -106,6 +106,7 @@ def refine_front(
     from amp_search.search.evaluate import ResidentReference
     from amp_search.timing import TimingPlan, nvml_clock
 
+    check_max_deviation(max_deviation)
     meta = results.meta
     backend = get_backend(str(meta.get("backend", "onnxruntime")))
     reason = backend.unavailable_reason()

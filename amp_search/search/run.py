@@ -48,12 +48,13 @@ from amp_search.profiling.report import CPU_NOTE, InspectReport
 from amp_search.results.pareto import (
     FrontPoint,
     baselines,
+    check_max_deviation,
     compute_front,
     record_of,
     write_front,
 )
 from amp_search.results.prune import KEEP_MODELS, prune_dominated
-from amp_search.results.store import ResultsStore
+from amp_search.results.store import ResultsStore, removed_if_left_empty
 from amp_search.search.evaluate import (
     CandidateEvaluator,
     Evaluation,
@@ -215,7 +216,8 @@ def run_search(
             latency within budget, state).
         stage: Called with (stage, done, total) during preparation (profiling).
     """
-    with contextlib.ExitStack() as held:  # the worker lock, released when the search ends
+    # The worker lock, released when the search ends; no empty --out if the inputs fail.
+    with contextlib.ExitStack() as held, removed_if_left_empty(config.out):
         return _run_search(config, progress, stage, held)
 
 
@@ -235,8 +237,7 @@ def _run_search(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if config.n_trials is not None and config.n_trials < 1:
         raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
-    if config.max_deviation is not None and not config.max_deviation > 0:
-        raise UserInputError(f"--max-deviation must be positive, got {config.max_deviation}.")
+    check_max_deviation(config.max_deviation)
     if not 0 < config.timing_target < 1 or not config.timing_max_s > 0:
         raise UserInputError(
             f"--timing-target must be in (0, 1) and --timing-max-s positive; got "
@@ -379,12 +380,14 @@ def _run_search(
         study.set_user_attr(CONFIG_ATTR, {**config.to_json(), "study_name": study_name,
                                           "storage": redact_storage(storage)})  # fmt: skip
     # Only the worker that created the study seeds it: workers started together all see it
-    # empty, and creating is the one step the storage makes atomic.
-    if created:
+    # empty, and creating is the one step the storage makes atomic. Seeds count toward
+    # n_trials; a later search with a larger target enqueues the ones it cut.
+    if created or not config.join:
         enqueue_seeds(
             study, space, [r.unit.name for r in risks], risks=risks,
             estimate=None if estimator is None
             else (lambda a: estimator.estimate_assignment(rewriter, a)),
+            limit=config.n_trials, resume=not created,
         )  # fmt: skip
     notes: list[str] = [*fitted.notes, *(f"Not searched, stays FP32: {x}" for x in left_out)]
     if stale:

@@ -17,6 +17,10 @@ every seed but all-FP16, and an extra "all-fp16-safe" seed is all FP16 but them.
 The guide (:mod:`amp_search.search.guide`) is what the guided sampler knows before any trial;
 it is stored in the study with the seeds. Both are set once per study (a study user attribute
 records it), so several workers never enqueue them twice.
+
+Seeds count toward ``--n-trials``: a study seeded under a target of n holds the first n seeds
+in the order above (``--n-trials 3``: all-FP32, all-FP16 and the next one), and a later run
+with a larger target enqueues the rest, up to it.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ def enqueue_seeds(
     *,
     risks: Sequence[UnitRisk] | None = None,
     estimate: Callable[[PrecisionAssignment], float] | None = None,
+    limit: int | None = None,
+    resume: bool = False,
 ) -> int:
     """Enqueues the seeds (and stores the guide) unless this study has them; returns how many.
 
@@ -113,22 +119,32 @@ def enqueue_seeds(
             study sampled by the guided sampler gets its guide and the prefix sweep.
         estimate: Latency in ms of an assignment (the roofline estimator) for the guide's
             latency model; None when latency is measured.
+        limit: The study's trial target: at most this many seeds in the study, the first
+            ones (None: all).
+        resume: The study was made by another run: only complete a seeding that an earlier
+            ``limit`` cut short (a study nobody seeded is its creator's to seed).
     """
-    if study.user_attrs.get(SEEDED_ATTR):
+    seeded = study.user_attrs.get(SEEDED_ATTR)
+    if seeded is True or (resume and not isinstance(seeded, int)):
         return 0
     from amp_search.profiling.sensitivity import RiskLevel
     from amp_search.search.guided import GuidedSampler
 
+    done = int(seeded or 0)
     if risks is not None and isinstance(study.sampler, GuidedSampler):
-        study.set_user_attr(GUIDE_ATTR, build_guide(space, risks, estimate))
+        if not done:  # the guide comes with the first seeds
+            study.set_user_attr(GUIDE_ATTR, build_guide(space, risks, estimate))
         critical = [r.unit.name for r in risks if r.level >= RiskLevel.CRITICAL]
         seeds = seed_params(space, risk_order, prefixes=PREFIXES, critical=critical)
     else:
         seeds = seed_params(space, risk_order)
-    for label, params in seeds:
+    end = len(seeds) if limit is None else min(len(seeds), limit)
+    if end <= done:
+        return 0
+    for label, params in seeds[done:end]:
         # The parameters in a user attribute too: the trial's own (fixed) ones are private to
         # Optuna until suggested, and the search starts evaluating before that.
         attrs = {SEED_ATTR: label, SEED_PARAMS_ATTR: params}
         study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
-    study.set_user_attr(SEEDED_ATTR, True)
-    return len(seeds)
+    study.set_user_attr(SEEDED_ATTR, True if end == len(seeds) else end)
+    return end - done

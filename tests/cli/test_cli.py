@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -117,16 +118,40 @@ def test_demo_then_report_then_pick(tmp_path):
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.precision.json").is_file()
     r = _cli("pick", str(out), "--max-deviation", "1e-30", "--to", str(tmp_path / "n.onnx"))
     assert r.returncode == 0  # all-FP32 (deviation 0) always meets a budget
+    # Its fallback set is every unit: counted, not listed (the names are in the files).
+    assert "FP32 fallback set (12 of 12 units): all 12 units (all FP32)" in r.stdout
+    assert "amp4/Conv" not in r.stdout
+    names = json.loads((tmp_path / "n.precision.json").read_text())["fp32_fallback"]
+    assert len(names) == 12
+    for budget in ("-1", "0"):  # refused as search refuses it: one line, exit 2
+        r = _cli("pick", str(out), "--max-deviation", budget, "--to", str(tmp_path / "b.onnx"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert (
+            r.stderr.strip()
+            == f"amp-search pick: error: --max-deviation must be positive, got {budget}."
+        )
+        assert not (tmp_path / "b.onnx").exists()
     r = _cli("pick", str(tmp_path / "nowhere"), "--trial", "3", "--to", str(tmp_path / "x"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
 def test_search_keep_models_front_then_pick(tmp_path, demo_model_path, demo_data_path):
-    out = tmp_path / "out"
+    out, log = tmp_path / "out", tmp_path / "search.log"
     r = _cli("search", str(demo_model_path), "--data", str(demo_data_path), "--n-trials", "14",
              "--keep-models", "front", "--out", str(out),
-             "--storage", str(tmp_path / "s.journal"))  # fmt: skip
+             "--storage", str(tmp_path / "s.journal"), "--log-file", str(log))  # fmt: skip
     assert r.returncode == 0, r.stderr
+    # Piped: progress as plain lines on stdout and in the log file, first and last trial
+    # always; --n-trials 14 ran 14 trials, seeds included.
+    lines = [ln for ln in r.stdout.splitlines() if re.match(r"\[ *[\d.]+s\] ", ln)]
+    assert any(" profile: " in ln for ln in lines)
+    trials = [ln for ln in lines if " trial #" in ln]
+    assert "1/14 candidates" in trials[0] and "14/14 candidates, front " in trials[-1]
+    assert "14 complete, 0 failed of 14 trials in the study" in r.stdout
+    text = log.read_text()
+    assert all(ln in text for ln in lines)
+    assert r.stdout.strip().splitlines()[-1].startswith("PASSED | ")
+    assert "PASSED | " in text
     folders = list((out / "candidates").iterdir())
     assert 0 < len(list((out / "candidates").glob("*/model.onnx"))) < len(folders)
     r = _cli("pick", str(out), "--max-deviation", "0.01", "--to", str(tmp_path / "m.onnx"))
@@ -141,3 +166,32 @@ def test_threads_become_the_cpu_thread_option_only_on_the_cpu():
     assert parse_options(None, 4, "cpu") == {"intra_op_num_threads": 4}
     assert parse_options(["intra_op_num_threads=2"], 4, "cpu") == {"intra_op_num_threads": 2}
     assert parse_options(["level=all"], 0, "cpu") == {"level": "all"}
+
+
+def test_a_search_stopped_by_its_inputs_leaves_no_empty_results_folder(
+    tmp_path, demo_model_path, demo_data_path
+):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((1, 3, 64, 64), np.float32))
+    for model, data, match in (
+        (tmp_path / "missing.onnx", demo_data_path, "not found"),
+        (demo_model_path, bad, "Name each array"),
+    ):
+        out = tmp_path / "new" / "out"
+        r = _cli("search", str(model), "--data", str(data), "--out", str(out),
+                 "--storage", str(tmp_path / "s.journal"))  # fmt: skip
+        assert r.returncode == 2 and match in r.stderr, r.stderr
+        assert not (tmp_path / "new").exists()  # neither the folder nor the parent it made
+    # A folder that was there before stays, empty or not.
+    (tmp_path / "mine").mkdir()
+    r = _cli("search", str(tmp_path / "missing.onnx"), "--data", str(demo_data_path),
+             "--out", str(tmp_path / "mine"))  # fmt: skip
+    assert r.returncode == 2 and (tmp_path / "mine").is_dir()
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line(tmp_path, demo_model_path):
+    r = _cli("inspect", str(demo_model_path), "--synthetic",
+             "--log-file", str(tmp_path / "missing" / "x.log"))  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("amp-search inspect: error: --log-file: Cannot write ")
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -218,6 +218,55 @@ def test_seeds_are_enqueued_once(tmp_path):
     assert GUIDE_ATTR not in tpe.user_attrs
 
 
+def test_seeds_count_toward_the_target_and_a_larger_one_enqueues_the_rest():
+    space = SearchSpace(["a", "b", "c", "d"])
+    risks = [_risk(u, [], 1e-3) for u in space.units]
+    order = ["d", "c", "b", "a"]
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=GuidedSampler(0))
+    labels = [label for label, _ in seed_params(space, order, prefixes=PREFIXES)]
+    # Not the creator: a study nobody seeded is left to the run that made it.
+    assert enqueue_seeds(study, space, order, risks=risks, limit=2, resume=True) == 0
+    assert enqueue_seeds(study, space, order, risks=risks, limit=2) == 2
+    assert study.user_attrs[SEEDED_ATTR] == 2 and GUIDE_ATTR in study.user_attrs
+
+    def waiting():
+        return [t.user_attrs["seed"] for t in study.get_trials(
+            states=(optuna.trial.TrialState.WAITING,))]  # fmt: skip
+
+    assert waiting() == labels[:2]  # in their order: all-FP32, all-FP16
+    assert enqueue_seeds(study, space, order, risks=risks, limit=2, resume=True) == 0
+    assert enqueue_seeds(study, space, order, risks=risks, limit=4, resume=True) == 2
+    assert enqueue_seeds(study, space, order, risks=risks, limit=60, resume=True) == 1
+    assert waiting() == labels == ["all-fp32", "all-fp16", "prefix-1", "prefix-2", "prefix-3"]
+    assert study.user_attrs[SEEDED_ATTR] is True
+    assert enqueue_seeds(study, space, order, risks=risks, limit=60, resume=True) == 0
+
+
+def test_n_trials_counts_the_seeds_and_a_resume_runs_up_to_the_new_target(
+    tmp_path, demo_model_path, demo_data_path
+):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    config = SearchConfig(
+        model=demo_model_path, out=tmp_path / "out", data=demo_data_path, n_trials=3,
+        storage=storage, study_name="n", latency="estimated", seed=0,
+    )  # fmt: skip
+    counts = []
+    outcome = run_search(config, progress=lambda ev: counts.append(ev["done"]))
+    assert outcome.n_trials == outcome.n_complete == 3 and counts == [1, 2, 3]
+    study = optuna.load_study(study_name="n", storage=storage)
+    assert [t.user_attrs.get("seed") for t in study.trials] == [
+        "all-fp32", "all-fp16", "all-fp16-safe"
+    ]  # the first seeds, in their order  # fmt: skip
+    # Resumed with a larger target: the rest of the seeds first, then the sampler's own.
+    outcome = run_search(SearchConfig(**{**config.__dict__, "n_trials": 12}))
+    study = optuna.load_study(study_name="n", storage=storage)
+    assert outcome.n_trials == outcome.n_complete == len(study.trials) == 12
+    seeds = [t.user_attrs.get("seed") for t in study.trials if "seed" in t.user_attrs]
+    assert seeds == ["all-fp32", "all-fp16", "all-fp16-safe"] + [f"prefix-{k}" for k in PREFIXES]
+    # The same command again: the study holds its target; nothing more runs.
+    assert run_search(SearchConfig(**{**config.__dict__, "n_trials": 12})).n_trials == 12
+
+
 def test_guided_search_with_measured_latency(tmp_path, demo_model_path, demo_data_path):
     """The GPU default (measured latency) has no estimator: the latency model learns from the
     trials, and the sampler still proposes new assignments past the seeds."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import sqlite3
 import subprocess
@@ -174,16 +176,34 @@ def test_kill_9_loses_at_most_the_running_trial(tmp_path, demo_model_path, demo_
 
 
 def test_ctrl_c_stops_after_the_running_trial(tmp_path, demo_model_path, demo_data_path):
-    db = tmp_path / "study.db"
+    """Piped to a log, the search prints progress lines as it goes (stdout and --log-file);
+    Ctrl-C ends it after the running trial with an honest last line and exit code 130."""
+    db, log = tmp_path / "study.db", tmp_path / "search.log"
     proc = subprocess.Popen(
-        _search_cmd(tmp_path, demo_model_path, demo_data_path, 500),
+        [*_search_cmd(tmp_path, demo_model_path, demo_data_path, 500), "--log-file", str(log)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     _wait_complete(db, 3, proc)
+    t0 = time.time()
+    while "complete: " not in (log.read_text() if log.exists() else ""):  # written as it runs
+        assert proc.poll() is None and time.time() - t0 < 60, "no trial line in the log"
+        time.sleep(0.2)
+    assert select.select([proc.stdout], [], [], 60)[0], "nothing on stdout while running"
+    first = proc.stdout.readline()
+    assert re.match(r"\[ *\d+\.\ds\] profile: 1/", first), first  # a progress line, live
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "Ctrl-C" in out and "Traceback" not in err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "PASSED" not in out
+    end = out.strip().splitlines()[-1]
+    ran = int(re.match(r"interrupted by Ctrl-C after (\d+) trial\(s\) in ", end).group(1))
+    assert ran == _count(db, "COMPLETE") >= 3  # every trial ran here, none failed
+    assert f"the front so far is in {tmp_path / 'out'}" in end
+    assert "run the same command to resume: " in end
+    assert re.search(r"trial #\d+ complete: \d+/500 candidates, front \d+", out)
+    text = log.read_text()
+    assert re.search(r"progress INFO: \[ *[\d.]+s\] trial #\d+ complete: ", text)
+    assert "interrupted by Ctrl-C after" in text and "Stopping after the running trial" in text
     assert _count(db, "RUNNING") == 0 and _count(db, "FAIL") == 0
     assert (tmp_path / "out" / "front.json").is_file()
 

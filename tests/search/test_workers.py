@@ -234,14 +234,14 @@ def test_storage_outage_is_retried_then_reported(tmp_path, cls_files):
         trials = _trials(url, "outage")
         _check_accounting(trials, 18)
 
-        # 2. Down for longer than --storage-retry: one clear line, exit 1, nothing lost.
+        # 2. Down for longer than --storage-retry: one clear line, exit 5, nothing lost.
         cmd = _search(cls_files, url, "outage", out, 30, "--metric", metric,
                       "--storage-retry", "3")  # fmt: skip
         proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait(finished(len(trials) + 2), [proc], what="more trials")
         server.stop()
         _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 1, err
+        assert proc.returncode == 5, err  # StorageUnavailableError
         errors = [ln for ln in err.splitlines() if ln.startswith("amp-search search: error:")]
         assert len(errors) == 1 and "did not answer for 3 s" in errors[0], err
         assert "rerun the same command" in errors[0] and "Traceback" not in err
