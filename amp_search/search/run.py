@@ -284,8 +284,6 @@ def _run_search(
     options = backend.options_for_data(options, data.first())  # TensorRT: profile shapes
     build_config = BuildConfig(device=config.device, options=options)
     identity = backend.identity(build_config)  # validates the options
-    # Nodes the target has no FP16 kernel for stay FP32 in every candidate (ONNX Runtime
-    # would run them on the CPU: copies each way and no CUDA graph).
     # Nodes the target cannot run in FP16 stay FP32 in every candidate (ONNX Runtime would
     # run them on the CPU: copies each way and no CUDA graph); an opset upgrade may spare some.
     fitted = fit_to_target(model, units, backend, data.first(), build_config, config.max_units)
