@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -47,33 +45,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amp_search.results.pareto import front_order, hypervolume  # noqa: E402
+from amp_search.testing.replay import (  # noqa: E402
+    DEV_FLOOR,
+    NORMALIZATION,
+    ModelEvaluator,
+    ObjectiveSpace,
+    Table,
+)
+from amp_search.testing.replay import replay as replay_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(tempfile.gettempdir()) / "amp_search_quality"
-DEV_FLOOR = 1e-7
 TARGET_HV = 0.98
 DEFAULT_MODEL = "ppocr_cls"
-#: What the objectives depend on: a change here invalidates the cached table.
-SOURCES = (
-    "amp_search/graph",
-    "amp_search/backends",
-    "amp_search/profiling",
-    "amp_search/latency_model.py",
-    "amp_search/calibration.py",
-    "amp_search/testing/realmodels.py",
-    "objectives",
-)
-NORMALIZATION = (
-    "Objectives (both minimized): x = estimated H100 latency in ms, y = log10(max(rel. L2, "
-    f"{DEV_FLOOR:g})) (all-FP32 has deviation 0). Points with non-finite deviation are left "
-    "out. Reference point: x = 1.05 * the largest latency among all assignments, y = log10 of "
-    "the largest finite deviation among all assignments + 0.5. Hypervolume = area dominated "
-    "by the points inside the box below the reference point (exact 2-D sweep); ratio = "
-    "found / true front. Distances use the same axes scaled to [0, 1] by the min and max over "
-    "all assignments."
-)
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,22 +66,11 @@ NORMALIZATION = (
 # ------------------------------------------------------------------------------------------
 
 
-class Setup:
-    """A model prepared exactly as ``run_search`` prepares it, plus one evaluation function."""
+class Setup(ModelEvaluator):
+    """A real model prepared as ``run_search`` prepares it, plus its files and peers' needs."""
 
     def __init__(self, name: str, n_units: int, workdir: Path) -> None:
-        from amp_search.backends import BuildConfig, get_backend
-        from amp_search.calibration import load_calibration, model_inputs
-        from amp_search.graph import (
-            MixedPrecisionRewriter,
-            find_units,
-            group_units,
-            load_model,
-            sanitize,
-        )
-        from amp_search.latency_model import LatencyEstimator
-        from amp_search.objective import load_metric
-        from amp_search.profiling import profile_model
+        from amp_search.graph import load_model, sanitize
         from amp_search.testing import realmodels
 
         self.name = name
@@ -104,44 +78,8 @@ class Setup:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.npz = realmodels.write_npz(name, workdir / f"{name}.npz")
-        self.model = sanitize(load_model(self.model_path))
-        self.all_units = find_units(self.model)
-        self.units = group_units(self.all_units, n_units)
-        self.names = [u.name for u in self.units]
-        self.data = load_calibration(self.npz, model_inputs(self.model))
-        self.rewriter = MixedPrecisionRewriter(self.model, self.units)
-        prof = profile_model(
-            self.model,
-            self.units,
-            self.data,
-            fp16_pass=False,
-            keep_reference=True,
-            rewriter=self.rewriter,
-        )
-        self.reference = prof.reference_outputs
-        shapes = {k: tuple(v.shape) for k, v in self.data.first().items()}
-        observed = {n: t.shape for n, t in prof.tensors.items() if t.shape is not None}
-        self.estimator = LatencyEstimator(self.model, shapes, target="h100", known_shapes=observed)
-        self.backend = get_backend("onnxruntime")
-        self.config = BuildConfig("cpu")
-        self.metric = load_metric("rel_l2")
-        self.output_names = [o.name for o in self.model.graph.output]
-        # The cached table is valid for this model file, these units and this code.
-        h = hashlib.sha256(Path(self.model_path).read_bytes())
-        h.update(json.dumps(self.names).encode())
-        for src in sorted(SOURCES):
-            for f in sorted((ROOT / src).rglob("*.py")) if (ROOT / src).is_dir() else [ROOT / src]:
-                h.update(f.read_bytes())
-        self.key = f"{name}-{n_units}-{h.hexdigest()[:16]}"
+        super().__init__(sanitize(load_model(self.model_path)), self.npz, n_units)
         self._tmp = workdir / f"candidate-{os.getpid()}.onnx"
-
-    def assignment(self, mask: int) -> Any:
-        """Bit i of ``mask`` set: unit i FP16."""
-        from amp_search.types import PrecisionAssignment
-
-        return PrecisionAssignment.with_fp16(
-            self.names, [u for i, u in enumerate(self.names) if mask >> i & 1]
-        )
 
     def mask_of_fp32(self, fp32_units: set[str]) -> int:
         return sum(1 << i for i, u in enumerate(self.names) if u not in fp32_units)
@@ -162,68 +100,28 @@ class Setup:
         dev = float(self.metric.evaluate(ctx))
         return dev if finite and not math.isnan(dev) else float("inf")
 
-    def evaluate(self, mask: int) -> tuple[float, float]:
-        """(estimated latency ms, deviation) of one assignment, as the evaluator computes them."""
-        model, _ = self.rewriter.apply(self.assignment(mask))
-        return float(self.estimator.estimate(model)), self.deviation(model)
 
+def exhaustive(setup: Setup, workers: int) -> tuple[Table, dict[str, Any]]:
+    """Every assignment's latency and deviation: the committed table when it is this model's
+    (``benchmarks/tables/<model>.json.gz``), else computed by ``benchmarks/tables.py`` (cached
+    under the temp folder)."""
+    from tables import TABLES, build_table
 
-_WORKER: Setup | None = None
-
-
-def _init_worker(name: str, n_units: int, workdir: str) -> None:
-    global _WORKER
-    import logging
-
-    logging.disable(logging.WARNING)
-    _WORKER = Setup(name, n_units, Path(workdir))
-
-
-def _eval_chunk(masks: list[int]) -> list[tuple[int, float, float]]:
-    assert _WORKER is not None
-    return [(m, *_WORKER.evaluate(m)) for m in masks]
-
-
-def exhaustive(setup: Setup, workers: int) -> dict[str, Any]:
-    """Latency and deviation of every assignment (cached on disk by model and units)."""
-    n = 1 << len(setup.names)
-    path = CACHE / f"table-{setup.key}.npz"
-    if path.is_file():
-        z = np.load(path)
-        return {
-            "latency": z["latency"],
-            "deviation": z["deviation"],
-            "seconds": float(z["seconds"]),
-            "cached": True,
-            "path": str(path),
-        }
-    latency = np.full(n, np.nan)
-    deviation = np.full(n, np.nan)
-    chunks = [list(range(i, min(n, i + 64))) for i in range(0, n, 64)]
+    n = len(setup.names)
+    for path in (TABLES / f"{setup.name}.json.gz", CACHE / f"{setup.name}-{n}.json.gz"):
+        if path.is_file():
+            table = Table.load(path)
+            meta = table.meta
+            if (table.units == setup.names and table.complete
+                    and meta.get("model_sha256") == setup.model_sha256
+                    and meta.get("data_sha256") == setup.data_sha256):  # fmt: skip
+                return table, {"seconds": float(meta.get("seconds", 0.0)), "cached": True,
+                               "path": str(path)}  # fmt: skip
+    path = CACHE / f"{setup.name}-{n}.json.gz"
     t0 = time.perf_counter()
-    done = 0
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        initializer=_init_worker,
-        initargs=(setup.name, len(setup.names), str(setup.workdir)),
-    ) as pool:
-        for rows in pool.map(_eval_chunk, chunks):
-            for m, lat, dev in rows:
-                latency[m], deviation[m] = lat, dev
-            done += len(rows)
-            if done % 512 == 0 or done == n:
-                el = time.perf_counter() - t0
-                print(f"  exhaustive: {done}/{n} in {el:.0f} s", flush=True)
-    seconds = time.perf_counter() - t0
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(path, latency=latency, deviation=deviation, seconds=seconds)
-    return {
-        "latency": latency,
-        "deviation": deviation,
-        "seconds": seconds,
-        "cached": False,
-        "path": str(path),
-    }
+    build_table(setup.name, n, workers, path)
+    return Table.load(path), {"seconds": time.perf_counter() - t0, "cached": False,
+                              "path": str(path)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,70 +129,30 @@ def exhaustive(setup: Setup, workers: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-class Space:
-    """The 2-D objective space of one table (see ``NORMALIZATION``)."""
-
-    def __init__(
-        self, latency: np.ndarray, deviation: np.ndarray, floor: float = DEV_FLOOR
-    ) -> None:
-        ok = np.isfinite(deviation)
-        self.lat = latency
-        self.dev = deviation
-        self.ok = ok
-        self.floor = floor
-        self.y = np.log10(np.maximum(np.where(ok, deviation, 1.0), floor))
-        self.ref = (float(latency.max()) * 1.05, float(self.y[ok].max()) + 0.5)
-        self.xmin, self.xmax = float(latency.min()), float(latency.max())
-        self.ymin, self.ymax = float(self.y[ok].min()), float(self.y[ok].max())
-        self.front_idx = front_indices(latency[ok], self.y[ok], np.flatnonzero(ok))
-        self.true_hv = hypervolume(self.points(self.front_idx), self.ref)
-
-    def point(self, lat: float, dev: float) -> tuple[float, float]:
-        return lat, math.log10(max(dev, self.floor))
-
-    def points(self, idx: Any) -> list[tuple[float, float]]:
-        return [(float(self.lat[i]), float(self.y[i])) for i in idx if self.ok[i]]
-
-    def norm(self, p: tuple[float, float]) -> tuple[float, float]:
-        return (
-            (p[0] - self.xmin) / (self.xmax - self.xmin),
-            (p[1] - self.ymin) / (self.ymax - self.ymin),
-        )
-
-    def ratio(self, pts: list[tuple[float, float]]) -> float:
-        return hypervolume(pts, self.ref) / self.true_hv
-
-    def place(self, lat: float, dev: float) -> dict[str, Any]:
-        """Where a point lands against the true front."""
-        if not math.isfinite(dev):
-            return {"on_front": False, "note": "non-finite outputs"}
-        q = self.point(lat, dev)
-        fq = self.norm(q)
-        front = self.points(self.front_idx)
-        tol = 1e-12
-        dominators = [
-            p
-            for p in front
-            if p[0] <= q[0] + tol
-            and p[1] <= q[1] + tol
-            and (p[0] < q[0] - tol or p[1] < q[1] - tol)
-        ]
-        # Additive epsilon (normalized): how far q must move toward the origin, in both
-        # coordinates at once, to leave the region the front dominates (0 on the front).
-        eps = max((min(fq[0] - f[0], fq[1] - f[1]) for f in map(self.norm, front)), default=0.0)
-        best = min((p[0] for p in front if p[1] <= q[1] + tol), default=float("nan"))
-        return {
-            "on_front": not dominators,
-            "n_front_points_dominating": len(dominators),
-            "epsilon_normalized": max(0.0, eps),
-            "front_latency_at_this_deviation_ms": best,
-            "latency_gap_pct": 100.0 * (lat - best) / best if math.isfinite(best) else None,
-        }
-
-
-def front_indices(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> list[int]:
-    """Ids of the non-dominated points (minimize x and y), fastest first."""
-    return [int(ids[k]) for k in front_order(x.tolist(), y.tolist())]
+def place(space: ObjectiveSpace, lat: float, dev: float) -> dict[str, Any]:
+    """Where a point lands against the true front."""
+    if not math.isfinite(dev):
+        return {"on_front": False, "note": "non-finite outputs"}
+    q = space.point(lat, dev)
+    fq = space.norm(q)
+    front = space.points(space.front_idx)
+    tol = 1e-12
+    dominators = [
+        p
+        for p in front
+        if p[0] <= q[0] + tol and p[1] <= q[1] + tol and (p[0] < q[0] - tol or p[1] < q[1] - tol)
+    ]
+    # Additive epsilon (normalized): how far q must move toward the origin, in both
+    # coordinates at once, to leave the region the front dominates (0 on the front).
+    eps = max((min(fq[0] - f[0], fq[1] - f[1]) for f in map(space.norm, front)), default=0.0)
+    best = min((p[0] for p in front if p[1] <= q[1] + tol), default=float("nan"))
+    return {
+        "on_front": not dominators,
+        "n_front_points_dominating": len(dominators),
+        "epsilon_normalized": max(0.0, eps),
+        "front_latency_at_this_deviation_ms": best,
+        "latency_gap_pct": 100.0 * (lat - best) / best if math.isfinite(best) else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,7 +172,9 @@ def load_study(outcome: Any) -> Any:
     return optuna.load_study(study_name=outcome.study_name, storage=storage)
 
 
-def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) -> dict[str, Any]:
+def run_seed(
+    setup: Setup, space: ObjectiveSpace, seed: int, trials: int, workdir: Path
+) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     from amp_search.keys import GUIDE_ATTR
@@ -378,7 +238,7 @@ def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) 
                     "fp32_units": fp32,
                     "latency_ms": lat,
                     "deviation": dev,
-                    **space.place(lat, dev),
+                    **place(space, lat, dev),
                 }
             )
     inspect = json.loads((outcome.out / "inspect.json").read_text())
@@ -407,66 +267,165 @@ def run_seed(setup: Setup, space: Space, seed: int, trials: int, workdir: Path) 
 
 
 def replay(
-    setup: Setup,
-    space: Space,
-    live: dict[str, Any],
-    samplers: list[str],
-    budgets: list[int],
-    seeds: int,
+    table: Table, space: ObjectiveSpace, samplers: list[str], budgets: list[int], seeds: int
 ) -> dict[str, dict[str, Any]]:
-    """The search's sampling loop replayed on the table (no model runs): the same study setup
-    (``open_study``), the same seed trials, guide and stop rule (distinct evaluations). The
-    live run's sampler gets the live seed trials and guide; the others get the seeds a live
-    run with them enqueues (``seed_params`` over the live run's risk order)."""
-    import optuna
-
-    from amp_search.keys import GUIDE_ATTR
-    from amp_search.search.seeds import seed_params
-    from amp_search.search.space import SearchSpace
-    from amp_search.search.study import open_study
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space_ = SearchSpace(setup.names)
-    bit = {u: 1 << i for i, u in enumerate(setup.names)}
-    own = [
-        {"label": label, "params": params}
-        for label, params in seed_params(space_, live["risk_order"])
-    ]
+    """The search's sampling loop replayed on the table (:func:`amp_search.testing.replay.
+    replay`: the same study, seeds, guide, constraint and stop rule, no model runs). One run
+    per sampler and seed up to the largest budget; a smaller budget's result is its first
+    evaluations (the stop rule does not change what a sampler proposes)."""
     out: dict[str, dict[str, Any]] = {}
     for sampler in samplers:
+        runs = [replay_table(table, sampler, max(budgets), seed) for seed in range(seeds)]
         out[sampler] = {}
-        is_live = sampler == live["sampler"]
-        seed_trials = live["seed_trials"] if is_live else own
         for n in budgets:
-            ratios = []
-            for seed in range(seeds):
-                study = open_study(":memory:", "replay", seed=seed, sampler=sampler)
-                if is_live and live.get("guide") is not None:
-                    study.set_user_attr(GUIDE_ATTR, live["guide"])
-                for t in seed_trials:
-                    study.enqueue_trial(t["params"], user_attrs={"seed": t["label"]})
-                seen: set[int] = set()
-
-                def objective(trial: Any, seen: set[int] = seen) -> tuple[float, float]:
-                    m = sum(bit[u] for u in space_.suggest(trial).fp16_units)
-                    seen.add(m)
-                    return float(space.lat[m]), float(space.dev[m])
-
-                def stop(study: Any, trial: Any, n: int = n, seen: set[int] = seen) -> None:
-                    if len(seen) >= n:
-                        study.stop()
-
-                study.optimize(objective, n_trials=3 * n + 10, callbacks=[stop])
-                ratios.append(space.ratio(space.points(sorted(seen))))
-            out[sampler][str(n)] = {
-                "seed_trials": len(seed_trials),
-                "ratios": ratios,
-                "median": float(np.median(ratios)),
-            }
+            ratios = [r.ratio(space, n) for r in runs]
+            out[sampler][str(n)] = {"ratios": ratios, "median": float(np.median(ratios))}
     return out
 
 
-def random_baseline(space: Space, n: int, draws: int = 200) -> dict[str, float]:
+TABLE_BUDGETS = (30, 60, 120, 250)
+
+
+def _replay_task(path: str, sampler: str, budget: int, seed: int) -> dict[str, Any]:
+    import logging
+
+    logging.disable(logging.WARNING)
+    t0 = time.perf_counter()
+    r = replay_table(Table.load(path), sampler, budget, seed)
+    return {"masks": r.masks, "trials": r.trials, "seconds": time.perf_counter() - t0}
+
+
+def replay_tables(
+    paths: list[Path], samplers: list[str], budgets: list[int], seeds: int, workers: int
+) -> dict[str, Any]:
+    """Every sampler on every table (one run per sampler and seed, read at each budget)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    tables = {p.name.removesuffix(".json.gz"): Table.load(p) for p in paths}
+    tasks = [(name, s, seed) for name in tables for s in samplers for seed in range(seeds)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            t: pool.submit(_replay_task, str(p), t[1], max(budgets), t[2])
+            for p, t in ((paths[list(tables).index(t[0])], t) for t in tasks)
+        }
+        runs = {t: f.result() for t, f in futures.items()}
+    out: dict[str, Any] = {}
+    for name, table in tables.items():
+        space = table.space()
+        row: dict[str, Any] = {
+            "units": len(table.units),
+            "assignments": len(table.masks),
+            "front_points": len(space.front_idx),
+            "versions": table.meta.get("versions"),
+            "samplers": {},
+        }
+        for s in samplers:
+            row["samplers"][s] = {}
+            for n in budgets:
+                ratios = []
+                for seed in range(seeds):
+                    masks = runs[(name, s, seed)]["masks"][:n]
+                    ratios.append(space.ratio_of([table.lookup(m) for m in masks]))  # type: ignore[misc]
+                row["samplers"][s][str(n)] = {
+                    "ratios": [round(r, 6) for r in ratios],
+                    "median": float(np.median(ratios)),
+                    "min": float(min(ratios)),
+                }
+            row["samplers"][s]["seconds"] = float(
+                np.median([runs[(name, s, seed)]["seconds"] for seed in range(seeds)])
+            )
+        out[name] = row
+    return out
+
+
+def tables_markdown(res: dict[str, Any], budgets: list[int], seeds: int) -> str:
+    """The side-by-side tables and the issue's targets for the default sampler."""
+    lines = [
+        "# Samplers replayed on every exhaustive table",
+        "",
+        f"`{res['command']}` ({res['date']}). Median hypervolume ratio over {seeds} seeds "
+        "(min in brackets) after k distinct evaluations, seed trials included; the search's "
+        "own study, seeds, guide and stop rule, answers from the table "
+        "(`amp_search/testing/replay.py`). " + NORMALIZATION,
+        "",
+    ]
+    for name, row in res["tables"].items():
+        head = " | ".join(str(n) for n in budgets)
+        lines += [
+            f"## {name}: {row['units']} units, {row['assignments']} assignments, true front "
+            f"{row['front_points']} points",
+            "",
+            f"| sampler | {head} | s per run |",
+            "| --- | " + " | ".join("---" for _ in budgets) + " | --- |",
+        ]
+        for s, by in row["samplers"].items():
+            cells = " | ".join(
+                f"{by[str(n)]['median']:.3f} [{by[str(n)]['min']:.3f}]" for n in budgets
+            )
+            lines.append(f"| {s} | {cells} | {by['seconds']:.1f} |")
+        checks = row.get("targets")
+        if checks:
+            lines += ["", "Targets (issue 13) for guided: " + "; ".join(
+                f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()
+            ) + "."]  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(row: dict[str, Any], budgets: list[int]) -> dict[str, bool]:
+    """Issue 13's targets for the default sampler on one table."""
+    g, t = row["samplers"].get("guided"), row["samplers"].get("tpe")
+    if g is None:
+        return {}
+    out = {}
+    if "60" in g:
+        out["median >= 0.98 at 60"] = g["60"]["median"] >= 0.98
+    if t is not None:
+        out["never > 0.01 below TPE"] = all(
+            g[str(n)]["median"] >= t[str(n)]["median"] - 0.01 for n in budgets
+        )
+    meds = [g[str(n)]["median"] for n in budgets]
+    out["rising to 0.995"] = meds[-1] >= 0.995 and all(
+        b >= a - 1e-9 for a, b in zip(meds, meds[1:], strict=False)
+    )
+    return out
+
+
+def tables_main(args: argparse.Namespace) -> int:
+    """``--tables``: every sampler on every committed exhaustive table."""
+    from tables import TABLES
+
+    from amp_search.search.sampler import SAMPLERS
+
+    paths = [
+        p
+        for p in sorted(TABLES.glob("*.json.gz"))
+        if (t := Table.load(p)).is_exhaustive and t.complete
+    ]
+    samplers = args.samplers.split(",") if args.samplers else list(SAMPLERS)
+    budgets = [int(b) for b in args.table_budgets.split(",")]
+    t0 = time.perf_counter()
+    print(f"replaying {', '.join(samplers)} on {', '.join(p.name for p in paths)}", flush=True)
+    res = {
+        "command": " ".join(["python benchmarks/search_quality.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "seeds": args.seeds,
+        "budgets": budgets,
+        "normalization": NORMALIZATION,
+        "tables": replay_tables(paths, samplers, budgets, args.seeds, args.workers),
+    }
+    for row in res["tables"].values():
+        row["targets"] = targets(row, budgets)
+    res["wall_s"] = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "search_quality_tables.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = tables_markdown(res, budgets, args.seeds)
+    (args.out / "search_quality_tables.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def random_baseline(space: ObjectiveSpace, n: int, draws: int = 200) -> dict[str, float]:
     """HV ratio of ``n`` distinct uniformly random assignments (all-FP32 and all-FP16 always in),
     straight from the table: what TPE has to beat."""
     rng = np.random.default_rng(0)
@@ -547,7 +506,7 @@ def _converter_child(
 
 def peer_converter(
     setup: Setup,
-    space: Space,
+    space: ObjectiveSpace,
     model: Any,
     label: str,
     feed: dict[str, Any],
@@ -617,7 +576,7 @@ def peer_converter(
     row["latency_ms"] = float(space.lat[mask])
     row["deviation"] = float(space.dev[mask])
     row["placed_with"] = "mapped assignment (a unit is FP32 if any of its nodes stayed FP32)"
-    row.update(space.place(row["latency_ms"], row["deviation"]))
+    row.update(place(space, row["latency_ms"], row["deviation"]))
     return row
 
 
@@ -654,7 +613,9 @@ class BisectMarker:
         return self.num_layers_to_mark > self.max_layers
 
 
-def peer_polygraphy(setup: Setup, space: Space, direction: str, tol: float) -> dict[str, Any]:
+def peer_polygraphy(
+    setup: Setup, space: ObjectiveSpace, direction: str, tol: float
+) -> dict[str, Any]:
     """Bisects the number of leading (forward) or trailing (reverse) units kept FP32."""
     n = len(setup.names)
     marker = BisectMarker(n, direction)
@@ -691,12 +652,12 @@ def peer_polygraphy(setup: Setup, space: Space, direction: str, tol: float) -> d
             "placed_with": "its assignment",
         }
     )
-    row.update(space.place(row["latency_ms"], row["deviation"]))
+    row.update(place(space, row["latency_ms"], row["deviation"]))
     return row
 
 
 def peers(
-    setup: Setup, space: Space, tolerances: list[float], timeout: float
+    setup: Setup, space: ObjectiveSpace, tolerances: list[float], timeout: float
 ) -> list[dict[str, Any]]:
     import onnx
 
@@ -715,7 +676,7 @@ def peers(
             "latency_ms": lat,
             "deviation": dev,
         }
-        row.update(space.place(lat, dev))
+        row.update(place(space, lat, dev))
         rows.append(row)
     readme = {"rtol": 1e-2, "atol": 1e-3}
     label = "rtol=1e-2, atol=1e-3 (README)"
@@ -874,7 +835,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
 
 
 def plot(
-    space: Space,
+    space: ObjectiveSpace,
     seeds: list[dict[str, Any]],
     peer_rows: list[dict[str, Any]],
     path: Path,
@@ -1139,6 +1100,17 @@ def main() -> int:
         action="store_true",
         help="measure the per-trial overhead again into the existing results (after a change)",
     )
+    ap.add_argument(
+        "--tables",
+        action="store_true",
+        help="only replay every sampler on every table in benchmarks/tables (no model runs)",
+    )
+    ap.add_argument("--samplers", help="--tables: samplers (comma-separated; default all)")
+    ap.add_argument(
+        "--table-budgets",
+        default=",".join(map(str, TABLE_BUDGETS)),
+        help="--tables: distinct evaluations to read the ratio at",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -1150,6 +1122,8 @@ def main() -> int:
     print(f"work folder: {work}", flush=True)
     if args.only_overhead:
         return only_overhead(args, work)
+    if args.tables:
+        return tables_main(args)
     setup = Setup(args.model, args.units, work)
     n = len(setup.names)
     print(
@@ -1157,10 +1131,10 @@ def main() -> int:
         f"grouped to {n}; exhaustive over {1 << n} assignments",
         flush=True,
     )
-    table = exhaustive(setup, args.workers)
-    space = Space(table["latency"], table["deviation"])
+    table, made = exhaustive(setup, args.workers)
+    space = table.space()
     print(
-        f"  table: {table['seconds']:.0f} s ({'cached' if table['cached'] else 'computed'}); "
+        f"  table: {made['seconds']:.0f} s ({'cached' if made['cached'] else 'computed'}); "
         f"true front {len(space.front_idx)} points; HV {space.true_hv:.5g}",
         flush=True,
     )
@@ -1179,7 +1153,7 @@ def main() -> int:
     print(f"replaying the sampling loop on the table: budgets {budgets}", flush=True)
     from amp_search.search.sampler import DEFAULT_SAMPLER, SAMPLERS
 
-    replayed = replay(setup, space, seeds[0], list(SAMPLERS), budgets, args.seeds)
+    replayed = replay(table, space, list(SAMPLERS), budgets, args.seeds)
     live = [round(r["hv_ratio"], 10) for r in seeds]
     replay_matches_live = [
         round(x, 10) for x in replayed[DEFAULT_SAMPLER][str(args.trials)]["ratios"]
@@ -1195,7 +1169,7 @@ def main() -> int:
     ratios = [r["hv_ratio"] for r in seeds]
     # Sensitivity to the floor: all-FP32 (deviation 0) alone owns the strip between the floor
     # and the most accurate nonzero point; a floor at the smallest nonzero deviation shrinks it.
-    tight = Space(space.lat, space.dev, floor=float(np.min(space.dev[space.dev > 0])))
+    tight = ObjectiveSpace(space.lat, space.dev, floor=float(np.min(space.dev[space.dev > 0])))
     for r in seeds:
         r["hv_ratio_tight_floor"] = tight.ratio(
             [tight.point(a, b) for a, b in r["evaluated"] if math.isfinite(b)]
@@ -1238,8 +1212,8 @@ def main() -> int:
         "exhaustive": {
             "assignments": int(space.lat.size),
             "finite": int(space.ok.sum()),
-            "seconds": table["seconds"],
-            "cached": table["cached"],
+            "seconds": made["seconds"],
+            "cached": made["cached"],
             "facts": facts,
             "latency_range_ms": [space.xmin, space.xmax],
             "deviation_range": [
