@@ -1169,7 +1169,8 @@ def main() -> int:
     ratios = [r["hv_ratio"] for r in seeds]
     # Sensitivity to the floor: all-FP32 (deviation 0) alone owns the strip between the floor
     # and the most accurate nonzero point; a floor at the smallest nonzero deviation shrinks it.
-    tight = ObjectiveSpace(space.lat, space.dev, floor=float(np.min(space.dev[space.dev > 0])))
+    tightest = float(np.min(space.dev[space.ok & (space.dev > 0)]))
+    tight = ObjectiveSpace(space.lat, space.dev, floor=tightest, include=space.include)
     for r in seeds:
         r["hv_ratio_tight_floor"] = tight.ratio(
             [tight.point(a, b) for a, b in r["evaluated"] if math.isfinite(b)]

@@ -194,16 +194,17 @@ def compute(
     deadline: float,
 ) -> bool:
     """Fills the table's missing rows; True when complete (saved every minute and at the end)."""
-    todo = [int(m) for k, m in enumerate(table.masks) if np.isnan(table.deviation[k])]
+    # Rows with a locked unit FP16 are outside the search's space: not computed.
+    skip = table.computed | ~table.reachable
+    todo = [int(m) for m, ok in zip(table.masks, skip, strict=True) if not ok]
     chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
     t0 = time.perf_counter()
     spent = float(table.meta.get("seconds", 0.0))
-    done = len(table.masks) - len(todo)
+    done = int(np.sum(table.computed))
+    first = done
     last_save = t0
-    print(
-        f"{table.model}: {len(todo)} of {len(table.masks)} rows to compute, {workers} workers",
-        flush=True,
-    )
+    total = first + len(todo)
+    print(f"{table.model}: {len(todo)} of {total} rows to compute, {workers} workers", flush=True)
     with ProcessPoolExecutor(
         max_workers=workers,
         initializer=_init_worker,
@@ -233,9 +234,9 @@ def compute(
                 table.meta["seconds"] = spent + now - t0
                 table.save(out)
                 last_save = now
-                rate = (now - t0) / max(1, done - (len(table.masks) - len(todo)))
+                rate = (now - t0) / max(1, done - first)
                 print(
-                    f"  {done}/{len(table.masks)} in {now - t0:.0f} s ({rate * workers:.2f} s "
+                    f"  {done}/{total} in {now - t0:.0f} s ({rate * workers:.2f} s "
                     "per row per worker)",
                     flush=True,
                 )

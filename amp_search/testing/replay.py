@@ -136,9 +136,20 @@ class Table:
         return len(self.masks) == n and all(int(m) == k for k, m in enumerate(self.masks))
 
     @property
+    def reachable(self) -> np.ndarray:
+        """Rows the search can propose: no locked unit FP16 (locked units are no parameters)."""
+        locked = self.mask(self.context.get("locked", ()))
+        return np.array([int(m) & locked == 0 for m in self.masks], dtype=bool)
+
+    @property
+    def computed(self) -> np.ndarray:
+        """Rows that have both values."""
+        return ~np.isnan(self.latency) & ~np.isnan(self.deviation)
+
+    @property
     def complete(self) -> bool:
-        """Whether every row has both values."""
-        return bool(np.all(~np.isnan(self.latency)) and np.all(~np.isnan(self.deviation)))
+        """Whether every row the search can propose has both values."""
+        return bool(np.all(self.computed | ~self.reachable))
 
     def row(self, mask: int) -> int | None:
         """The row of ``mask``, or None if the table lacks it."""
@@ -175,9 +186,11 @@ class Table:
         return [u for i, u in enumerate(self.units) if not int(mask) >> i & 1]
 
     def space(self, floor: float = DEV_FLOOR) -> ObjectiveSpace:
-        """The objective space of the computed rows."""
-        ok = ~np.isnan(self.latency) & ~np.isnan(self.deviation)
-        return ObjectiveSpace(self.latency[ok], self.deviation[ok], floor)
+        """The objective space of the computed rows the search can propose.
+
+        Its row positions are the table's (a mask's row in an exhaustive table).
+        """
+        return ObjectiveSpace(self.latency, self.deviation, floor, self.computed & self.reachable)
 
     # --- file form ------------------------------------------------------------------------
 
@@ -258,22 +271,31 @@ class ObjectiveSpace:
     """The 2-D objective space of a set of assignments (see :data:`NORMALIZATION`).
 
     Args:
-        latency: Latency in ms of every assignment the space spans.
+        latency: Latency in ms of every assignment.
         deviation: Their deviation (inf: non-finite outputs).
         floor: Deviations below it count as it.
+        include: The assignments the space spans (default all); the others keep their row
+            positions but count nowhere.
     """
 
     def __init__(
-        self, latency: np.ndarray, deviation: np.ndarray, floor: float = DEV_FLOOR
+        self,
+        latency: np.ndarray,
+        deviation: np.ndarray,
+        floor: float = DEV_FLOOR,
+        include: np.ndarray | None = None,
     ) -> None:
-        ok = np.isfinite(deviation)
         self.lat = np.asarray(latency, dtype=np.float64)
         self.dev = np.asarray(deviation, dtype=np.float64)
+        inc = np.ones(len(self.lat), bool) if include is None else np.asarray(include, bool)
+        ok = inc & np.isfinite(self.dev)
+        self.include = inc
         self.ok = ok
         self.floor = floor
         self.y = np.log10(np.maximum(np.where(ok, self.dev, 1.0), floor))
-        self.ref = (float(self.lat.max()) * 1.05, float(self.y[ok].max()) + 0.5)
-        self.xmin, self.xmax = float(self.lat.min()), float(self.lat.max())
+        lat = self.lat[inc]
+        self.ref = (float(lat.max()) * 1.05, float(self.y[ok].max()) + 0.5)
+        self.xmin, self.xmax = float(lat.min()), float(lat.max())
         self.ymin, self.ymax = float(self.y[ok].min()), float(self.y[ok].max())
         ids = np.flatnonzero(ok)
         #: Row positions of the front (non-dominated rows), fastest first.

@@ -163,3 +163,16 @@ def test_guided_sampler_beyond_enumeration():
 
 #: The guided sampler's least share of the best-known front after 60 evaluations on 99 units.
 BEYOND_MIN_RATIO = 0.9
+
+
+def test_a_locked_unit_is_outside_the_table_space():
+    table = _toy_table()
+    table.context["locked"] = ["a"]
+    table.context["guide"] = None  # the guide has no locked unit: TPE stands in
+    table.latency[1::2] = np.nan  # rows with "a" FP16 need no computing
+    table.deviation[1::2] = np.nan
+    assert table.complete and table.reachable.sum() == 8
+    space = table.space()
+    assert all(not m & 1 for m in space.front_idx)
+    r = replay(table, "tpe", budget=8, seed=0)
+    assert sorted(r.masks) == list(range(0, 16, 2))
