@@ -22,10 +22,10 @@ The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
    element type (and the search its units).
 7. ONNX shape inference, so every tensor has an element type.
 
-Once the model has run in FP32 on the calibration data, :func:`reconcile_shapes` drops the
-declared shapes that run contradicts (a graph output declared rank 2 that comes out rank 3;
-a stale ``value_info`` left by a converter): ONNX Runtime CPU only warns about them, but its
-CUDA EP refuses to bind such an output, so a candidate must never carry them.
+Once the model has run in FP32 on the calibration data, :func:`reconcile_shapes` relaxes or
+drops the declared shapes that run contradicts (a graph output declared rank 2 that comes out
+rank 3; a stale ``value_info`` left by a converter): ONNX Runtime CPU only warns about them,
+but its CUDA EP refuses to bind such an output, so a candidate must never carry them.
 """
 
 from __future__ import annotations
@@ -124,11 +124,12 @@ def name_dynamic_dims(model: onnx.ModelProto) -> None:
 def reconcile_shapes(
     model: onnx.ModelProto, observed: Mapping[str, tuple[int, ...]]
 ) -> list[str]:
-    """Drops, in place, declared shapes that an FP32 run contradicts; one entry per change.
+    """Relaxes or drops, in place, declared shapes an FP32 run contradicts; one entry per change.
 
-    A graph output keeps its element type and loses its shape; a ``value_info`` entry is
-    removed. A declared shape contradicts the run when its rank differs from the tensor's or
-    one of its fixed sizes does.
+    A graph output keeps its element type and gets the rank that ran, every size a dimension
+    of its own (``<output>_dim<k>``: ``onnx.checker`` wants a shape on each graph output); a
+    ``value_info`` entry is removed. A declared shape contradicts the run when its rank
+    differs from the tensor's or one of its fixed sizes does.
 
     Args:
         model: The sanitized model.
@@ -154,7 +155,13 @@ def reconcile_shapes(
     for out in model.graph.output:
         found = contradicted(out)
         if found:
-            out.type.tensor_type.ClearField("shape")
+            # Relaxed, not dropped: the checker wants a shape on every graph output, so it
+            # gets the rank that ran, each size a dimension of its own name.
+            rank = len(observed[out.name])
+            shape = out.type.tensor_type.shape
+            del shape.dim[:]
+            for k in range(rank):
+                shape.dim.add().dim_param = f"{out.name}_dim{k}"
             changes.append(found)
     keep = []
     for vi in model.graph.value_info:

@@ -321,12 +321,13 @@ def _run_search(
         model, units, data, fp16_pass=True, keep_reference=True, rewriter=rewriter,
         progress=stage,
     )  # fmt: skip
-    # Declared shapes the run contradicts are dropped before any candidate is written: the
-    # CUDA EP refuses to bind an output whose declared rank is wrong (ORT CPU only warns).
+    # Declared shapes the run contradicts are relaxed (a graph output: the rank that ran, free
+    # sizes) or dropped (a value_info) before any candidate is written: the CUDA EP refuses to
+    # bind an output whose declared rank is wrong (ORT CPU only warns).
     stale = reconcile_shapes(model, {n: t.shape for n, t in prof.tensors.items()
                                      if t.shape is not None})  # fmt: skip
     if stale:
-        logger.warning("Dropped %d declared shape(s) that the FP32 run contradicts: %s",
+        logger.warning("Relaxed %d declared shape(s) that the FP32 run contradicts: %s",
                        len(stale), "; ".join(stale))  # fmt: skip
         rewriter = MixedPrecisionRewriter(model, units, pinned)
     risks = assess_units(units, prof, threshold=config.threshold)
@@ -389,7 +390,7 @@ def _run_search(
         )  # fmt: skip
     notes: list[str] = [*fitted.notes, *(f"Not searched, stays FP32: {x}" for x in left_out)]
     if stale:
-        notes.append(f"Declared shapes the FP32 run contradicts were dropped: {'; '.join(stale)}")
+        notes.append(f"Declared shapes the FP32 run contradicts were relaxed: {'; '.join(stale)}")
     if build_config.device_type == "cpu":
         notes.append(CPU_NOTE)
     if latency_source == "measured" and build_config.device_type == "cpu":
