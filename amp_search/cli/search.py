@@ -82,6 +82,8 @@ class SearchCommand(Subcommand):
     expected hypervolume improvement. Each candidate is rewritten, built and run on the
     calibration data; its deviation from strict FP32 and its latency are the two objectives.
     Results go to --out: front.json/.csv, pareto.png/.html and one folder per candidate.
+    With --validation-data (or --holdout-fraction), every front point's deviation on data the
+    search never optimized on is measured at the end; 'pick' checks that figure.
     Ctrl-C stops after the running trial; 'amp-search refine' then re-times the front.
     """
 
