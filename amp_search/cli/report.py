@@ -90,7 +90,7 @@ class PickCommand(Subcommand):
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.results.refined import is_current, load_refinement
         from amp_search.results.report import Results, choose, copy_candidate, load_results
-        from amp_search.results.validation import refusal, validation_label
+        from amp_search.results.validation import refusal, unmeasured_note, validation_label
 
         results = load_results(args.results)
         con = console()
@@ -124,6 +124,9 @@ class PickCommand(Subcommand):
             ranked = Results(results.store, {**results.meta, **refinement.meta}, front)
             con.print(f"ranking by refined figures ({refinement.meta['latency_source']} on "
                       f"{refinement.meta['device']}, {refinement.meta['refined']})")  # fmt: skip
+        unmeasured = unmeasured_note(ranked.front, ranked.meta)
+        if unmeasured:
+            con.print(unmeasured)
         choice = choose(ranked, max_deviation=budget, trial=args.trial)
         point = choice.point
         written = copy_candidate(results, point, args.to)

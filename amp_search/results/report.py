@@ -18,6 +18,7 @@ from amp_search.results.validation import (
     holds,
     read_figure,
     refusal,
+    unmeasured_note,
     validation_label,
 )
 
@@ -84,6 +85,9 @@ class Results:
                 f"validation dev.: the same metric on {validation_label(m)}, never searched "
                 "on; a budget is checked against it ('amp-search pick')"
             )
+        unmeasured = unmeasured_note(self.front, m)
+        if unmeasured:
+            console.print(unmeasured)
         for note in m.get("notes", []):
             console.print(f"Note: {note}", style="dim")
 

@@ -27,6 +27,7 @@ __all__ = [
     "holds",
     "read_figure",
     "refusal",
+    "unmeasured_note",
     "validation_label",
 ]
 
@@ -69,4 +70,23 @@ def refusal(point: FrontPoint, budget: float, meta: dict[str, Any]) -> str:
         f"trial {point.trial} refused: deviation {point.deviation:.3g} on the calibration data "
         f"but {v if v is None else f'{v:.3g}'} on the validation data "
         f"({validation_label(meta)}), over the budget {budget:g}"
+    )
+
+
+def unmeasured_note(points: list[FrontPoint], meta: dict[str, Any]) -> str | None:
+    """A line when validation data was given but some points have no figure on it yet.
+
+    A search measures its front on the validation data when it ends; one stopped before (a
+    second Ctrl-C, a crash) leaves points that only a budget on the calibration data checks.
+    """
+    if not meta.get("validation"):
+        return None
+    missing = [p.trial for p in points if p.validation_deviation is None]
+    if not missing:
+        return None
+    return (
+        f"{len(missing)} front point(s) (trials {', '.join(map(str, missing[:8]))}"
+        f"{', ...' if len(missing) > 8 else ''}) have no deviation on the validation data yet "
+        "(the search ended before measuring them): their calibration figure is checked; run "
+        "the same search command again to measure them."
     )

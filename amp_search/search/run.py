@@ -482,6 +482,7 @@ def _run_search(
         "study": study_name,
         "storage": redact_storage(storage),
         "notes": notes,
+        "validation": None if validation is None else validation.identity,
     }
     target = config.n_trials
     last_recovery = time.monotonic()

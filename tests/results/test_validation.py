@@ -80,3 +80,17 @@ def test_front_files_and_refined_json_keep_the_validation_figure(tmp_path):
     assert [p.validation_deviation for p in loaded.points] == [math.inf, 0.003]
     assert summarize(loaded, 0.005)[0].startswith("fastest within 0.005: #3 3 ms at 0.001 "
                                                   "(0.003 on the validation data)")  # fmt: skip
+
+
+def test_points_not_yet_measured_on_validation_data_are_said(tmp_path, capsys):
+    from rich.console import Console
+
+    from amp_search.results.validation import unmeasured_note
+
+    # A search stopped before its end measured nothing on the validation data it was given.
+    front = [_point(1, 1.0, 0.004), _point(2, 2.0, 0.002, 0.003)]
+    note = unmeasured_note(front, META)
+    assert note is not None and note.startswith("1 front point(s) (trials 1) have no deviation")
+    assert unmeasured_note(front, {}) is None and unmeasured_note(FRONT, META) is None
+    Results(ResultsStore(tmp_path), META, front).render(Console(width=200))
+    assert "have no deviation on the validation data yet" in capsys.readouterr().out
