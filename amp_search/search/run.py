@@ -74,6 +74,7 @@ from amp_search.search.study import (
     storage_errors,
 )
 from amp_search.search.target import fit_to_target
+from amp_search.search.validation import measure_front, prepare_validation, run_identity
 from amp_search.timing import TimingPlan, nvml_clock
 from amp_search.types import PrecisionAssignment
 
@@ -122,6 +123,10 @@ class SearchConfig:
     storage_retry_s: float = 120.0
     #: ``all``: every candidate keeps its model; ``front``: dominated ones are pruned.
     keep_models: str = "all"
+    #: Data the search never optimizes on; every front point is measured on it at the end.
+    validation_data: Path | None = None
+    #: Without ``validation_data``: hold out the last ceil(f * n) calibration batches (0: off).
+    holdout_fraction: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The settings a worker needs to join this search (paths made absolute)."""
@@ -141,7 +146,7 @@ class SearchConfig:
         """A config from :meth:`to_json` (unknown keys ignored), with ``overrides``."""
         names = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in obj.items() if k in names}
-        for k in ("model", "out", "data"):
+        for k in ("model", "out", "data", "validation_data"):
             if kw.get(k) is not None:
                 kw[k] = Path(kw[k])
         kw["record_metrics"] = tuple(kw.get("record_metrics") or ())
@@ -281,6 +286,9 @@ def _run_search(
         units = group_units(units, config.max_units)
     data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic,
                             shapes={k: tuple(v) for k, v in config.shapes.items()})  # fmt: skip
+    # Unseen data (search/validation.py): held out of the search, measured on at the end.
+    data, validation = prepare_validation(data, model_inputs(model), config.validation_data,
+                                          config.holdout_fraction)  # fmt: skip
     options = backend.options_for_data(options, data.first())  # TensorRT: profile shapes
     build_config = BuildConfig(device=config.device, options=options)
     identity = backend.identity(build_config)  # validates the options
@@ -312,6 +320,7 @@ def _run_search(
             "max_units": config.max_units,
             "pinned_fp32": pinned,
             "opset_upgraded_from": fitted.upgraded_from,
+            **run_identity(data, validation),
         }
     )
 
@@ -474,6 +483,7 @@ def _run_search(
         "study": study_name,
         "storage": redact_storage(storage),
         "notes": notes,
+        "validation": None if validation is None else validation.identity,
     }
     target = config.n_trials
     last_recovery = time.monotonic()
@@ -544,6 +554,10 @@ def _run_search(
             f"No candidate met --max-deviation {config.max_deviation:g}; the front is empty. "
             "Loosen the budget (the study holds every trial)."
         )
+    if validation is not None:  # every front point's deviation on the unseen data
+        front = measure_front(front, meta, validation, store=store, model=model,
+                              backend=backend, device=config.device, options=config.options,
+                              metric=metric)  # fmt: skip
     write_front(store, front, {**meta, "baselines": baselines(study)})
     from amp_search.results.plots import draw_plots  # matplotlib/plotly: imported when drawn
 
