@@ -348,6 +348,7 @@ def _typed_outputs(model: onnx.ModelProto, opset: int) -> list[onnx.ValueInfoPro
             known[vi.name] = vi
     for t in model.graph.initializer:
         known[t.name] = _value_info(t.name, t.data_type, [int(d) for d in t.dims])
+    untyped_outputs = {o.name: o for o in model.graph.output if o.name not in known}
     added: list[onnx.ValueInfoProto] = []
     for node in model.graph.node:
         typing = op_typing(node.op_type, node.domain, opset)
@@ -373,6 +374,9 @@ def _typed_outputs(model: onnx.ModelProto, opset: int) -> list[onnx.ValueInfoPro
             if not elem:
                 continue
             vi = _value_info(out, elem, shape)
+            if out in untyped_outputs:  # a graph output declared without a type
+                untyped_outputs[out].type.CopyFrom(vi.type)
+                vi = untyped_outputs[out]
             known[out] = vi
             added.append(vi)
     return added
