@@ -108,15 +108,24 @@ class OpTyping:
         return tied[0] if var in self.switch and tied else 0
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    """An int attribute."""
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
-def _known(d: Dim) -> bool:
-    return isinstance(d, int)
+def _ints(node: onnx.NodeProto, name: str) -> list[int]:
+    """An ints attribute (empty when absent)."""
+    return next((list(a.ints) for a in node.attribute if a.name == name), [])
+
+
+def _product(*dims: Dim) -> Dim:
+    """The product of sizes, None unless every one is known."""
+    out = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        out *= d
+    return out
 
 
 def _attention_shape(node: onnx.NodeProto, shapes: Sequence[list[Dim] | None]) -> list[Dim] | None:
@@ -125,9 +134,9 @@ def _attention_shape(node: onnx.NodeProto, shapes: Sequence[list[Dim] | None]) -
     w = shapes[1] if len(shapes) > 1 else None
     if x is None or len(x) != 3:
         return None
-    sizes = _attr(node, "qkv_hidden_sizes")
-    if sizes:
-        return [x[0], x[1], int(list(sizes)[2])]  # type: ignore[call-overload]
+    sizes = _ints(node, "qkv_hidden_sizes")
+    if len(sizes) == 3:
+        return [x[0], x[1], sizes[2]]
     if w is not None and len(w) == 2 and isinstance(w[1], int):
         return [x[0], x[1], w[1] // 3]
     return None
@@ -139,15 +148,18 @@ def _mha_shape(node: onnx.NodeProto, shapes: Sequence[list[Dim] | None]) -> list
     v = shapes[2] if len(shapes) > 2 else None
     if q is None:
         return None
+    hidden: Dim
     if len(q) == 5:  # packed QKV [B, S, N, 3, H]
-        return [q[0], q[1], q[2] * q[4]] if _known(q[2]) and _known(q[4]) else None  # type: ignore[operator]
-    if len(q) != 3:
+        hidden = _product(q[2], q[4])
+    elif len(q) != 3:
         return None
-    if v is not None and len(v) == 3:
-        return [q[0], q[1], v[2]]
-    if v is not None and len(v) == 4:  # [B, N, L, H]
-        return [q[0], q[1], v[1] * v[3]] if _known(v[1]) and _known(v[3]) else None  # type: ignore[operator]
-    return [q[0], q[1], q[2]]
+    elif v is not None and len(v) == 3:
+        hidden = v[2]
+    elif v is not None and len(v) == 4:  # [B, N, L, H]
+        hidden = _product(v[1], v[3])
+    else:
+        hidden = q[2]
+    return None if hidden is None else [q[0], q[1], hidden]
 
 
 def _gqa_shape(node: onnx.NodeProto, shapes: Sequence[list[Dim] | None]) -> list[Dim] | None:
@@ -158,10 +170,10 @@ def _gqa_shape(node: onnx.NodeProto, shapes: Sequence[list[Dim] | None]) -> list
         return None
     if k is not None:
         return [q[0], q[1], q[2]]
-    n, kv = int(_attr(node, "num_heads", 0)), int(_attr(node, "kv_num_heads", 0))  # type: ignore[call-overload]
-    if not (_known(q[2]) and n and kv):
+    n, kv = _attr(node, "num_heads"), _attr(node, "kv_num_heads")
+    if not (isinstance(q[2], int) and n and kv):
         return None
-    return [q[0], q[1], q[2] * n // (n + 2 * kv)]  # type: ignore[operator]
+    return [q[0], q[1], q[2] * n // (n + 2 * kv)]
 
 
 def _fused_matmul_shape(
@@ -179,9 +191,9 @@ def _fused_matmul_shape(
         a[-1], a[-2] = a[-2], a[-1]
     if _attr(node, "transB", 0):
         b[-1], b[-2] = b[-2], b[-1]
-    ba, bb = a[:-2], b[:-2]
-    n = max(len(ba), len(bb))
-    ba, bb = [1] * (n - len(ba)) + ba, [1] * (n - len(bb)) + bb
+    n = max(len(a), len(b)) - 2
+    ones: list[Dim] = [1] * n
+    ba, bb = (ones + a[:-2])[-n:] if n else [], (ones + b[:-2])[-n:] if n else []
     batch: list[Dim] = []
     for x, y in zip(ba, bb, strict=True):
         if x == 1:
@@ -210,9 +222,9 @@ def _split_gelu_shape(
 ) -> list[Dim] | None:
     """BiasSplitGelu: input 0 with its last dimension halved."""
     x = shapes[0] if shapes else None
-    if x is None or not x or not _known(x[-1]):
+    if x is None or not x or not isinstance(x[-1], int):
         return None
-    return [*x[:-1], x[-1] // 2]  # type: ignore[operator]
+    return [*x[:-1], x[-1] // 2]
 
 
 def _embed_shape(

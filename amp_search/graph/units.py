@@ -372,7 +372,7 @@ def not_searched(
         if node.name in pinned:
             reason = f"pinned FP32: {pinned[node.name]}"
         elif bodies:
-            outer = {n: FLOAT for n in idx.elem_type if idx.is_float(n)}
+            outer = {n: int(FLOAT) for n in idx.elem_type if idx.is_float(n)}
             for inner, weights in _body_compute(node, outer, sizes):
                 add(_op_name(inner), f"{_SUBGRAPH}{node.op_type}", inner, weights, node.name)
             continue
@@ -414,7 +414,7 @@ def _subgraph_reason(owner_op: str, owners: list[str]) -> str:
 
 
 def _body_compute(
-    owner: onnx.NodeProto, outer: dict[str, int], sizes: dict[str, int]
+    owner: onnx.NodeProto, outer: Mapping[str, int], sizes: Mapping[str, int]
 ) -> list[tuple[onnx.NodeProto, int]]:
     """The float compute nodes in a node's subgraphs (nested ones too), with their weights.
 
@@ -427,8 +427,8 @@ def _body_compute(
         if attr.type not in _GRAPH_ATTRS:
             continue
         for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            types = dict(outer)
-            weights = dict(sizes)
+            types: dict[str, int] = dict(outer)
+            weights: dict[str, int] = dict(sizes)
             for t in g.initializer:
                 types[t.name] = t.data_type
                 if t.data_type == FLOAT:
