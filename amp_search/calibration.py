@@ -14,6 +14,7 @@ memory is one file's arrays plus what a single batch needs, whatever the number 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import zipfile
@@ -77,7 +78,11 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 class CalibrationData:
-    """Batches of model inputs, validated on construction, loaded lazily on iteration."""
+    """Batches of model inputs, validated on construction, loaded lazily on iteration.
+
+    :meth:`subset` gives a run of its batches as data of their own (a holdout split), without
+    reading the files again.
+    """
 
     def __init__(
         self,
@@ -89,32 +94,63 @@ class CalibrationData:
         self.files = files or []
         self._synthetic = synthetic
         self.n_batches = len(synthetic) if synthetic is not None else 0
+        #: Batches per file, in order.
+        self._counts: list[int] = []
         for f in self.files:
             arrays = _read_npz(f)
             n = _validate(arrays, inputs, f)
+            self._counts.append(n)
             self.n_batches += n
+        #: The batches this data holds, ``[start, stop)`` of all of them (see :meth:`subset`).
+        self.batches = (0, self.n_batches)
+        self._total = self.n_batches
 
     @property
     def is_synthetic(self) -> bool:
         """Whether the data is random (``--synthetic``)."""
         return self._synthetic is not None
 
+    @property
+    def source(self) -> str:
+        """Where the batches come from: the file's name, ``N files`` or ``synthetic``."""
+        if self.is_synthetic:
+            return "synthetic"
+        return self.files[0].name if len(self.files) == 1 else f"{len(self.files)} files"
+
     def describe(self) -> str:
         """One line: where the data comes from and how much."""
+        part = ""
+        if self.batches != (0, self._total):
+            part = f" (batches {self.batches[0]}..{self.batches[1] - 1} of {self._total})"
         if self.is_synthetic:
-            return f"{self.n_batches} synthetic batch(es) (random data)"
-        where = self.files[0].name if len(self.files) == 1 else f"{len(self.files)} files"
-        return f"{self.n_batches} batch(es) from {where}"
+            return f"{self.n_batches} synthetic batch(es) (random data){part}"
+        return f"{self.n_batches} batch(es) from {self.source}{part}"
+
+    def subset(self, start: int, stop: int) -> CalibrationData:
+        """Batches ``start..stop-1`` (in order, counted over every file) as data of their own."""
+        if not 0 <= start < stop <= self._total:
+            raise ValueError(f"batches [{start}, {stop}) out of [0, {self._total})")
+        out = copy.copy(self)
+        out.batches = (start, stop)
+        out.n_batches = stop - start
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
+        start, stop = self.batches
         if self._synthetic is not None:
-            yield from self._synthetic
+            yield from self._synthetic[start:stop]
             return
-        for f in self.files:
+        offset = 0
+        for f, count in zip(self.files, self._counts, strict=True):
+            first, offset = offset, offset + count
+            if offset <= start:
+                continue  # a file wholly before the subset is not read
+            if first >= stop:
+                return
             arrays = _read_npz(f)
             stacked = {spec.name: arrays[spec.name].ndim == spec.rank + 1 for spec in self.inputs}
             n = _validate(arrays, self.inputs, f)
-            for b in range(n):
+            for b in range(max(0, start - first), min(n, stop - first)):
                 yield {
                     s.name: (arrays[s.name][b] if stacked[s.name] else arrays[s.name])
                     for s in self.inputs

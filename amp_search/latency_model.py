@@ -53,9 +53,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from amp_search.errors import UserInputError
+from amp_search.graph.op_types import infer_shapes
 from amp_search.graph.units import COMPUTE_OPS, POINTWISE_OPS
 from amp_search.types import LatencyStats
 
@@ -72,6 +73,7 @@ __all__ = [
     "LatencyBreakdown",
     "LatencyEstimator",
     "NodeCost",
+    "node_flops",
 ]
 
 logger = logging.getLogger(__name__)
@@ -149,7 +151,8 @@ _CAST_BYTES_PER_ELEM = 6  # 4 in + 2 out, or 2 in + 4 out
 
 #: Ops that run on tensor cores.
 _MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Attention",
-                         "LSTM", "GRU", "RNN"})  # fmt: skip
+                         "LSTM", "GRU", "RNN", "MultiHeadAttention", "GroupQueryAttention",
+                         "FusedMatMul", "TransposeMatMul", "FusedConv", "FusedGemm"})  # fmt: skip
 _RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 #: Pure data movement that TensorRT turns into views or evaluates at build time: free.
 _VIEW_OPS = frozenset(
@@ -174,12 +177,22 @@ _FLOPS_PER_OUTPUT: dict[str, float] = {
         ("Exp", "Log", "Pow", "Sigmoid", "Tanh", "Erf", "Elu", "Selu", "Celu", "Softplus",
          "Sin", "Cos"), 4.0,
     ),
-    **dict.fromkeys(("Gelu", "Mish", "Swish", "Softmax", "LogSoftmax", "Hardmax"), 5.0),
+    **dict.fromkeys(("Gelu", "Mish", "Swish", "Softmax", "LogSoftmax", "Hardmax",
+                     "QuickGelu"), 5.0),
     **dict.fromkeys(
         ("LayerNormalization", "InstanceNormalization", "GroupNormalization",
          "RMSNormalization", "MeanVarianceNormalization", "LpNormalization", "LRN"), 8.0,
     ),
+    # ONNX Runtime's fused ops (com.microsoft): the pointwise work they fold together.
+    "BiasAdd": 2.0, "RotaryEmbedding": 3.0, "SimplifiedLayerNormalization": 6.0,
+    **dict.fromkeys(("BiasGelu", "BiasSplitGelu"), 6.0),
+    "FastGelu": 8.0,  # bias add and the tanh approximation
+    # a layer norm plus the residual (and bias) adds; the embedding's gathers are free
+    **dict.fromkeys(("SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+                     "EmbedLayerNormalization"), 10.0),
 }  # fmt: skip
+#: Softmax over the attention scores, FLOPs per score.
+_SOFTMAX_FLOPS = 5.0
 #: Reductions cost this many FLOPs per *input* element.
 _FLOPS_PER_INPUT: dict[str, float] = {
     **dict.fromkeys(
@@ -296,17 +309,7 @@ class LatencyEstimator:
         self.spec = TARGETS[target]
         self.fp32_math = fp32_math
         self.input_shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
-        types = _infer_types(model, self.input_shapes)
-        for name, seen in (known_shapes or {}).items():  # observed in a profiling run
-            if name in types and types[name][1] is None:
-                types[name] = (types[name][0], tuple(int(d) for d in seen))
-        self._numel: dict[str, int] = {}
-        unknown: list[str] = []
-        for name, (_, shape) in types.items():
-            if shape is None:
-                unknown.append(name)
-            else:
-                self._numel[name] = math.prod(shape)
+        types, self._numel, unknown = _sized_types(model, self.input_shapes, known_shapes)
         self.unknown_shapes: tuple[str, ...] = tuple(sorted(unknown))
         if unknown:
             logger.warning(
@@ -315,7 +318,8 @@ class LatencyEstimator:
                 "may read low (--latency measured times the real model).", len(unknown),
                 unknown[0],
             )  # fmt: skip
-        self._costs, self._probe = _node_costs(model, types, self._numel)
+        self._flops_by_node: dict[str, float] = {}
+        self._costs, self._probe = _node_costs(model, types, self._numel, self._flops_by_node)
         self._pos = {c.name: i for i, c in enumerate(self._costs)}
         if len(self._pos) != len(self._costs):
             raise UserInputError(
@@ -337,6 +341,10 @@ class LatencyEstimator:
     def flops(self, node_name: str) -> float:
         """FLOPs of node ``node_name`` (multiply and add counted apart)."""
         return self._costs[self._pos[node_name]].flops
+
+    def flops_by_node(self) -> dict[str, float]:
+        """FLOPs of every node by name, subgraph bodies included (as :func:`node_flops`)."""
+        return dict(self._flops_by_node)
 
     def _prepare_rates(self) -> None:
         """Per node and precision: compute seconds, bytes, and bytes when fused (arrays)."""
@@ -499,8 +507,54 @@ class LatencyEstimator:
         )  # fmt: skip
 
 
+def node_flops(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    known_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, float]:
+    """FLOPs of every node of ``model`` by name, as the estimator counts them.
+
+    Nodes inside If/Loop/Scan bodies are listed too, each with the work of every run of its
+    body: times a Loop's trip count where it is a constant (else once), times a Scan's
+    sequence length. The node that owns a body counts all of its body's work (an If both
+    branches: an upper bound). Work on tensors whose size is unknown counts 0.
+
+    Args:
+        model: The sanitized model.
+        input_shapes: Concrete shape of every graph input.
+        known_shapes: Tensor -> shape observed in a profiling run.
+    """
+    types, numel, _ = _sized_types(
+        model, {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}, known_shapes
+    )
+    out: dict[str, float] = {}
+    _node_costs(model, types, numel, out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Constructor helpers
+
+
+def _sized_types(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]],
+    known_shapes: Mapping[str, tuple[int, ...]] | None,
+) -> tuple[dict[str, tuple[int, tuple[int, ...] | None]], dict[str, int], list[str]]:
+    """(name -> (elem type, shape)), (name -> elements), main-graph tensors of unknown size."""
+    types = _infer_types(model, input_shapes)
+    for name, seen in (known_shapes or {}).items():  # observed in a profiling run
+        if name in types and types[name][1] is None:
+            types[name] = (types[name][0], tuple(int(d) for d in seen))
+    main = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    numel: dict[str, int] = {}
+    unknown: list[str] = []
+    for name, (_, shape) in types.items():
+        if shape is not None:
+            numel[name] = math.prod(shape)
+        elif name in main:
+            unknown.append(name)
+    return types, numel, unknown
 
 
 def _infer_types(
@@ -569,33 +623,64 @@ def _infer_types(
     m.functions.extend(model.functions)
     m.graph.CopyFrom(g)
     try:
-        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        inferred = infer_shapes(m, data_prop=True)  # ONNX Runtime's fused ops typed too
     except Exception as exc:
         raise UserInputError(
             f"Shape inference with input shapes {input_shapes} failed: "
             f"{' '.join(str(exc).split())[:300]}"
         ) from exc
-    for vi in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
-        if vi.name in types or not vi.type.HasField("tensor_type"):
-            continue
-        tt = vi.type.tensor_type
-        dims: tuple[int, ...] | None = None
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            dims = tuple(int(d.dim_value) for d in tt.shape.dim)
-        types[vi.name] = (tt.elem_type, dims)
+    for g in _graphs(inferred.graph):  # the main graph, then subgraph bodies (for FLOPs)
+        for t in g.initializer:
+            types.setdefault(t.name, (t.data_type, tuple(int(d) for d in t.dims)))
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.name in types or not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            dims: tuple[int, ...] | None = None
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                dims = tuple(int(d.dim_value) for d in tt.shape.dim)
+            types[vi.name] = (tt.elem_type, dims)
     return types
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every subgraph nested in it, outermost first."""
+    out = [graph]
+    for node in graph.node:
+        for body in _bodies(node):
+            out.extend(_graphs(body))
+    return out
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node owns (If's branches, Loop's and Scan's body)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
 
 
 def _node_costs(
     model: onnx.ModelProto,
     types: dict[str, tuple[int, tuple[int, ...] | None]],
     numel: dict[str, int],
+    flops_by_node: dict[str, float] | None = None,
 ) -> tuple[list[NodeCost], list[int | None]]:
     """Per node: its cost, and which tensor tells its precision in a mixed model.
 
     The probe is the position ``k`` of the node's first FP32 output, else ``~k`` for its
     first FP32 input, else None (a node with no FP32 tensor never changes precision).
+    ``flops_by_node``, when given, receives every node's FLOPs, subgraph bodies included.
     """
+    consts = {
+        t.name: numpy_helper.to_array(t)
+        for g in _graphs(model.graph)
+        for t in g.initializer
+        if math.prod(t.dims) <= 1 and t.data_type in (TensorProto.INT64, TensorProto.INT32)
+    }
     graph = model.graph
     producer: dict[str, int] = {}
     readers: dict[str, set[int]] = {}
@@ -642,7 +727,13 @@ def _node_costs(
                     probe = ~k
                     break
         probes.append(probe)
-        flops = 0.0 if free else _flops(node, shape, numel)
+        if _bodies(node):  # an If/Loop/Scan does its body's work
+            flops = _body_flops(node, types, numel, consts, flops_by_node)
+            free = free and not flops
+        else:
+            flops = 0.0 if free else _flops(node, shape, numel)
+        if flops_by_node is not None:
+            flops_by_node[node.name] = flops
         fuse_parent = -1
         chain_elems = 0
         if not free and node.op_type in POINTWISE_OPS:
@@ -697,6 +788,50 @@ def _cast_info(
     return info
 
 
+def _body_flops(
+    node: onnx.NodeProto,
+    types: dict[str, tuple[int, tuple[int, ...] | None]],
+    numel: dict[str, int],
+    consts: Mapping[str, np.ndarray],
+    out: dict[str, float] | None,
+    scale: float = 1.0,
+) -> float:
+    """The work of a node's subgraphs (every run of them), recorded per body node in ``out``.
+
+    Views and nodes without a float tensor (shape computations) cost nothing, as in the main
+    graph.
+    """
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        return types.get(name, (0, None))[1]
+
+    runs = scale
+    if node.op_type == "Loop" and node.input and node.input[0] in consts:
+        runs *= max(int(consts[node.input[0]].reshape(-1)[0]), 0)
+    elif node.op_type == "Scan":
+        n_scan = _attr(node, "num_scan_inputs", 1)
+        axes = [a.ints for a in node.attribute if a.name == "scan_input_axes"]
+        axis = int(axes[0][0]) if axes and axes[0] else 0
+        first = shape(node.input[len(node.input) - n_scan]) if len(node.input) >= n_scan else None
+        if first:
+            runs *= first[axis]
+    total = 0.0
+    for body in _bodies(node):
+        for inner in body.node:
+            if _bodies(inner):
+                f = _body_flops(inner, types, numel, consts, out, runs)
+            elif inner.op_type in _VIEW_OPS or not any(
+                types.get(x, (0, None))[0] in _FLOAT_TYPES for x in inner.output if x
+            ):
+                f = 0.0
+            else:
+                f = runs * _flops(inner, shape, numel)
+            if out is not None:
+                out[inner.name] = f
+            total += f
+    return total
+
+
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     for a in node.attribute:
         if a.name == name:
@@ -713,7 +848,7 @@ def _flops(
     op = node.op_type
     ins = list(node.input)
     out_numel = float(sum(numel.get(x, 0) for x in node.output if x))
-    if op == "Conv" and len(ins) >= 2:
+    if op in ("Conv", "FusedConv") and len(ins) >= 2:
         w = shape(ins[1])
         if w is not None:  # 2 * N * Cout * prod(out spatial) * Cin/group * prod(kernel)
             return 2.0 * numel.get(node.output[0], 0) * math.prod(w[1:])
@@ -725,7 +860,7 @@ def _flops(
         a = shape(ins[0])
         if a:  # 2 * prod(batch) * M * N * K
             return 2.0 * numel.get(node.output[0], 0) * a[-1]
-    elif op == "Gemm" and len(ins) >= 2:
+    elif op in ("Gemm", "FusedGemm") and len(ins) >= 2:
         a = shape(ins[0])
         if a is not None and len(a) == 2:
             k = a[0] if _attr(node, "transA", 0) else a[1]
@@ -735,6 +870,15 @@ def _flops(
         if value is not None:
             return value
         return 2.0 * out_numel
+    elif node.domain == "com.microsoft" and op in _FUSED_ATTENTION:
+        value = _fused_attention_flops(node, shape, numel)
+        if value is not None:
+            return value
+    elif op in ("FusedMatMul", "TransposeMatMul") and len(ins) >= 2:
+        a = shape(ins[0])
+        if a and len(a) >= 2:  # MatMul's count, the contracted axis as transA says
+            k = a[-2] if _attr(node, "transA", 0) else a[-1]
+            return 2.0 * numel.get(node.output[0], 0) * k
     elif op == "Attention" and len(ins) >= 2:
         q, kv = shape(ins[0]), shape(ins[1])
         if q and kv and len(kv) >= 2:  # Q K^T and P V: 2 matmuls of 2 * numel(Q) * Skv
@@ -749,6 +893,56 @@ def _flops(
         kernel = [a.ints for a in node.attribute if a.name == "kernel_shape"]
         return out_numel * (math.prod(kernel[0]) if kernel else 1)
     return _FLOPS_PER_OUTPUT.get(op, 1.0) * out_numel
+
+
+_FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
+
+
+def _fused_attention_flops(
+    node: onnx.NodeProto,
+    shape: Callable[[str], tuple[int, ...] | None],
+    numel: dict[str, int],
+) -> float | None:
+    """FLOPs of ONNX Runtime's fused attention ops.
+
+    ``4 * B * S * L * H`` (Q K^T and P V) plus the softmax over ``B * heads * S * L`` scores,
+    plus the QKV projection that Attention folds in. ``H`` is the output's hidden size, ``S``
+    the query length and ``L`` the key length (the key's, else past + S: Attention's past
+    state, GroupQueryAttention's cache buffer).
+    """
+    op = node.op_type
+    ins = list(node.input)
+
+    def given(k: int) -> tuple[int, ...] | None:
+        return shape(ins[k]) if len(ins) > k and ins[k] else None
+
+    out = shape(node.output[0])
+    if not out or len(out) != 3:
+        return None
+    b, s, hidden = out
+    heads = _attr(node, "num_heads", 1)
+    length = s
+    projection = 0.0
+    if op == "Attention":
+        x, w, past = given(0), given(1), given(4)
+        if x is None or w is None or len(w) != 2:
+            return None
+        projection = 2.0 * math.prod(x) * w[1]
+        if past is not None and len(past) == 5:  # [2, B, heads, past, head_size]
+            length = s + past[3]
+    elif op == "MultiHeadAttention":
+        key, past = given(1), given(6)
+        if key is not None and len(key) == 3:
+            length = key[1]
+        elif key is not None and len(key) == 4:  # [B, heads, L, head_size]
+            length = key[2]
+        if past is not None and len(past) == 4:
+            length += past[2]
+    else:  # GroupQueryAttention
+        past = given(3)
+        if past is not None and len(past) == 4:  # [B, kv_heads, buffer, head_size]
+            length = max(s, past[2])
+    return projection + 4.0 * b * s * length * hidden + _SOFTMAX_FLOPS * b * heads * s * length
 
 
 def _einsum_flops(

@@ -429,6 +429,7 @@ def _emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) 
     from onnx import TensorProto, helper, numpy_helper
 
     from amp_search.graph.io import save_model, serialize_within_limit, typed_skeleton
+    from amp_search.graph.op_types import infer_shapes
 
     if model_bytes is None:
         model = onnx.load(str(model_path))
@@ -444,7 +445,7 @@ def _emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) 
     if not has_fp16:
         return str(model_path) if model_bytes is None else model_bytes
     try:
-        typed = onnx.shape_inference.infer_shapes(typed_skeleton(model))
+        typed = infer_shapes(typed_skeleton(model), data_prop=False)  # fused ops typed too
     except Exception:  # fall back to the types the model states
         typed = model
     types = {

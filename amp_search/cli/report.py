@@ -63,7 +63,10 @@ class ReportCommand(Subcommand):
 class PickCommand(Subcommand):
     """Copy the fastest candidate within a deviation budget (or a given trial) out.
 
-    Prints its latency, deviation and FP32 fallback set: the units kept in FP32.
+    Prints its latency, deviation and FP32 fallback set: the units kept in FP32. Where the
+    front was measured on validation data (search --validation-data / --holdout-fraction),
+    that deviation decides: a faster point within the budget on the calibration data but over
+    it on the validation data is refused, with both figures.
     """
 
     name = "pick"
@@ -87,6 +90,7 @@ class PickCommand(Subcommand):
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.results.refined import is_current, load_refinement
         from amp_search.results.report import Results, choose, copy_candidate, load_results
+        from amp_search.results.validation import refusal, unmeasured_note, validation_label
 
         results = load_results(args.results)
         con = console()
@@ -120,9 +124,14 @@ class PickCommand(Subcommand):
             ranked = Results(results.store, {**results.meta, **refinement.meta}, front)
             con.print(f"ranking by refined figures ({refinement.meta['latency_source']} on "
                       f"{refinement.meta['device']}, {refinement.meta['refined']})")  # fmt: skip
+        unmeasured = unmeasured_note(ranked.front, ranked.meta)
+        if unmeasured:
+            con.print(unmeasured)
         choice = choose(ranked, max_deviation=budget, trial=args.trial)
         point = choice.point
         written = copy_candidate(results, point, args.to)
+        for p in choice.refused:  # faster, within on the calibration data, over on validation
+            con.print(refusal(p, budget, ranked.meta))
         if point is not choice.fastest:
             f = choice.fastest
             con.print(
@@ -132,9 +141,11 @@ class PickCommand(Subcommand):
                 "latency intervals overlap, so the more accurate one is picked (--trial "
                 f"{f.trial} takes the other)."
             )
+        v = point.validation_deviation
         con.print(
             f"picked trial {point.trial}: {point.latency_text(' ms')} ({point.latency_source}), "
             f"deviation {point.deviation:.3g} ({point.metric})"
+            + ("" if v is None else f", {v:.3g} on {validation_label(ranked.meta)}")
         )
         execution = point.metrics.get("execution") or {}
         if "cuda_graph" in execution:

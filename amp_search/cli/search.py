@@ -15,7 +15,13 @@ from amp_search.cli.worker import add_storage_retry
 from amp_search.keys import BASELINES
 from amp_search.search.sampler import DEFAULT_SAMPLER, SAMPLERS
 
-__all__ = ["SearchCommand", "add_option_argument", "parse_options", "print_outcome"]
+__all__ = [
+    "SearchCommand",
+    "add_option_argument",
+    "add_validation_arguments",
+    "parse_options",
+    "print_outcome",
+]
 
 
 def parse_options(
@@ -51,6 +57,21 @@ def add_option_argument(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_validation_arguments(parser: argparse.ArgumentParser, *, holdout: bool = True) -> None:
+    """``--validation-data`` (and ``--holdout-fraction``): data the search never optimizes on."""
+    parser.add_argument(
+        "--validation-data", metavar="PATH",
+        help="a second data set (as --data) never searched on: every front point's deviation "
+        "on it is measured too, and 'pick --max-deviation' checks that figure",
+    )  # fmt: skip
+    if holdout:
+        parser.add_argument(
+            "--holdout-fraction", type=float, default=0.0, metavar="F",
+            help="without --validation-data: hold out the last ceil(F*n) of the n calibration "
+            "batches as validation data, e.g. 0.25 (default 0: off)",
+        )  # fmt: skip
+
+
 class SearchCommand(Subcommand):
     """Search per-unit FP16/FP32 precisions for the Pareto front of latency vs. deviation.
 
@@ -61,6 +82,8 @@ class SearchCommand(Subcommand):
     expected hypervolume improvement. Each candidate is rewritten, built and run on the
     calibration data; its deviation from strict FP32 and its latency are the two objectives.
     Results go to --out: front.json/.csv, pareto.png/.html and one folder per candidate.
+    With --validation-data (or --holdout-fraction), every front point's deviation on data the
+    search never optimized on is measured at the end; 'pick' checks that figure.
     Ctrl-C stops after the running trial; 'amp-search refine' then re-times the front.
     """
 
@@ -69,6 +92,7 @@ class SearchCommand(Subcommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: D102
         parser.add_argument("model", help="the ONNX model")
         add_data_arguments(parser)
+        add_validation_arguments(parser)
         parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt")
         parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         add_option_argument(parser)
@@ -159,6 +183,8 @@ class SearchCommand(Subcommand):
             record_metrics=tuple(args.record_metric),
             storage_retry_s=args.storage_retry,
             keep_models=args.keep_models,
+            validation_data=Path(args.validation_data) if args.validation_data else None,
+            holdout_fraction=args.holdout_fraction,
         )
         return run_with_progress(config, shown_command(sys.argv))
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto
 
+from amp_search.graph.op_types import op_typing
+
 __all__ = ["FLOAT", "FLOAT16", "GraphIndex", "NodeParams"]
 
 FLOAT = TensorProto.FLOAT
@@ -108,7 +110,11 @@ class GraphIndex:
         return name in self.initializers and name not in self.graph_inputs
 
     def params(self, i: int) -> NodeParams:
-        """The FP16-convertible inputs/outputs of node ``i`` (by its op schema)."""
+        """The FP16-convertible inputs/outputs of node ``i`` (by its op schema).
+
+        ONNX's schemas type the default-domain ops; :mod:`amp_search.graph.op_types` types
+        ONNX Runtime's fused ops (``com.microsoft`` Attention, SkipLayerNormalization, ...).
+        """
         node = self.model.graph.node[i]
         return _node_params(
             node.op_type,
@@ -127,7 +133,13 @@ def _node_params(
     in_types: tuple[int, ...],
     out_types: tuple[int, ...],
 ) -> NodeParams:
-    if domain not in ("", "ai.onnx") or op_type in ("Cast", "CastLike"):
+    if op_type in ("Cast", "CastLike"):
+        return NodeParams()
+    typing = op_typing(op_type, domain, opset)  # ONNX Runtime's fused ops: a table of ours
+    if typing is not None:
+        ins, outs = typing.switched(in_types, out_types)
+        return NodeParams(inputs=ins, outputs=outs)
+    if domain not in ("", "ai.onnx"):
         return NodeParams()
     try:
         schema = onnx.defs.get_schema(op_type, opset, "")

@@ -5,7 +5,9 @@ between calls) never mutates its input. For the nodes of FP16 units it:
 
 - switches the node's float inputs/outputs that its op schema types together (the type
   variable of its outputs) to FP16, leaving spec-typed inputs alone (Resize scales/roi,
-  LayerNormalization's FP32-only statistics, index inputs);
+  LayerNormalization's FP32-only statistics, index inputs); ONNX Runtime's fused ops
+  (``com.microsoft`` Attention, SkipLayerNormalization, ...) by the table in
+  ``graph/op_types.py``;
 - reads FP16 copies of its float initializers (converted once and cached; the conversion
   reports values that overflow, fall in the subnormal range, or flush to zero; a node whose
   weights overflow FP16 stays FP32);
@@ -35,6 +37,7 @@ from onnx import helper, numpy_helper
 
 from amp_search.graph._index import FLOAT, FLOAT16, GraphIndex
 from amp_search.graph.io import copy_without_initializers
+from amp_search.graph.op_types import since_version
 from amp_search.graph.units import FOLLOWER_OPS, Unit, find_units
 from amp_search.types import Precision, PrecisionAssignment
 
@@ -223,9 +226,9 @@ class MixedPrecisionRewriter:
         _, report = self.apply(_Skeletal(self.all_fp16()))
         out = []
         for name in report.fp16_nodes:
-            op = self._ops[self._pos[name]]
-            since = onnx.defs.get_schema(op, self.index.opset, "").since_version
-            out.append(LowPrecisionNode(name, op, int(since)))
+            node = self.model.graph.node[self._pos[name]]
+            since = since_version(node.op_type, node.domain, self.index.opset)
+            out.append(LowPrecisionNode(name, node.op_type, since))
         return out
 
     def fp16_node_positions(self, assignment: PrecisionAssignment) -> set[int]:

@@ -20,12 +20,13 @@ The sequence (each step an onnx-ir pass, or a check with pre/post-conditions):
    wrong rank, a graph output declared rank 3 that the graph makes rank 2) are dropped, with
    a warning: left in place, they stop inference there and every tensor after them loses its
    element type (and the search its units).
-7. ONNX shape inference, so every tensor has an element type.
+7. ONNX shape inference, so every tensor has an element type; for ONNX Runtime's fused ops
+   (which ONNX does not know) completed by :func:`amp_search.graph.op_types.infer_shapes`.
 
-Once the model has run in FP32 on the calibration data, :func:`reconcile_shapes` drops the
-declared shapes that run contradicts (a graph output declared rank 2 that comes out rank 3;
-a stale ``value_info`` left by a converter): ONNX Runtime CPU only warns about them, but its
-CUDA EP refuses to bind such an output, so a candidate must never carry them.
+Once the model has run in FP32 on the calibration data, :func:`reconcile_shapes` relaxes or
+drops the declared shapes that run contradicts (a graph output declared rank 2 that comes out
+rank 3; a stale ``value_info`` left by a converter): ONNX Runtime CPU only warns about them,
+but its CUDA EP refuses to bind such an output, so a candidate must never carry them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass
 
 from amp_search.errors import UserInputError
 from amp_search.graph.io import exceeds_protobuf_limit, typed_skeleton
+from amp_search.graph.op_types import infer_shapes, op_typing
 
 __all__ = [
     "MAX_IR_VERSION",
@@ -57,6 +59,7 @@ MIN_OPSET = 7
 MAX_OPSET = 23
 #: The IR version of ONNX 1.18, the release that introduced opset 23.
 MAX_IR_VERSION = 11
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -124,11 +127,12 @@ def name_dynamic_dims(model: onnx.ModelProto) -> None:
 def reconcile_shapes(
     model: onnx.ModelProto, observed: Mapping[str, tuple[int, ...]]
 ) -> list[str]:
-    """Drops, in place, declared shapes that an FP32 run contradicts; one entry per change.
+    """Relaxes or drops, in place, declared shapes an FP32 run contradicts; one entry per change.
 
-    A graph output keeps its element type and loses its shape; a ``value_info`` entry is
-    removed. A declared shape contradicts the run when its rank differs from the tensor's or
-    one of its fixed sizes does.
+    A graph output keeps its element type and gets the rank that ran, every size a dimension
+    of its own (``<output>_dim<k>``: ``onnx.checker`` wants a shape on each graph output); a
+    ``value_info`` entry is removed. A declared shape contradicts the run when its rank
+    differs from the tensor's or one of its fixed sizes does.
 
     Args:
         model: The sanitized model.
@@ -154,7 +158,13 @@ def reconcile_shapes(
     for out in model.graph.output:
         found = contradicted(out)
         if found:
-            out.type.tensor_type.ClearField("shape")
+            # Relaxed, not dropped: the checker wants a shape on every graph output, so it
+            # gets the rank that ran, each size a dimension of its own name.
+            rank = len(observed[out.name])
+            shape = out.type.tensor_type.shape
+            del shape.dim[:]
+            for k in range(rank):
+                shape.dim.add().dim_param = f"{out.name}_dim{k}"
             changes.append(found)
     keep = []
     for vi in model.graph.value_info:
@@ -216,17 +226,23 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
         del out.graph.value_info[:]
         for o in out.graph.output:
             o.type.tensor_type.ClearField("shape")
+    opset = default_opset(out)
+    fused = any(op_typing(n.op_type, n.domain, opset) for n in out.graph.node)
     try:
-        if not exceeds_protobuf_limit(out):
+        if not fused and not exceeds_protobuf_limit(out):
             out = onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)
-        else:  # over 2 GiB: infer on the weightless skeleton, keep what it found
-            typed = onnx.shape_inference.infer_shapes(
-                typed_skeleton(out), strict_mode=False, data_prop=True
+        else:  # over 2 GiB, or inferred again per fused op: on the weightless skeleton
+            typed = infer_shapes(typed_skeleton(out), data_prop=True)
+            declared = {vi.name for vi in out.graph.value_info}
+            out.graph.value_info.extend(
+                vi for vi in typed.graph.value_info if vi.name not in declared
             )
-            out.graph.value_info.extend(typed.graph.value_info)
             for mine, found in zip(out.graph.output, typed.graph.output, strict=True):
                 if found.type.HasField("tensor_type"):
                     mine.type.CopyFrom(found.type)
+            for node, inferred in zip(out.graph.node, typed.graph.node, strict=True):
+                if any(a.type in _GRAPH_ATTRS for a in node.attribute):
+                    node.CopyFrom(inferred)  # its bodies, with their inferred types
     except Exception as exc:  # onnx raises InferenceError and others
         logger.warning("ONNX shape inference failed (%s); element types may be missing", exc)
     return out

@@ -20,12 +20,14 @@ target), grouped by op and reason, with the share of the model's float weights i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import onnx
 
 from amp_search.graph._index import FLOAT, GraphIndex
+from amp_search.graph.op_types import OP_TYPING
 
 __all__ = [
     "COMPUTE_OPS",
@@ -59,6 +61,11 @@ COMPUTE_OPS = frozenset(
         # Recurrent layers: W, R, B and initial states switch with X (type T); sequence_lens
         # (T1, int32) stays. ONNX Runtime's CUDA EP and TensorRT run them in FP16.
         "LSTM", "GRU", "RNN",
+        # ONNX Runtime's fused transformer ops (typed by graph/op_types.py): attention,
+        # the fused layer norms, the embedding, and MatMul with transposes folded in.
+        "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+        "EmbedLayerNormalization", "FusedMatMul", "TransposeMatMul", "FusedConv", "FusedGemm",
     }
 )  # fmt: skip
 
@@ -70,6 +77,8 @@ POINTWISE_OPS = frozenset(
         "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
         "Min", "Max", "Sum", "Mean", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Where",
         "Swish", "BatchNormalization",
+        # ONNX Runtime's fused activations (com.microsoft; Gelu is also ONNX's, opset 20).
+        "FastGelu", "BiasGelu", "QuickGelu", "BiasSplitGelu", "BiasAdd", "RotaryEmbedding",
     }
 )  # fmt: skip
 
@@ -286,6 +295,8 @@ class NotSearched:
         nodes: How many nodes.
         weights: Float weight elements they read (subgraph bodies included).
         weight_share: That as a share of the model's float weight elements.
+        flops: Their FLOPs for the calibration shapes (None: not worked out).
+        flops_share: That as a share of the model's FLOPs (None: not worked out).
     """
 
     op_type: str
@@ -293,15 +304,24 @@ class NotSearched:
     nodes: int
     weights: int
     weight_share: float
+    flops: float | None = None
+    flops_share: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain-data form."""
-        return {"op_type": self.op_type, "reason": self.reason, "nodes": self.nodes,
-                "weights": self.weights, "weight_share": round(self.weight_share, 6)}  # fmt: skip
+        out: dict[str, Any] = {"op_type": self.op_type, "reason": self.reason,
+                               "nodes": self.nodes, "weights": self.weights,
+                               "weight_share": round(self.weight_share, 6)}  # fmt: skip
+        if self.flops is not None and self.flops_share is not None:
+            out["flops"] = self.flops
+            out["flops_share"] = round(self.flops_share, 6)
+        return out
 
     def __str__(self) -> str:
-        return (f"{self.nodes} {self.op_type} ({self.weight_share:.1%} of the weights): "
-                f"{self.reason}")  # fmt: skip
+        share = f"{self.weight_share:.1%} of the weights"
+        if self.flops_share is not None:
+            share += f", {self.flops_share:.1%} of the FLOPs"
+        return f"{self.nodes} {self.op_type} ({share}): {self.reason}"
 
 
 def not_searched(
@@ -309,14 +329,22 @@ def not_searched(
     units: list[Unit],
     pinned: dict[str, str] | None = None,
     index: GraphIndex | None = None,
+    flops: Mapping[str, float] | None = None,
 ) -> list[NotSearched]:
-    """The float computation of ``model`` that no unit switches, largest share of weights first.
+    """The float computation of ``model`` that no unit switches, largest share first.
+
+    Grouped by op and reason: an op the search does not switch, a node pinned FP32 for the
+    target, or a node inside the subgraph of an If/Loop/Scan (bodies are walked, nested ones
+    too; such a node is reported under the main-graph node that owns its body).
 
     Args:
         model: The sanitized model.
         units: Its units (grouped or not).
         pinned: Nodes kept FP32 for the target, with the reason.
         index: Its :class:`GraphIndex`, if already built.
+        flops: FLOPs by node name, subgraph bodies' nodes included
+            (:func:`amp_search.latency_model.node_flops`): adds each group's share of the
+            model's FLOPs (the main graph's nodes, a body's owner counting its body).
     """
     idx = index or GraphIndex.build(model)
     pinned = pinned or {}
@@ -325,33 +353,101 @@ def not_searched(
     total = sum(sizes.values()) + sum(
         _body_weights(a) for n in model.graph.node for a in n.attribute if a.type in _GRAPH_ATTRS
     )
-    groups: dict[tuple[str, str], list[int]] = {}  # (op, reason) -> [nodes, weights]
+    # (op, reason or owner op) -> [nodes, weights, flops, owners of the bodies]
+    groups: dict[tuple[str, str], list[Any]] = {}
+
+    def add(op: str, key: str, node: onnx.NodeProto, weights: int, owner: str = "") -> None:
+        entry = groups.setdefault((op, key), [0, 0, 0.0, []])
+        entry[0] += 1
+        entry[1] += weights
+        entry[2] += flops.get(node.name, 0.0) if flops is not None else 0.0
+        if owner and owner not in entry[3]:
+            entry[3].append(owner)
+
     for node in model.graph.node:
-        default = node.domain in ("", "ai.onnx")
-        op = node.op_type if default else f"{node.domain}:{node.op_type}"
+        op = _op_name(node)
         bodies = [a for a in node.attribute if a.type in _GRAPH_ATTRS]
         floats = any(idx.is_float(x) for x in [*node.input, *node.output] if x)
         plain = node.op_type in FOLLOWER_OPS or op in _NOT_COMPUTE or not floats
         if node.name in pinned:
             reason = f"pinned FP32: {pinned[node.name]}"
         elif bodies:
-            reason = "owns a subgraph (If/Loop/Scan): its body stays as it is"
+            outer = {n: int(FLOAT) for n in idx.elem_type if idx.is_float(n)}
+            for inner, weights in _body_compute(node, outer, sizes):
+                add(_op_name(inner), f"{_SUBGRAPH}{node.op_type}", inner, weights, node.name)
+            continue
         elif node.name in in_units or plain:
             continue
-        elif not default:
+        elif node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in OP_TYPING:
             reason = f"ops of domain {node.domain} are not searched"
+            if node.domain == "com.microsoft":
+                reason = "an ONNX Runtime op with no typing rule here (graph/op_types.py)"
         elif node.op_type in COMPUTE_OPS or node.op_type in POINTWISE_OPS:
             reason = "its schema at this opset has no FP16 form"
         else:
             reason = "not a searched op"
-        weights = sum(sizes.get(x, 0) for x in node.input)
-        weights += sum(_body_weights(a) for a in bodies)
-        entry = groups.setdefault((op, reason), [0, 0])
-        entry[0] += 1
-        entry[1] += weights
-    out = [NotSearched(op, reason, n, w, w / max(total, 1))
-           for (op, reason), (n, w) in groups.items()]  # fmt: skip
-    return sorted(out, key=lambda x: (-x.weights, -x.nodes, x.op_type))
+        add(op, reason, node, sum(sizes.get(x, 0) for x in node.input))
+    total_flops = sum(flops.get(n.name, 0.0) for n in model.graph.node) if flops else 0.0
+    out = []
+    for (op, key), (n, w, f, owners) in groups.items():
+        reason = _subgraph_reason(key[len(_SUBGRAPH) :], owners) if owners else key
+        share = f / total_flops if total_flops > 0 else (0.0 if flops is not None else None)
+        out.append(NotSearched(op, reason, n, w, w / max(total, 1),
+                               f if flops is not None else None, share))  # fmt: skip
+    return sorted(out, key=lambda x: (-max(x.weight_share, x.flops_share or 0.0), -x.nodes,
+                                      x.op_type, x.reason))  # fmt: skip
+
+
+_SUBGRAPH = "subgraph:"
+
+
+def _op_name(node: onnx.NodeProto) -> str:
+    """The op as reported: ``domain:op`` outside the default domain."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+
+
+def _subgraph_reason(owner_op: str, owners: list[str]) -> str:
+    if len(owners) == 1:
+        return f"inside a subgraph of {owner_op} {owners[0]!r}: bodies stay as they are"
+    shown = ", ".join(repr(o) for o in owners[:3]) + (", ..." if len(owners) > 3 else "")
+    return f"inside subgraphs of {len(owners)} {owner_op} nodes ({shown}): bodies stay as they are"
+
+
+def _body_compute(
+    owner: onnx.NodeProto, outer: Mapping[str, int], sizes: Mapping[str, int]
+) -> list[tuple[onnx.NodeProto, int]]:
+    """The float compute nodes in a node's subgraphs (nested ones too), with their weights.
+
+    A body tensor's type comes from the body's declarations (shape inference states them),
+    else from the enclosing scopes; a compute op whose tensors are all untyped counts as float
+    (MatMul, Conv, ... on integers are rare).
+    """
+    found: list[tuple[onnx.NodeProto, int]] = []
+    for attr in owner.attribute:
+        if attr.type not in _GRAPH_ATTRS:
+            continue
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            types: dict[str, int] = dict(outer)
+            weights: dict[str, int] = dict(sizes)
+            for t in g.initializer:
+                types[t.name] = t.data_type
+                if t.data_type == FLOAT:
+                    weights[t.name] = _numel(t)
+            for vi in [*g.input, *g.output, *g.value_info]:
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                    types[vi.name] = vi.type.tensor_type.elem_type
+            for node in g.node:
+                if any(a.type in _GRAPH_ATTRS for a in node.attribute):
+                    found.extend(_body_compute(node, types, weights))
+                    continue
+                tensors = [x for x in [*node.input, *node.output] if x]
+                known = [types[x] for x in tensors if x in types]
+                floats = FLOAT in known
+                compute = node.op_type in COMPUTE_OPS or node.op_type in POINTWISE_OPS
+                plain = node.op_type in FOLLOWER_OPS or _op_name(node) in _NOT_COMPUTE
+                if not plain and (floats or (compute and not known)):
+                    found.append((node, sum(weights.get(x, 0) for x in node.input)))
+    return found
 
 
 def _numel(t: onnx.TensorProto) -> int:

@@ -6,9 +6,10 @@ returns an :class:`InspectReport`, which renders as a rich table or writes JSON.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,13 +19,17 @@ from amp_search.calibration import load_calibration, model_inputs
 from amp_search.errors import UserInputError
 from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
 from amp_search.graph.units import NotSearched, not_searched
-from amp_search.profiling.ranges import profile_model
+from amp_search.profiling.ranges import Profile, profile_model
 from amp_search.profiling.sensitivity import DEFAULT_THRESHOLD, RiskLevel, UnitRisk, assess_units
 
 if TYPE_CHECKING:
+    import numpy as np
+    import onnx
     from rich.console import Console
 
-__all__ = ["CPU_NOTE", "InspectReport", "inspect_model"]
+__all__ = ["CPU_NOTE", "InspectReport", "flops_by_node", "inspect_model"]
+
+logger = logging.getLogger(__name__)
 
 CPU_NOTE = (
     "FP16 figures come from ONNX Runtime CPU with FP16 storage emulated at every node "
@@ -139,6 +144,25 @@ class InspectReport:
             console.print(f"Note: {CPU_NOTE}", style="dim")
 
 
+def flops_by_node(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], prof: Profile
+) -> dict[str, float] | None:
+    """FLOPs of every node (subgraph bodies included) for the shapes of one calibration batch.
+
+    What the latency model counts (:func:`amp_search.latency_model.node_flops`), with the
+    shapes the profiling run saw; None (and the FLOPs shares left out) where shape inference
+    fails.
+    """
+    from amp_search.latency_model import node_flops
+
+    seen = {n: t.shape for n, t in prof.tensors.items() if t.shape is not None}
+    try:
+        return node_flops(model, {k: tuple(v.shape) for k, v in feeds.items()}, seen)
+    except Exception as exc:  # a report, not a requirement: the shares of weights remain
+        logger.info("FLOPs not worked out (%s); not-searched shares are of weights only", exc)
+        return None
+
+
 def inspect_model(
     model_path: str | os.PathLike[str],
     data: str | os.PathLike[str] | None,
@@ -179,7 +203,7 @@ def inspect_model(
         progress=progress,
     )  # fmt: skip
     risks = assess_units(units, prof, threshold=threshold)
-    left_out = not_searched(model, units)
+    left_out = not_searched(model, units, flops=flops_by_node(model, cal.first(), prof))
     return InspectReport(
         model=str(model_path),
         n_nodes=len(model.graph.node),

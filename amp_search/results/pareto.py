@@ -71,6 +71,9 @@ class FrontPoint:
         fp32_units: The FP32 fallback set.
         feasible: Whether it meets every constraint (finite outputs, the budget).
         metrics: Every other figure recorded (p90, other deviations, casts, build time).
+        validation_deviation: Its deviation under ``metric`` on the validation data, which
+            the search never optimizes on (None: not measured; see
+            :mod:`amp_search.results.validation`).
     """
 
     trial: int
@@ -84,6 +87,7 @@ class FrontPoint:
     fp32_units: list[str] = field(default_factory=list)
     feasible: bool = True
     metrics: dict[str, Any] = field(default_factory=dict)
+    validation_deviation: float | None = None
 
     @property
     def latency_interval(self) -> tuple[float, float] | None:
@@ -242,8 +246,8 @@ def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, An
     w = csv.writer(buf)
     w.writerow(
         ["trial", "latency_ms", "latency_low_ms", "latency_high_ms", "speedup", "speedup_low",
-         "speedup_high", "latency_source", "deviation", "metric", "n_fp32", "n_units",
-         "digest", "fp32_units"]
+         "speedup_high", "latency_source", "deviation", "validation_deviation", "metric",
+         "n_fp32", "n_units", "digest", "fp32_units"]
     )  # fmt: skip
     for p, row in zip(front, rows, strict=True):
         timing = [
@@ -251,9 +255,10 @@ def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, An
             for k in ("latency_low_ms", "latency_high_ms", "speedup", "speedup_low",
                       "speedup_high")
         ]  # fmt: skip
+        validation = "" if p.validation_deviation is None else f"{p.validation_deviation:.6g}"
         w.writerow(
             [p.trial, f"{p.latency_ms:.6g}", *timing, p.latency_source, f"{p.deviation:.6g}",
-             p.metric, p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units)]
+             validation, p.metric, p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units)]
         )  # fmt: skip
     write_bytes_atomic(store.root / "front.csv", buf.getvalue().encode())
 

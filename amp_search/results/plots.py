@@ -3,7 +3,9 @@
 Both draw from one backend-agnostic :class:`PlotData` (as Optuna's visualization does):
 every evaluated trial as a grey dot, infeasible ones (non-finite outputs, over budget) as
 red crosses, the front as a highlighted step line with each point named, the budget as a
-dashed line, and optional reference points (peers such as other tools' answers).
+dashed line, and optional reference points (peers such as other tools' answers). Front points
+measured on validation data (``--validation-data``) also show that deviation, as a hollow
+triangle joined to the point by a dotted line.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class PlotPoint:
     kind: str = "trial"  # trial | reference
     #: The latency's 95% interval (None: estimated): drawn as a horizontal bar.
     interval: tuple[float, float] | None = None
+    #: Its deviation on the validation data (None: not measured there).
+    validation: float | None = None
 
 
 @dataclass
@@ -71,6 +75,8 @@ class PlotData:
     y_label: str
     budget: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: The validation data in a few words, where points carry a validation deviation.
+    validation: str | None = None
 
     @property
     def front(self) -> list[PlotPoint]:
@@ -94,6 +100,7 @@ def plot_data_from_study(
 
     on_front = {p.trial for p in front}
     labels = {p.trial: p.label for p in front}
+    validation = {p.trial: p.validation_deviation for p in front}
     seeds = {ALL_FP32: "all FP32", ALL_FP16: "all FP16"}
     points: list[PlotPoint] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -109,6 +116,7 @@ def plot_data_from_study(
                 feasible=p.feasible and math.isfinite(p.deviation),
                 on_front=t.number in on_front,
                 interval=p.latency_interval,
+                validation=validation.get(t.number),
             )
         )
     x_label = f"latency, ms ({latency_source})"
@@ -129,6 +137,7 @@ def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData
             feasible=p.feasible and math.isfinite(p.deviation),
             on_front=p.digest in front_digests,
             interval=p.latency_interval,
+            validation=p.validation_deviation,
         )
         for p in refinement.points
     ]
@@ -153,18 +162,40 @@ def plot_data_from_refinement(refinement: Refinement, *, title: str) -> PlotData
         notes.append("CPU latency: says nothing about GPU FP16 speed")
     return PlotData(points, title, f"latency, ms ({m.get('latency_source')})",
                     f"deviation from FP32 ({m.get('metric')})", m.get("max_deviation"),
-                    notes)  # fmt: skip
+                    notes, _validation(m, points))  # fmt: skip
+
+
+def _validation(meta: dict[str, Any], points: list[PlotPoint]) -> str | None:
+    """The validation data's label, where some point was measured on it."""
+    from amp_search.results.validation import validation_label
+
+    return validation_label(meta) if any(p.validation is not None for p in points) else None
+
+
+def _drawn(deviation: float | None, ceiling: float) -> float:
+    """Where a deviation is drawn: non-finite ones at the ceiling."""
+    return deviation if deviation is not None and math.isfinite(deviation) else ceiling
+
+
+def _validated(data: PlotData) -> list[PlotPoint]:
+    return [p for p in data.points if p.kind == "trial" and p.validation is not None]
 
 
 def _finite_dev(points: list[PlotPoint]) -> float:
     """Where non-finite deviations are drawn: above every finite one."""
-    finite = [p.deviation for p in points if math.isfinite(p.deviation) and p.deviation > 0]
+    finite = [d for d in _figures(points) if math.isfinite(d) and d > 0]
     return max(finite) * 3 if finite else 1.0
+
+
+def _figures(points: list[PlotPoint]) -> list[float]:
+    """Every deviation drawn: calibration, and validation where measured."""
+    return [p.deviation for p in points] + [p.validation for p in points
+                                            if p.validation is not None]  # fmt: skip
 
 
 def _floor(points: list[PlotPoint]) -> float:
     """Where exact (zero) deviations are drawn on the log axis: below every nonzero one."""
-    nonzero = [p.deviation for p in points if math.isfinite(p.deviation) and p.deviation > 0]
+    nonzero = [d for d in _figures(points) if math.isfinite(d) and d > 0]
     return min(nonzero) / 3 if nonzero else 1e-6
 
 
@@ -204,6 +235,22 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
             offset = (6, 6) if k % 2 == 0 else (6, -13)  # alternate: neighbours don't collide
             ax.annotate(p.label, (p.latency_ms, y), textcoords="offset points", xytext=offset,
                         fontsize=8, zorder=6)  # fmt: skip
+    validated = _validated(data)
+    if validated:  # the same points on the unseen data: hollow triangles, joined by a dotted line
+        xs = [p.latency_ms for p in validated]
+        vs = [max(p.validation if math.isfinite(p.validation) else ceiling, floor)
+              for p in validated if p.validation is not None]  # fmt: skip
+        ds = [max(p.deviation if math.isfinite(p.deviation) else ceiling, floor)
+              for p in validated]  # fmt: skip
+        ax.vlines(xs, ds, vs, colors="#9467bd", linestyles="dotted", lw=1, zorder=4)
+        ax.scatter(xs, vs, s=55, marker="^", facecolors="none", edgecolors="#9467bd",
+                   linewidths=1.5, label=f"deviation on validation data ({data.validation})",
+                   zorder=5)  # fmt: skip
+        for p, y in zip(validated, vs, strict=True):
+            if p.validation is not None and not math.isfinite(p.validation):
+                ax.annotate("inf/NaN on validation data", (p.latency_ms, y), fontsize=8,
+                            textcoords="offset points", xytext=(6, 4),
+                            color="#9467bd")  # fmt: skip
     refs = [p for p in data.points if p.kind == "reference"]
     for i, p in enumerate(refs):
         y = p.deviation if math.isfinite(p.deviation) else ceiling
@@ -219,7 +266,7 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
     if data.budget is not None:
         ax.axhline(data.budget, ls="--", c="#2ca02c", lw=1, label=f"budget {data.budget:g}")
     ax.set_yscale("log")
-    if any(p.deviation == 0 for p in data.points):
+    if any(d == 0 for d in _figures(data.points)):
         data.notes.append(f"deviation 0 (bit-exact) drawn at {floor:.1g}")
     ax.set_xlabel(data.x_label)
     ax.set_ylabel(data.y_label)
@@ -267,6 +314,19 @@ def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
         ("reference", [p for p in data.points if p.kind == "reference"],
          dict(color="#ff7f0e", size=12, symbol="diamond")),
     ]  # fmt: skip
+    validated = _validated(data)
+    if validated:
+        fig.add_trace(
+            go.Scatter(
+                x=[p.latency_ms for p in validated],
+                y=[_drawn(p.validation, ceiling) for p in validated],
+                mode="markers",
+                marker=dict(color="#9467bd", size=10, symbol="triangle-up-open"),
+                name=f"deviation on validation data ({data.validation})",
+                text=[f"{p.label}: {p.deviation:.3g} on calibration data" for p in validated],
+                hovertemplate="%{text}<br>latency %{x:.4g} ms<br>validation deviation %{y:.3g}",
+            )
+        )
     for name, pts, marker in groups:
         if not pts:
             continue
@@ -308,5 +368,6 @@ def draw_plots(store: ResultsStore, study: Any, front: list[FrontPoint], meta: d
         metric=str(meta["metric"]), latency_source=str(meta["latency_source"]),
         budget=meta.get("max_deviation"),
     )  # fmt: skip
+    data.validation = _validation(meta, data.points)
     data.points.extend(references or [])
     return write_plots(data, store.root, "pareto")

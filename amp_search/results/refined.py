@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from amp_search.errors import UserInputError
 from amp_search.keys import ALL_FP32
 from amp_search.results.pareto import FrontPoint
+from amp_search.results.validation import decisive_deviation, holds, read_figure
 
 if TYPE_CHECKING:
     from amp_search.results.report import Results
@@ -38,7 +39,9 @@ class Refinement:
         points: Every refined candidate (front points, all-FP32, all-FP16), fastest first; their
             latency and deviation are the refined ones, the search's are in ``metrics``.
         front: The non-dominated feasible points among ``points``.
-        meta: Device, backend, options, timing protocol, date, budget and notes.
+        meta: Device, backend, options, timing protocol, date, budget and notes; ``data``
+            says which data each figure came from (``deviation``, ``validation_deviation``,
+            ``search_deviation``: file names and SHA-256 digests, or the batches held out).
         compared: The ``compare`` models, measured alike (``metrics["path"]`` is the file).
         failed: Candidates that did not build or run here, with the reason.
     """
@@ -84,6 +87,7 @@ def load_refinement(root: str | Path) -> Refinement | None:
             row = dict(row)
             for key in ("latency_ms", "deviation"):
                 row[key] = float(row[key]) if not isinstance(row[key], str) else math.inf
+            row["validation_deviation"] = read_figure(row.get("validation_deviation"))
             out.append(FrontPoint(**row))
         return out
 
@@ -112,15 +116,17 @@ def summarize(refinement: Refinement, budget: float | None) -> Sequence[str]:
     """Lines on the fastest refined point within the budget against all-FP32 and all-FP16."""
     by_label = {refinement.label(p): p for p in refinement.points}
     fp32 = by_label.get(ALL_FP32)
-    within = [p for p in refinement.front if budget is None or p.deviation <= budget]
+    within = [p for p in refinement.front if holds(p, budget)]
     lines = []
     if within:
-        best = min(within, key=lambda p: (p.latency_ms, p.deviation))
+        best = min(within, key=lambda p: (p.latency_ms, decisive_deviation(p)))
         s = best.speedup(fp32.latency_ms if fp32 else None)
         speed = "" if s is None else f", {s[0]:.2f}x all-FP32 [{s[1]:.2f}, {s[2]:.2f}]"
+        v = best.validation_deviation
         lines.append(
             f"fastest {'refined point' if budget is None else f'within {budget:g}'}: "
-            f"{refinement.label(best)} {best.latency_ms:.4g} ms at {best.deviation:.3g}{speed}"
+            f"{refinement.label(best)} {best.latency_ms:.4g} ms at {best.deviation:.3g}"
+            + ("" if v is None else f" ({v:.3g} on the validation data)") + speed
         )
     else:
         best = None

@@ -13,6 +13,14 @@ from amp_search.errors import UserInputError
 from amp_search.keys import ALL_FP32
 from amp_search.results.pareto import FrontPoint, check_max_deviation, latency_tie
 from amp_search.results.store import ResultsStore
+from amp_search.results.validation import (
+    decisive_deviation,
+    holds,
+    read_figure,
+    refusal,
+    unmeasured_note,
+    validation_label,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -44,18 +52,21 @@ class Results:
             title_justify="left",
         )
         measured = any(p.latency_interval for p in self.front)
+        validated = any(p.validation_deviation is not None for p in self.front)
         for col in ("trial", "latency ms (95% interval)" if measured else "latency ms",
-                    "deviation", "FP32 units", "speedup vs FP32", "candidate",
-                    "FP32 fallback set"):  # fmt: skip
+                    "deviation", *(("validation dev.",) if validated else ()), "FP32 units",
+                    "speedup vs FP32", "candidate", "FP32 fallback set"):  # fmt: skip
             table.add_column(col, overflow="fold")
         fp32 = self.baselines.get(ALL_FP32, {}).get("latency_ms")
         fp32 = float(fp32) if fp32 is not None else None
         for p in self.front:
             speed = p.speedup(fp32)
+            v = p.validation_deviation
             table.add_row(
                 str(p.trial),
                 p.latency_text(),
                 f"{p.deviation:.3g}",
+                *((("-" if v is None else f"{v:.3g}"),) if validated else ()),
                 f"{p.n_fp32}/{p.n_units}",
                 "-"
                 if speed is None
@@ -69,6 +80,14 @@ class Results:
             f"latency: {m.get('latency_source')}; deviation: {m.get('metric')} vs strict FP32"
             + (f"; budget {m['max_deviation']:g}" if m.get("max_deviation") else "")
         )
+        if validated:
+            console.print(
+                f"validation dev.: the same metric on {validation_label(m)}, never searched "
+                "on; a budget is checked against it ('amp-search pick')"
+            )
+        unmeasured = unmeasured_note(self.front, m)
+        if unmeasured:
+            console.print(unmeasured)
         for note in m.get("notes", []):
             console.print(f"Note: {note}", style="dim")
 
@@ -89,6 +108,7 @@ def load_results(path: str | os.PathLike[str]) -> Results:
         row = {k: v for k, v in row.items() if k in fields}  # derived columns are recomputed
         for key in ("latency_ms", "deviation"):
             row[key] = float(row[key]) if not isinstance(row[key], str) else math.inf
+        row["validation_deviation"] = read_figure(row.get("validation_deviation"))
         front.append(FrontPoint(**row))
     meta = {k: v for k, v in data.items() if k != "front"}
     return Results(store, meta, front)
@@ -102,11 +122,14 @@ class Choice:
         point: The chosen point.
         fastest: The fastest point within the budget (``point`` unless a tie moved the choice).
         tied: Points within the budget whose latency intervals overlap the fastest's.
+        refused: Faster points within the budget on the calibration data but over it on the
+            validation data, fastest first (:func:`~amp_search.results.validation.refusal`).
     """
 
     point: FrontPoint
     fastest: FrontPoint
     tied: tuple[FrontPoint, ...] = ()
+    refused: tuple[FrontPoint, ...] = ()
 
 
 def choose(
@@ -115,24 +138,40 @@ def choose(
     """The front point to ship: the fastest within ``max_deviation``, ties going to accuracy.
 
     Points whose latency intervals overlap the fastest's are not distinguishably slower; the
-    most accurate of them is chosen. With ``trial``, that front point.
+    most accurate of them is chosen. With ``trial``, that front point. Where the front was
+    measured on validation data, that deviation decides (:func:`pick_point`).
     """
     fastest = pick_point(results, max_deviation=max_deviation, trial=trial)
     if trial is not None:
         return Choice(fastest, fastest)
+    dev = decisive_deviation
     tied = tuple(
         p for p in results.front
-        if p is not fastest and p.deviation <= (max_deviation or math.inf)
-        and p.deviation < fastest.deviation and latency_tie(p, fastest)
+        if p is not fastest and holds(p, max_deviation)
+        and dev(p) < dev(fastest) and latency_tie(p, fastest)
     )  # fmt: skip
-    point = min(tied, key=lambda p: (p.deviation, p.latency_ms)) if tied else fastest
-    return Choice(point, fastest, tied)
+    point = min(tied, key=lambda p: (dev(p), p.latency_ms)) if tied else fastest
+    refused = tuple(sorted(
+        (p for p in results.front if p.latency_ms < point.latency_ms
+         and _refused(p, max_deviation)), key=lambda p: p.latency_ms,
+    ))  # fmt: skip
+    return Choice(point, fastest, tied, refused)
+
+
+def _refused(point: FrontPoint, budget: float | None) -> bool:
+    """Within ``budget`` on the calibration data, over it on the validation data."""
+    return budget is not None and point.deviation <= budget and not holds(point, budget)
 
 
 def pick_point(
     results: Results, *, max_deviation: float | None = None, trial: int | None = None
 ) -> FrontPoint:
-    """The fastest front point within ``max_deviation``, or the front point of ``trial``."""
+    """The fastest front point within ``max_deviation``, or the front point of ``trial``.
+
+    A point measured on validation data is within the budget if its deviation there is (the
+    calibration figure is what the search optimized; the validation one is the estimate of
+    what ships).
+    """
     if trial is not None:
         for p in results.front:
             if p.trial == trial:
@@ -144,14 +183,23 @@ def pick_point(
     if max_deviation is None:
         raise UserInputError("Give --max-deviation X (or --trial N) to pick a candidate.")
     check_max_deviation(max_deviation)
-    within = [p for p in results.front if p.deviation <= max_deviation]
+    within = [p for p in results.front if holds(p, max_deviation)]
+    refused = [p for p in results.front if _refused(p, max_deviation)]
+    if not within and refused:
+        best = min(decisive_deviation(p) for p in results.front)
+        raise UserInputError(
+            f"No front point holds --max-deviation {max_deviation:g} on the validation data "
+            f"({validation_label(results.meta)}; the most accurate there has {best:.3g}): "
+            f"{refusal(refused[0], max_deviation, results.meta)}. Loosen --max-deviation, "
+            "or search with more varied calibration data."
+        )
     if not within:
         best = min((p.deviation for p in results.front), default=math.inf)
         raise UserInputError(
             f"No front point has deviation <= {max_deviation:g} (the most accurate has "
             f"{best:.3g}). Loosen --max-deviation or search longer."
         )
-    return min(within, key=lambda p: (p.latency_ms, p.deviation))
+    return min(within, key=lambda p: (p.latency_ms, decisive_deviation(p)))
 
 
 def copy_candidate(results: Results, point: FrontPoint, to: str | os.PathLike[str]) -> list[Path]:

@@ -4,7 +4,8 @@
 
     OUT/
       run.json                      what was searched: model, backend, device, options, metric,
-                                    latency source, units (the identity a rerun must match)
+                                    latency source, units, calibration and validation data
+                                    (the identity a rerun must match)
       inspect.json                  the FP16 risk report of the model on the same data
       candidates/<digest>/          one folder per evaluated assignment (digest of its FP16 set)
           model.onnx                the mixed-precision ONNX
@@ -12,6 +13,7 @@
           precision.json            unit -> fp16/fp32, and the FP32 fallback set
           metrics.json              latency (with its source), deviations, feasibility
           error.json                why it failed to build or run (instead of metrics.json)
+          validation.json           its deviation on the validation data (front points)
           .claim                    while a worker evaluates it: that worker's host and pid
                                     (--keep-models front: a beaten one keeps precision.json
                                     only; see amp_search.results.prune)
@@ -88,13 +90,14 @@ class ResultsStore:
         if existing is None:
             self.write_json(self.run_file, identity)
             return
-        keys = ("model_digest", "backend", "device", "options", "data_digest", "latency_source",
-                "units")  # fmt: skip
+        keys = ("model_digest", "backend", "device", "options", "data_digest",
+                "validation_digest", "latency_source", "units")  # fmt: skip
         diff = [k for k in keys if existing.get(k) != identity.get(k)]
         if diff:
             raise UserInputError(
                 f"{self.root} holds a search with a different {', '.join(diff)}. Use another "
-                "--out folder (or delete this one) for a different model, data or backend."
+                "--out folder (or delete this one) for a different model, data, validation data "
+                "or backend."
             )
 
     def cached_metrics(self, digest: str) -> dict[str, Any] | None:

@@ -12,6 +12,11 @@ rounds so that drift and neighbours hit every point alike, then widens the figur
 interval is still wider than the target. A point or compared model that fails at any stage
 is a failed entry; the others are still refined.
 
+Given validation data (:mod:`amp_search.search.validation`: ``--validation-data``, or the
+search's own validation set), every refined point's deviation on it is measured too; the
+``data`` entry of ``refined.json`` records which data (file names and SHA-256 digests, or the
+batches held out) each figure came from.
+
 The result, ``refined.json`` in the results directory, holds every refined point and the front
 they form; ``amp-search pick`` prefers it to the search's own figures. A search on the CPU with
 estimated latency can be refined on a GPU machine: that is where its figures become measured.
@@ -22,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,12 +48,14 @@ from amp_search.results.refined import (
     load_refinement,
     summarize,
 )
+from amp_search.search.validation import ValidationRun, data_identity
 from amp_search.timing import PairedTiming
 
 if TYPE_CHECKING:
     from amp_search.backends.base import Backend, Runner
     from amp_search.calibration import CalibrationData
     from amp_search.results.report import Results
+    from amp_search.search.validation import ValidationSet
 
 __all__ = [
     "REFINED_FILE",
@@ -78,6 +86,7 @@ def refine_front(
     max_deviation: float | None = None,
     compare: Sequence[str | Path] = (),
     progress: Callable[[str, int, int], None] | None = None,
+    validation: ValidationSet | None = None,
 ) -> Refinement:
     """Rebuilds, re-measures and re-times the front of ``results`` (see the module docstring).
 
@@ -99,6 +108,7 @@ def refine_front(
         compare: Other ONNX models of the same inputs and outputs (the model in production,
             another tool's answer) measured alike; reported apart, never on the front.
         progress: Called with (stage, done, total).
+        validation: Data never searched on: each point's deviation on it is measured too.
     """
     from amp_search.backends import BuildConfig, get_backend
     from amp_search.graph import load_model, reconcile_shapes, sanitize
@@ -114,7 +124,8 @@ def refine_front(
         raise BackendUnavailableError(f"Backend '{backend.name}' is unavailable: {reason}")
     run = results.store.read_json(results.store.root / "run.json") or {}
     device = device or str(meta.get("device", "cpu"))
-    config = BuildConfig(device=device, options=_final_options(backend, run, device, options))
+    base_options = _final_options(backend, run, device, options)
+    config = BuildConfig(device=device, options=base_options)
     if config.device_type not in backend.devices():
         raise BackendUnavailableError(
             f"Backend '{backend.name}' cannot use device {device!r} here (available: "
@@ -153,8 +164,13 @@ def refine_front(
             fp32_model, data.first(), plan, clock,
         )))  # fmt: skip
         resident.open()
+        checks = None if validation is None else _ValidationChecks(
+            ValidationRun(validation, fp32_model, backend, device, base_options, metric),
+            config, Path(held.enter_context(tempfile.TemporaryDirectory(
+                prefix=".validation-", dir=results.store.root))),
+        )  # fmt: skip
         opened, failed = _open_entries(backend, config, entries, data, reference, metric,
-                                       resident, held, progress)  # fmt: skip
+                                       resident, held, progress, checks)  # fmt: skip
         _time_in_rounds(opened, failed, pairs, rounds, progress)
 
     level = resident.level_ms
@@ -171,6 +187,7 @@ def refine_front(
                 latency_source=source,
                 deviation=deviation,
                 feasible=feasible,
+                validation_deviation=entry.validation_deviation,
                 metrics={
                     **point.metrics,
                     "latency_low_ms": stats.low_ms,
@@ -187,6 +204,7 @@ def refine_front(
                     "search_latency_ms": point.latency_ms,
                     "search_latency_source": point.latency_source,
                     "search_deviation": point.deviation,
+                    "search_validation_deviation": point.validation_deviation,
                     "build_s": round(entry.build_s, 3),
                 },
             )
@@ -196,6 +214,7 @@ def refine_front(
     points.sort(key=lambda p: (p.latency_ms, p.deviation))
     front = nondominated_points([p for p in points if p.feasible])
     notes = [CPU_TIMING_NOTE] if config.device_type == "cpu" else []
+    notes += checks.notes if checks is not None else []
     refinement = Refinement(
         points=points,
         front=front,
@@ -225,6 +244,8 @@ def refine_front(
             },
             "seconds": round(time.perf_counter() - t0, 1),
             "front_digests": sorted(p.digest for p in results.front),
+            "validation": None if validation is None else validation.identity,
+            "data": _figure_data(run, data, validation),
             "notes": notes,
         },  # fmt: skip
     )
@@ -243,12 +264,52 @@ class _Opened:
     build_s: float
     execution: dict[str, Any]
     timing: PairedTiming
+    validation_deviation: float | None = None
+
+
+@dataclass
+class _ValidationChecks:
+    """Refined points measured on the validation data (failures: inf and a note)."""
+
+    run: ValidationRun
+    config: Any
+    scratch: Path
+    notes: list[str] = field(default_factory=list)
+
+    def measure(self, point: FrontPoint, path: Path, runner: Runner) -> float:
+        """The entry's deviation on the validation data: on ``runner`` where it fits them."""
+        from amp_search.search.evaluate import local_failure
+
+        try:
+            if self.run.config.options == self.config.options:  # the same build: reuse it
+                return self.run.run(runner)
+            return self.run.measure(path, self.scratch)  # TensorRT: other shapes, own engine
+        except Exception as exc:  # that figure fails, the entry is still refined
+            reason = (str(local_failure(exc, "running it on the validation data"))
+                      .splitlines() or [""])[0]  # fmt: skip
+            self.notes.append(f"{point.metrics['label']} has no validation figure (taken as "
+                              f"inf): {reason}")  # fmt: skip
+            return math.inf
+
+
+def _figure_data(run: dict[str, Any], data: CalibrationData,
+                 validation: ValidationSet | None) -> dict[str, Any]:  # fmt: skip
+    """Which data each figure of ``refined.json`` came from."""
+    searched = run.get("calibration") or {"description": run.get("data"),
+                                          "digest": run.get("data_digest")}  # fmt: skip
+    return {
+        "deviation": data_identity(data),
+        "validation_deviation": None if validation is None else validation.identity,
+        "search_deviation": searched,
+        "search_validation_deviation": run.get("validation"),
+    }
 
 
 def _open_entries(
     backend: Backend, config: Any, entries: list[tuple[FrontPoint, Path]],
     data: CalibrationData, reference: list[dict[str, np.ndarray]], metric: Any,
     resident: Any, held: contextlib.ExitStack, progress: Callable[[str, int, int], None] | None,
+    checks: _ValidationChecks | None = None,
 ) -> tuple[list[_Opened], list[dict[str, Any]]]:  # fmt: skip
     """Builds each entry, measures its deviation and binds it; failures are entries too."""
     from amp_search.objective import EvalContext
@@ -268,12 +329,15 @@ def _open_entries(
             ctx = EvalContext(reference=reference, outputs=outputs, output_names=names)
             finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
             deviation = float(metric.evaluate(ctx)) if finite else math.inf
+            unseen = None if checks is None else checks.measure(point, path, runner)
             runner.bind(data.first())
         except Exception as exc:  # any stage, any error: this entry fails, the rest go on
             failed.append(_failure(point, local_failure(exc, "refining it")))
             continue
-        opened.append(_Opened(point, runner, deviation, candidate.build_time_s,
-                              dict(runner.execution), resident.pair(runner)))  # fmt: skip
+        timing = resident.pair(runner)
+        execution = dict(runner.execution)
+        build_s = candidate.build_time_s
+        opened.append(_Opened(point, runner, deviation, build_s, execution, timing, unseen))
     if progress:
         progress("build", len(entries), len(entries))
     return opened, failed

@@ -44,7 +44,7 @@ from amp_search.keys import (
     SEED_PARAMS_ATTR,
 )
 from amp_search.profiling import assess_units, profile_model
-from amp_search.profiling.report import CPU_NOTE, InspectReport
+from amp_search.profiling.report import CPU_NOTE, InspectReport, flops_by_node
 from amp_search.results.pareto import (
     FrontPoint,
     baselines,
@@ -74,6 +74,7 @@ from amp_search.search.study import (
     storage_errors,
 )
 from amp_search.search.target import fit_to_target
+from amp_search.search.validation import measure_front, prepare_validation, run_identity
 from amp_search.timing import TimingPlan, nvml_clock
 from amp_search.types import PrecisionAssignment
 
@@ -122,6 +123,10 @@ class SearchConfig:
     storage_retry_s: float = 120.0
     #: ``all``: every candidate keeps its model; ``front``: dominated ones are pruned.
     keep_models: str = "all"
+    #: Data the search never optimizes on; every front point is measured on it at the end.
+    validation_data: Path | None = None
+    #: Without ``validation_data``: hold out the last ceil(f * n) calibration batches (0: off).
+    holdout_fraction: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The settings a worker needs to join this search (paths made absolute)."""
@@ -141,7 +146,7 @@ class SearchConfig:
         """A config from :meth:`to_json` (unknown keys ignored), with ``overrides``."""
         names = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in obj.items() if k in names}
-        for k in ("model", "out", "data"):
+        for k in ("model", "out", "data", "validation_data"):
             if kw.get(k) is not None:
                 kw[k] = Path(kw[k])
         kw["record_metrics"] = tuple(kw.get("record_metrics") or ())
@@ -281,6 +286,9 @@ def _run_search(
         units = group_units(units, config.max_units)
     data = load_calibration(config.data, model_inputs(model), synthetic=config.synthetic,
                             shapes={k: tuple(v) for k, v in config.shapes.items()})  # fmt: skip
+    # Unseen data (search/validation.py): held out of the search, measured on at the end.
+    data, validation = prepare_validation(data, model_inputs(model), config.validation_data,
+                                          config.holdout_fraction)  # fmt: skip
     options = backend.options_for_data(options, data.first())  # TensorRT: profile shapes
     build_config = BuildConfig(device=config.device, options=options)
     identity = backend.identity(build_config)  # validates the options
@@ -312,6 +320,7 @@ def _run_search(
             "max_units": config.max_units,
             "pinned_fp32": pinned,
             "opset_upgraded_from": fitted.upgraded_from,
+            **run_identity(data, validation),
         }
     )
 
@@ -321,23 +330,25 @@ def _run_search(
         model, units, data, fp16_pass=True, keep_reference=True, rewriter=rewriter,
         progress=stage,
     )  # fmt: skip
-    # Declared shapes the run contradicts are dropped before any candidate is written: the
-    # CUDA EP refuses to bind an output whose declared rank is wrong (ORT CPU only warns).
+    # Declared shapes the run contradicts are relaxed (a graph output: the rank that ran, free
+    # sizes) or dropped (a value_info) before any candidate is written: the CUDA EP refuses to
+    # bind an output whose declared rank is wrong (ORT CPU only warns).
     stale = reconcile_shapes(model, {n: t.shape for n, t in prof.tensors.items()
                                      if t.shape is not None})  # fmt: skip
     if stale:
-        logger.warning("Dropped %d declared shape(s) that the FP32 run contradicts: %s",
+        logger.warning("Relaxed %d declared shape(s) that the FP32 run contradicts: %s",
                        len(stale), "; ".join(stale))  # fmt: skip
         rewriter = MixedPrecisionRewriter(model, units, pinned)
     risks = assess_units(units, prof, threshold=config.threshold)
-    left_out = not_searched(model, units)  # pinned nodes are in fitted.notes
+    flops = flops_by_node(model, data.first(), prof)
+    left_out = not_searched(model, units, flops=flops)  # pinned nodes are in fitted.notes
     for x in left_out:
         logger.warning("Not searched, stays FP32: %s", x)
     InspectReport(
         model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
         data=data.describe(), threshold=config.threshold,
         seconds=time.perf_counter() - t0, fp16_pass=True,
-        not_searched=not_searched(model, units, pinned),
+        not_searched=not_searched(model, units, pinned, flops=flops),
     ).write_json(store.root / "inspect.json")  # fmt: skip
     locked = [r.unit.name for r in risks if r.locked_fp32]
     space = SearchSpace([u.name for u in units], locked=locked)
@@ -389,7 +400,7 @@ def _run_search(
         )  # fmt: skip
     notes: list[str] = [*fitted.notes, *(f"Not searched, stays FP32: {x}" for x in left_out)]
     if stale:
-        notes.append(f"Declared shapes the FP32 run contradicts were dropped: {'; '.join(stale)}")
+        notes.append(f"Declared shapes the FP32 run contradicts were relaxed: {'; '.join(stale)}")
     if build_config.device_type == "cpu":
         notes.append(CPU_NOTE)
     if latency_source == "measured" and build_config.device_type == "cpu":
@@ -473,6 +484,9 @@ def _run_search(
         "study": study_name,
         "storage": redact_storage(storage),
         "notes": notes,
+        "validation": None if validation is None else validation.identity,
+        # What no unit switches (pinned nodes included), by op and reason, with its shares.
+        "not_searched": [x.to_json() for x in not_searched(model, units, pinned, flops=flops)],
     }
     target = config.n_trials
     last_recovery = time.monotonic()
@@ -543,6 +557,10 @@ def _run_search(
             f"No candidate met --max-deviation {config.max_deviation:g}; the front is empty. "
             "Loosen the budget (the study holds every trial)."
         )
+    if validation is not None:  # every front point's deviation on the unseen data
+        front = measure_front(front, meta, validation, store=store, model=model,
+                              backend=backend, device=config.device, options=config.options,
+                              metric=metric)  # fmt: skip
     write_front(store, front, {**meta, "baselines": baselines(study)})
     from amp_search.results.plots import draw_plots  # matplotlib/plotly: imported when drawn
 

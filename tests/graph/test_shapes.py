@@ -1,4 +1,4 @@
-"""Declared shapes that a real FP32 run contradicts are dropped before any candidate exists."""
+"""Declared shapes a real FP32 run contradicts are relaxed or dropped before any candidate."""
 
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def test_reconcile_drops_only_what_the_run_contradicts(demo_model_path, tmp_path
     changes = reconcile_shapes(model, observed)
     assert changes == ["logits (declared [N, 1, 10], ran [8, 10])",
                        f"{inner} (declared [7], ran [8, 32, 64, 64])"]  # fmt: skip
-    out = model.graph.output[0]
-    assert not out.type.tensor_type.HasField("shape")
+    out = model.graph.output[0]  # the rank that ran, sizes left free
+    assert [d.dim_param for d in out.type.tensor_type.shape.dim] == ["logits_dim0", "logits_dim1"]
     assert out.type.tensor_type.elem_type == TensorProto.FLOAT
+    onnx.checker.check_model(model, full_check=True)  # every graph output has a shape
     names = {vi.name for vi in model.graph.value_info}
     assert inner not in names and {vi.name for vi in good} <= names
     assert reconcile_shapes(model, observed) == []  # nothing left to drop
@@ -76,7 +77,7 @@ def test_search_of_a_model_with_a_wrong_output_rank(demo_model_path, demo_data_p
     assert len(json.loads((out / "run.json").read_text())["units"]) == 12
     for candidate in (out / "candidates").glob("*/model.onnx"):
         m = onnx.load(str(candidate), load_external_data=False)
-        assert len(m.graph.output[0].type.tensor_type.shape.dim) in (0, 2)
+        assert len(m.graph.output[0].type.tensor_type.shape.dim) == 2
         for vi in m.graph.value_info:
             assert not (vi.name == inner and len(vi.type.tensor_type.shape.dim) == 1)
 
