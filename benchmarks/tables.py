@@ -172,10 +172,16 @@ def identity(ev: ModelEvaluator, max_units: int | None) -> dict[str, Any]:
     }
 
 
-def resumable(table: Table, ident: dict[str, Any]) -> str | None:
-    """Why ``table`` cannot be continued with ``ident`` (None: it can)."""
+def resumable(table: Table, ident: dict[str, Any], sources: bool = True) -> str | None:
+    """Why ``table`` cannot be continued with ``ident`` (None: it can).
+
+    ``sources=False`` lets other sources pass (a recording grows across commits that do not
+    change the objectives; each run records its sources digest).
+    """
     meta = table.meta
     for k in RESUME_KEYS:
+        if k == "sources_sha256" and not sources:
+            continue
         if meta.get(k) != ident[k]:
             return f"{k} differs ({meta.get(k)} there, {ident[k]} here)"
     for k in RESUME_VERSIONS:
@@ -376,8 +382,9 @@ def record(args: argparse.Namespace, name: str) -> int:
         ev = ModelEvaluator.from_real_model(name, max_units, workdir)
         ident = identity(ev, max_units)
         table = Table.load(out) if out.is_file() else None
-        if table is not None and (resumable(table, ident) or table.units != ev.names):
-            print(f"{name}: {out} was made from other inputs: starting again", flush=True)
+        why = None if table is None else resumable(table, ident, sources=False)
+        if table is not None and (why or table.units != ev.names):
+            print(f"{name}: {out} was made from other inputs ({why}): starting again", flush=True)
             table = None
         if table is None:
             from amp_search.testing import realmodels
@@ -416,6 +423,7 @@ def record(args: argparse.Namespace, name: str) -> int:
                         "budget": int(budget),
                         "seed": seed,
                         "new_rows": len(r.misses),
+                        "sources_sha256": ident["sources_sha256"],
                     }
                 )
                 table.save(out)

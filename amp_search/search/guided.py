@@ -10,6 +10,13 @@ largest expected improvement of the hypervolume of the (latency, log10 deviation
   following the profile's per-unit FP16 errors;
 - the improvement's expectation in closed form (:func:`amp_search.search.surrogate.expected_hvi`).
 
+Beyond :data:`~amp_search.search.surrogate.ENUMERATE_MAX_UNITS` units (a candidate pool, not
+every assignment), once :data:`STALL_PATIENCE` trials in a row have left the front as it was,
+every :data:`STALL_EVERY`-th proposal is TPE's instead (the study's own trials, no prior): on
+a real model the prior and the latency model can both misjudge the assignments that keep a
+few scattered units FP32, where rounding errors cancel, and the pool around the front never
+reaches them; a TPE proposal that moves the front ends the stall.
+
 Deviation budgets (``--max-deviation``) move the reference point to the budget; non-finite
 outputs train the process as worse than anything finite. A study without a guide (made
 before guides existed) is sampled by TPE.
@@ -31,6 +38,7 @@ from amp_search.search.guide import load_guide
 from amp_search.search.sampler import make_tpe
 from amp_search.search.space import CHOICES
 from amp_search.search.surrogate import (
+    ENUMERATE_MAX_UNITS,
     DeviationGP,
     LatencyModel,
     candidates,
@@ -46,7 +54,7 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
 
-__all__ = ["GuidedSampler", "propose"]
+__all__ = ["GuidedSampler", "propose", "trials_since_front_moved"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,10 @@ REF_MARGIN = 0.5
 ZERO_GAP = 1.0
 #: Spread (decades) of the profile's proxy before two deviations are known.
 PRIOR_SD = 1.0
+#: Trials in a row that left the front unchanged before TPE takes a share (pool path only).
+STALL_PATIENCE = 5
+#: While stalled, every this-many-th proposal is TPE's.
+STALL_EVERY = 2
 
 
 class GuidedSampler(optuna.samplers.BaseSampler):
@@ -69,10 +81,13 @@ class GuidedSampler(optuna.samplers.BaseSampler):
 
     Args:
         seed: Seed of the random generator (ties, candidate pools, fallbacks).
+        explore: Let TPE take a share of the proposals while the front is stalled (more
+            units than are enumerated; see the module docstring).
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, *, explore: bool = True) -> None:
         self._seed = seed
+        self._explore = explore
         self._rng = np.random.default_rng(seed)
         self._fallback = make_tpe(seed)
         self._random = optuna.samplers.RandomSampler(seed=seed)
@@ -104,10 +119,37 @@ class GuidedSampler(optuna.samplers.BaseSampler):
         guide = load_guide(study)
         if guide is None:
             return dict(self._fallback.sample_relative(study, trial, search_space))
-        row = propose(guide, study.get_trials(deepcopy=False), trial.number, self._rng)
+        trials = study.get_trials(deepcopy=False)
+        if self._explore and len(guide["units"]) > ENUMERATE_MAX_UNITS:
+            params = self._tpe_when_stalled(study, trial, guide["units"], trials)
+            if params is not None:
+                return params
+        row = propose(guide, trials, trial.number, self._rng)
         if row is None:
             return {}
         return {u: CHOICES[int(b)] for u, b in zip(guide["units"], row, strict=True)}
+
+    def _tpe_when_stalled(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        units: list[str],
+        trials: Sequence[FrozenTrial],
+    ) -> dict[str, Any] | None:
+        """TPE's proposal when this trial's turn in a stall is TPE's and it is new, else None."""
+        stalled = trials_since_front_moved(trials)
+        if stalled < STALL_PATIENCE or (stalled - STALL_PATIENCE) % STALL_EVERY:
+            return None
+        space = self._fallback.infer_relative_search_space(study, trial)
+        params = self._fallback.sample_relative(study, trial, space)
+        if not all(params.get(u) in CHOICES for u in units):
+            return None  # TPE's start-up trials: no model yet
+        key = [params[u] for u in units]
+        if any(t.number != trial.number and [t.params.get(u) for u in units] == key
+               for t in trials):  # fmt: skip
+            return None
+        logger.debug("guided: front stalled for %d trials, TPE proposes", stalled)
+        return {u: params[u] for u in units}
 
     def sample_independent(
         self,
@@ -251,6 +293,30 @@ def propose(
             len(cand), score[pick], x[pick], mu[pick], sd[pick],
         )  # fmt: skip
     return np.asarray(cand[pick])
+
+
+def trials_since_front_moved(trials: Sequence[FrozenTrial]) -> int:
+    """Completed trials since the last one that joined the front (all of them if none did).
+
+    A trial joins when no earlier feasible trial with finite deviation is as fast and as
+    accurate; failed, non-finite and infeasible trials never do.
+    """
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
+         and len(t.values) == 2),
+        key=lambda t: t.number,
+    )  # fmt: skip
+    front: list[tuple[float, float]] = []
+    since = 0
+    for t in done:
+        x, d = float(t.values[0]), float(t.values[1])
+        feasible = all(c <= 0.0 for c in t.constraints.values())
+        if not (feasible and math.isfinite(d)) or any(a <= x and b <= d for a, b in front):
+            since += 1
+            continue
+        front = [(a, b) for a, b in front if not (x <= a and d <= b)] + [(x, d)]
+        since = 0
+    return since
 
 
 def _front_rows(rows: np.ndarray, lats: np.ndarray, devs: np.ndarray) -> np.ndarray:

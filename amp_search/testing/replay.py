@@ -345,6 +345,7 @@ class Replay:
         values: Their (latency ms, deviation).
         trials: Trials run (duplicates included).
         misses: Masks the table lacked (answered by ``evaluate``).
+        study: The in-memory study (for a closer look).
     """
 
     sampler: str
@@ -354,6 +355,7 @@ class Replay:
     values: list[tuple[float, float]] = field(default_factory=list)
     trials: int = 0
     misses: list[int] = field(default_factory=list)
+    study: Any = field(default=None, repr=False)
 
     def ratio(self, space: ObjectiveSpace, k: int | None = None) -> float:
         """Hypervolume ratio of the first ``k`` evaluations (all by default)."""
@@ -448,6 +450,7 @@ def replay(
 
     study.optimize(objective, n_trials=3 * budget + 10, callbacks=[stop])
     out.trials = len(study.trials)
+    out.study = study
     return out
 
 

@@ -331,3 +331,28 @@ def test_an_enqueued_trial_is_evaluated_as_enqueued(
         .read_text()
     )  # fmt: skip
     assert trial.values[1] == pytest.approx(metrics["deviation"])
+
+
+def test_trials_since_front_moved_counts_trials_that_left_the_front_alone():
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from amp_search.search.guided import trials_since_front_moved
+
+    dist = {"u": CategoricalDistribution(("fp32", "fp16"))}
+
+    def t(number, lat, dev, infeasible=False):
+        attrs = {"constraints:finite_outputs": 1.0 if infeasible else 0.0}
+        trial = create_trial(
+            params={"u": "fp32"}, distributions=dist, values=[lat, dev], system_attrs=attrs
+        )
+        trial.number = number
+        return trial
+
+    assert trials_since_front_moved([]) == 0
+    trials = [t(0, 1.0, 0.0), t(1, 0.5, 1e-2), t(2, 0.6, 2e-2), t(3, 0.7, math.inf)]
+    assert trials_since_front_moved(trials) == 2  # dominated, then non-finite
+    trials.append(t(4, 0.55, 1e-3, infeasible=True))  # would join, but is infeasible
+    assert trials_since_front_moved(trials) == 3
+    trials.append(t(5, 0.8, 1e-4))  # joins between the two ends
+    assert trials_since_front_moved(trials) == 0

@@ -128,12 +128,13 @@ def test_guided_sampler_on_an_exhaustive_table(model):
 
 
 def test_guided_sampler_beyond_enumeration():
-    """More units than the guided sampler enumerates (its candidate pool): the ungrouped
-    classifier's recorded answers, against the best front all recorded searches found.
+    """More units than the guided sampler enumerates (its candidate pool and its TPE share):
+    the ungrouped classifier's recorded answers, against the best front that every recorded
+    search together found (issue 13: at least 0.95 of it after 120 evaluations).
 
     A proposal the recording lacks (the sampler changed) is evaluated for real with the same
     objectives (the classifier takes ~0.2 s an assignment) and reported: record again with
-    ``python benchmarks/tables.py --record --model ppocr_cls --units 0``.
+    ``python benchmarks/tables.py --record --model ppocr_cls --units 0 --budgets guided:120``.
     """
     table = _table(RECORDED, "--record --model ppocr_cls --units 0")
     assert len(table.units) > ENUMERATE_MAX_UNITS
@@ -149,20 +150,21 @@ def test_guided_sampler_beyond_enumeration():
             assert evaluator[0].names == table.units, "the model's units changed: record again"
         return evaluator[0].evaluate(mask)
 
-    r = replay(table, "guided", budget=60, seed=0, evaluate=evaluate)
+    r = replay(table, "guided", budget=BEYOND_BUDGET, seed=0, evaluate=evaluate)
     if r.misses:
         warnings.warn(
-            f"{len(r.misses)} of 60 proposals were not recorded and were evaluated for real "
-            "(the guided sampler changed): record again with python benchmarks/tables.py "
-            "--record --model ppocr_cls --units 0",
+            f"{len(r.misses)} of {BEYOND_BUDGET} proposals were not recorded and were evaluated "
+            "for real (the guided sampler changed): record again with python "
+            "benchmarks/tables.py --record --model ppocr_cls --units 0 --budgets guided:120",
             stacklevel=1,
         )
     ratio = r.ratio(table.space())
     assert ratio >= BEYOND_MIN_RATIO, f"hypervolume ratio {ratio:.4f} of the best known front"
 
 
-#: The guided sampler's least share of the best-known front after 60 evaluations on 99 units.
-BEYOND_MIN_RATIO = 0.9
+#: Evaluations, and the least share of the best-known front after them (issue 13's target).
+BEYOND_BUDGET = 120
+BEYOND_MIN_RATIO = 0.95
 
 
 def test_a_locked_unit_is_outside_the_table_space():
