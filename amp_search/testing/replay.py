@@ -346,6 +346,7 @@ class Replay:
         trials: Trials run (duplicates included).
         misses: Masks the table lacked (answered by ``evaluate``).
         study: The in-memory study (for a closer look).
+        missed: The replay ended at an assignment the table lacks (``stop_on_miss``).
     """
 
     sampler: str
@@ -356,6 +357,7 @@ class Replay:
     trials: int = 0
     misses: list[int] = field(default_factory=list)
     study: Any = field(default=None, repr=False)
+    missed: bool = False
 
     def ratio(self, space: ObjectiveSpace, k: int | None = None) -> float:
         """Hypervolume ratio of the first ``k`` evaluations (all by default)."""
@@ -393,6 +395,7 @@ def replay(
     *,
     evaluate: Callable[[int], tuple[float, float]] | None = None,
     make_sampler: Callable[[int], optuna.samplers.BaseSampler] | None = None,
+    stop_on_miss: bool = False,
 ) -> Replay:
     """Runs the search's sampling loop over ``table`` until ``budget`` distinct evaluations.
 
@@ -402,9 +405,11 @@ def replay(
         budget: Distinct evaluations (seeds included), the search's stop rule.
         seed: The sampler's seed (``--seed``).
         evaluate: Answers a mask the table lacks, ``mask -> (latency ms, deviation)``; None
-            raises ``KeyError`` on a miss.
+            raises ``KeyError`` on a miss (or stops, with ``stop_on_miss``).
         make_sampler: Builds the sampler from the seed instead of ``sampler``'s (an
             experiment); the study is otherwise the search's.
+        stop_on_miss: Without ``evaluate``, end the replay at the first miss (what a recorded
+            table holds of a run: ``Replay.missed`` is then True).
 
     Returns:
         What was evaluated, in order, and which answers the table lacked.
@@ -434,6 +439,10 @@ def replay(
         if got is None:
             got = table.lookup(mask)
             if got is None:
+                if evaluate is None and stop_on_miss:
+                    out.missed = True
+                    trial.study.stop()
+                    return math.inf, math.inf
                 if evaluate is None:
                     raise KeyError(f"assignment {mask:#x} is not in the {table.model} table")
                 got = evaluate(mask)
@@ -445,7 +454,7 @@ def replay(
         return got
 
     def stop(study: optuna.Study, trial: Any) -> None:
-        if len(out.masks) >= budget:
+        if len(out.masks) >= budget or out.missed:
             study.stop()
 
     study.optimize(objective, n_trials=3 * budget + 10, callbacks=[stop])
