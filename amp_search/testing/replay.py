@@ -144,7 +144,7 @@ class Table:
     @property
     def computed(self) -> np.ndarray:
         """Rows that have both values."""
-        return ~np.isnan(self.latency) & ~np.isnan(self.deviation)
+        return np.asarray(~np.isnan(self.latency) & ~np.isnan(self.deviation))
 
     @property
     def complete(self) -> bool:
