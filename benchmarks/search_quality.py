@@ -94,9 +94,9 @@ class Setup:
             load_model,
             sanitize,
         )
-        from amp_search.latency_model import LatencyEstimator
         from amp_search.objective import load_metric
         from amp_search.profiling import profile_model
+        from amp_search.search.prepare import make_estimator
         from amp_search.testing import realmodels
 
         self.name = name
@@ -119,9 +119,7 @@ class Setup:
             rewriter=self.rewriter,
         )
         self.reference = prof.reference_outputs
-        shapes = {k: tuple(v.shape) for k, v in self.data.first().items()}
-        observed = {n: t.shape for n, t in prof.tensors.items() if t.shape is not None}
-        self.estimator = LatencyEstimator(self.model, shapes, target="h100", known_shapes=observed)
+        self.estimator = make_estimator(self.model, self.data.first(), prof, "h100")
         self.backend = get_backend("onnxruntime")
         self.config = BuildConfig("cpu")
         self.metric = load_metric("rel_l2")

@@ -103,8 +103,8 @@ def refine_front(
     from amp_search.backends import BuildConfig, get_backend
     from amp_search.graph import load_model, reconcile_shapes, sanitize
     from amp_search.objective import load_metric
-    from amp_search.search.evaluate import ResidentReference
-    from amp_search.timing import TimingPlan, nvml_clock
+    from amp_search.search.prepare import resident_reference
+    from amp_search.timing import TimingPlan
 
     check_max_deviation(max_deviation)
     meta = results.meta
@@ -143,15 +143,14 @@ def refine_front(
     model_path = _searched_model(results)
     reference = _reference(model_path, data)
     plan = TimingPlan(target=target, min_pairs=2, max_pairs=max(2, pairs), max_time_s=max_time_s)
-    clock = nvml_clock(config.device_id) if config.device_type == "cuda" else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as held:
         fp32_model = sanitize(load_model(model_path))  # as the search reconciled it:
         reconcile_shapes(fp32_model, {k: v.shape for k, v in reference[0].items()})
-        resident = held.enter_context(contextlib.closing(ResidentReference(
+        resident = resident_reference(
             backend, config, results.store.root / "reference" / "model.onnx",
-            fp32_model, data.first(), plan, clock,
-        )))  # fmt: skip
+            fp32_model, data.first(), plan, held,
+        )  # fmt: skip
         resident.open()
         opened, failed = _open_entries(backend, config, entries, data, reference, metric,
                                        resident, held, progress)  # fmt: skip

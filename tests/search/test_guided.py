@@ -319,7 +319,7 @@ def test_an_enqueued_trial_is_evaluated_as_enqueued(
         record_of(t)["digest"] for t in study.trials if t.state.name == "COMPLETE"
     }
     study.enqueue_trial(want)
-    with caplog.at_level("DEBUG", logger="amp_search.search.run"):
+    with caplog.at_level("DEBUG", logger="amp_search.search._optimize"):
         run_search(SearchConfig(**{**config.__dict__, "n_trials": 13}))
     assert "differ from the sampler's proposal" in caplog.text  # the early guess was wrong
     study = optuna.load_study(study_name="e", storage=storage)
