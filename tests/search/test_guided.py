@@ -14,12 +14,14 @@ from amp_search.keys import GUIDE_ATTR, SEEDED_ATTR
 from amp_search.profiling.ranges import UnitDeviation
 from amp_search.profiling.sensitivity import UnitRisk
 from amp_search.search import SearchConfig, run_search
-from amp_search.search.guide import build_guide, load_guide, own_errors
+from amp_search.search._guided.acquisition import expected_hvi, nondominated
+from amp_search.search._guided.candidates import all_rows
+from amp_search.search._guided.guide import build_guide, load_guide, own_errors
+from amp_search.search._guided.latency import LatencyModel
 from amp_search.search.guided import GuidedSampler, propose
 from amp_search.search.sampler import make_tpe
 from amp_search.search.seeds import PREFIXES, enqueue_seeds, seed_params
 from amp_search.search.space import SearchSpace
-from amp_search.search.surrogate import LatencyModel, all_rows, expected_hvi, nondominated
 
 
 def _risk(name, feeders, rel_l2, nonfinite=0):
