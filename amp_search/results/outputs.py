@@ -7,7 +7,7 @@
 
 ``run.json`` and ``inspect.json`` are written before the first trial
 (:meth:`~amp_search.results.store.ResultsStore.check_run` and the profile's
-:class:`~amp_search.profiling.report.InspectReport`).
+:class:`~amp_search.profiling.inspection.InspectReport`).
 """
 
 from __future__ import annotations

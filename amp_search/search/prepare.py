@@ -53,7 +53,7 @@ from amp_search.graph import (
 from amp_search.graph.io import model_to_bytes
 from amp_search.graph.units import NotSearched, not_searched
 from amp_search.profiling import assess_units, profile_model
-from amp_search.profiling.report import CPU_NOTE, InspectReport
+from amp_search.profiling.inspection import CPU_NOTE, InspectReport
 from amp_search.results.pareto import check_max_deviation
 from amp_search.results.prune import KEEP_MODELS
 from amp_search.results.store import ResultsStore

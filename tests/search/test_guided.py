@@ -17,7 +17,7 @@ from amp_search.search import SearchConfig, run_search
 from amp_search.search._guided.acquisition import expected_hvi, nondominated
 from amp_search.search._guided.candidates import all_rows
 from amp_search.search._guided.guide import build_guide, load_guide, own_errors
-from amp_search.search._guided.latency import LatencyModel
+from amp_search.search._guided.latency import LatencySurrogate
 from amp_search.search.guided import GuidedSampler, propose
 from amp_search.search.sampler import make_tpe
 from amp_search.search.seeds import PREFIXES, enqueue_seeds, seed_params
@@ -70,7 +70,7 @@ def test_latency_model_is_the_estimator_on_the_demo_model(demo_data_path):
     n, edges = len(units), [tuple(e) for e in guide["edges"]]
     assert len(calls) <= 2 + n + len(edges)  # none, all, each unit, each fed pair
     assert guide["unit_error"] is None  # no FP16 pass in these risks
-    model_ = LatencyModel(n, edges, guide["latency"]["coef"])
+    model_ = LatencySurrogate(n, edges, guide["latency"]["coef"])
     rng = np.random.default_rng(0)
     rows = (rng.random((25, n)) < rng.random((25, 1))).astype(np.uint8)
     for row in rows:
@@ -114,7 +114,7 @@ def test_propose_never_repeats_and_follows_the_latency_model():
              "latency": {"coef": [10.0, -2.0, -2.0, -2.0, -2.0, 0.1, 0.1, 0.1]}}  # fmt: skip
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.set_user_attr(GUIDE_ATTR, guide)
-    model = LatencyModel(4, [(0, 1), (1, 2), (2, 3)], guide["latency"]["coef"])
+    model = LatencySurrogate(4, [(0, 1), (1, 2), (2, 3)], guide["latency"]["coef"])
     dist = {u: optuna.distributions.CategoricalDistribution(("fp32", "fp16")) for u in units}
     rng = np.random.default_rng(0)
 

@@ -6,7 +6,7 @@ FP16), with numpy only:
 
 - :mod:`.guide`: what the sampler knows before any trial, kept in the study (units, edges,
   the latency model's coefficients, each unit's own FP16 error);
-- :mod:`.latency`: :class:`~.latency.LatencyModel`, a price for every assignment;
+- :mod:`.latency`: :class:`~.latency.LatencySurrogate`, a price for every assignment;
 - :mod:`.gp`: :class:`~.gp.DeviationGP`, a Gaussian process on log10 deviation;
 - :mod:`.acquisition`: :func:`~.acquisition.expected_hvi`, the expected hypervolume
   improvement, in closed form;

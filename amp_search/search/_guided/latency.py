@@ -1,12 +1,13 @@
-"""The guided sampler's latency model: a price for every assignment, before it is built.
+"""The guided sampler's latency surrogate: a price for every assignment, before it is built.
 
-:class:`LatencyModel` prices an assignment (a 0/1 row, 1 = FP16) as ``base + sum_i unit_i *
-x_i + sum_(i,j) edge_ij * [x_i != x_j]`` over the units and the producer -> consumer edges
-between them. Per-unit FP16 savings plus what a precision boundary costs (Casts, lost fusion)
-is how the roofline estimator prices a model, so fitted on estimator calls the model
-reproduces it exactly on chains and within about 1% on the PP-OCR recognizer's 85 units.
-Fitted on measured trials (fewer than it has terms, at first) it takes the smallest terms
-that fit.
+:class:`LatencySurrogate` prices an assignment (a 0/1 row, 1 = FP16) as ``base + sum_i unit_i
+* x_i + sum_(i,j) edge_ij * [x_i != x_j]`` over the units and the producer -> consumer edges
+between them. It stands in for the roofline estimator
+(:class:`~amp_search.latency_model.LatencyEstimator`, which prices a rewritten model): per-unit
+FP16 savings plus what a precision boundary costs (Casts, lost fusion) is how the estimator
+prices a model, so fitted on estimator calls the surrogate reproduces it exactly on chains and
+within about 1% on the PP-OCR recognizer's 85 units. Fitted on measured trials (fewer than it
+has terms, at first) it takes the smallest terms that fit.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import numpy as np
 
 from amp_search.search._guided.candidates import unique_rows
 
-__all__ = ["LatencyModel"]
+__all__ = ["LatencySurrogate"]
 
 
-class LatencyModel:
+class LatencySurrogate:
     """Latency of an assignment from per-unit terms and per-edge boundary terms.
 
     Args:
@@ -58,7 +59,7 @@ class LatencyModel:
             rows.append(r)
         return unique_rows(np.array(rows))
 
-    def fit(self, rows: np.ndarray, latency: np.ndarray) -> LatencyModel:
+    def fit(self, rows: np.ndarray, latency: np.ndarray) -> LatencySurrogate:
         """Least squares; with fewer rows than terms, the smallest-norm terms around the mean."""
         f = self.features(rows)[:, 1:]
         y = np.asarray(latency, dtype=np.float64)

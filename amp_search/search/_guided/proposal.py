@@ -34,7 +34,7 @@ from amp_search.results.pareto import front_order
 from amp_search.search._guided.acquisition import expected_hvi, nondominated
 from amp_search.search._guided.candidates import candidates
 from amp_search.search._guided.gp import DeviationGP, prior_feature
-from amp_search.search._guided.latency import LatencyModel
+from amp_search.search._guided.latency import LatencySurrogate
 
 __all__ = [
     "PRIOR_SD",
@@ -153,9 +153,9 @@ def latency_predictor(
     latency: dict[str, Any] | None,
     rows: np.ndarray,
     lats: np.ndarray,
-) -> LatencyModel:
+) -> LatencySurrogate:
     """The guide's latency model (``latency``), or one fitted on the trials without it."""
-    model = LatencyModel(n, edges, None if latency is None else latency["coef"])
+    model = LatencySurrogate(n, edges, None if latency is None else latency["coef"])
     if latency is None:
         model.fit(rows, lats)
     return model
@@ -163,7 +163,7 @@ def latency_predictor(
 
 def front_points(
     obs: Observations,
-    model: LatencyModel,
+    model: LatencySurrogate,
     predict: Predictor,
     lats: np.ndarray,
     logdev: np.ndarray,
@@ -185,7 +185,7 @@ def front_points(
 
 def best_candidate(
     cand: np.ndarray,
-    model: LatencyModel,
+    model: LatencySurrogate,
     predict: Predictor,
     obs: Observations,
     lats: np.ndarray,
