@@ -26,14 +26,14 @@ from amp_search.types import Precision, PrecisionAssignment
 
 if TYPE_CHECKING:
     from amp_search.graph import apply_assignment, find_units, load_model, sanitize
-    from amp_search.profiling.report import inspect_model
+    from amp_search.profiling.inspection import inspect_model
 
 _LAZY = {
     "apply_assignment": "amp_search.graph",
     "find_units": "amp_search.graph",
     "load_model": "amp_search.graph",
     "sanitize": "amp_search.graph",
-    "inspect_model": "amp_search.profiling.report",
+    "inspect_model": "amp_search.profiling.inspection",
 }
 
 

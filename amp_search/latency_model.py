@@ -390,7 +390,32 @@ class LatencyEstimator:
         return self.estimate_details(model).total_ms
 
     def estimate_details(self, model: onnx.ModelProto) -> LatencyBreakdown:
-        """Like :meth:`estimate`, with the counts behind the figure."""
+        """Like :meth:`estimate`, with the counts behind the figure.
+
+        Three steps: :meth:`_read_mixed` (which nodes run FP16, which Casts were inserted),
+        :meth:`_cast_seconds` (the Casts' traffic and kernels) and :meth:`_kernel_seconds`
+        (fusion groups at one precision, each a roofline kernel).
+        """
+        fp16, cast_src = self._read_mixed(model)
+        cast_s, fused_casts = self._cast_seconds(cast_src, fp16)
+        h = np.frombuffer(bytes(fp16), dtype=np.uint8).astype(bool)
+        kernel_s, n_kernels = self._kernel_seconds(h)
+        total_s = kernel_s + n_kernels * self._overhead_s + cast_s
+        active = self._active
+        n16 = int(np.count_nonzero(h & active))
+        return LatencyBreakdown(
+            total_ms=total_s * 1e3,
+            kernels=n_kernels + len(cast_src) - fused_casts,
+            fp16_nodes=n16,
+            fp32_nodes=int(np.count_nonzero(active)) - n16,
+            casts=len(cast_src),
+            fused_casts=fused_casts,
+            cast_ms=cast_s * 1e3,
+            source=self.source,
+        )
+
+    def _read_mixed(self, model: onnx.ModelProto) -> tuple[bytearray, list[str]]:
+        """Per node of the estimator's model, 1 if it runs FP16; the inserted Casts' sources."""
         pos = self._pos
         probes = self._probe
         n = len(self._costs)
@@ -425,7 +450,10 @@ class LatencyEstimator:
                 f"The model has {matched} of the {n} nodes this estimator was built for; "
                 "estimate only models the rewriter made from it."
             )
+        return fp16, cast_src
 
+    def _cast_seconds(self, cast_src: list[str], fp16: bytearray) -> tuple[float, int]:
+        """Seconds of the Casts, and how many fuse into their producer."""
         bw = self._bw
         overhead = self._overhead_s
         # Casts: bytes in and out, plus a kernel unless fused into their producer.
@@ -458,9 +486,16 @@ class LatencyEstimator:
                     fused_casts += 1
                     continue
             cast_s += overhead
+        return cast_s, fused_casts
 
-        # Kernels: a node joins its fusion parent's group when both run at one precision.
-        h = np.frombuffer(bytes(fp16), dtype=np.uint8).astype(bool)
+    def _kernel_seconds(self, h: np.ndarray) -> tuple[float, int]:
+        """Seconds of the kernels (launch overheads apart) and their count.
+
+        ``h`` is True for the nodes that run FP16. A node joins its fusion parent's group when
+        both run at one precision; a group costs the larger of its compute and its traffic.
+        """
+        n = len(self._costs)
+        bw = self._bw
         fused = self._has_parent & (h[self._parent] == h)
         root = np.where(fused, self._parent, self._idx)
         while True:
@@ -478,18 +513,7 @@ class LatencyEstimator:
         heads = active & ~fused
         kernel_s = np.maximum(group_compute[heads], group_bytes[heads] / bw)
         n_kernels = int(np.count_nonzero(heads))
-        total_s = float(kernel_s.sum()) + n_kernels * overhead + cast_s
-        n16 = int(np.count_nonzero(h & active))
-        return LatencyBreakdown(
-            total_ms=total_s * 1e3,
-            kernels=n_kernels + len(cast_src) - fused_casts,
-            fp16_nodes=n16,
-            fp32_nodes=int(np.count_nonzero(active)) - n16,
-            casts=len(cast_src),
-            fused_casts=fused_casts,
-            cast_ms=cast_s * 1e3,
-            source=self.source,
-        )
+        return float(kernel_s.sum()), n_kernels
 
     def estimate_assignment(
         self, rewriter: MixedPrecisionRewriter, assignment: PrecisionAssignment

@@ -67,7 +67,7 @@ class InspectCommand(Subcommand):
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search._atomic import check_writable
         from amp_search.calibration import parse_shapes
-        from amp_search.profiling.report import inspect_model
+        from amp_search.profiling.inspection import inspect_model
 
         if args.json:
             check_writable(args.json)  # before the profile, not after it

@@ -245,8 +245,42 @@ class MixedPrecisionRewriter:
         return out - self._pinned_pos
 
     def apply(self, assignment: PrecisionAssignment) -> tuple[onnx.ModelProto, ConversionReport]:
-        """Returns the mixed-precision model for ``assignment`` and what the rewrite did."""
+        """Returns the mixed-precision model for ``assignment`` and what the rewrite did.
+
+        The pipeline, one pass over the nodes in graph order:
+
+        1. :meth:`_fp16_positions`: the nodes the assignment's units put in FP16, less pinned
+           ones and those whose weights overflow FP16 (``report.forced_fp32``);
+        2. :meth:`_runs_fp16`, for each node: its unit says so, or it is a data-movement
+           follower whose live float inputs are all FP16 already (reading weights only: whose
+           readers all run FP16);
+        3. an FP16 node is written by :meth:`_write_fp16_node` (the inputs its schema types
+           with the outputs read FP16, the outputs renamed ``<name>__fp16``, their value_info
+           copied as FP16), any other by :meth:`_write_fp32_node` (Shape, Size and Cast read
+           an FP16 tensor directly). Both ask the call's :class:`_Rewrite` for each input in
+           the precision they need; it inserts a Cast, or an FP16 copy of a weight, the first
+           time a tensor is needed in the other precision;
+        4. every graph output is materialized in FP32 again;
+        5. :meth:`_assemble`: the new model from the weightless template, with the
+           initializers the new graph reads (their FP16 copies included); an unchanged copy
+           when no node runs FP16.
+        """
         report = ConversionReport()
+        fp16_pos = self._fp16_positions(assignment, report)
+        rw = _Rewrite(self, report)
+        for i, node in enumerate(self.model.graph.node):
+            if self._runs_fp16(i, fp16_pos, rw) and self._params[i].convertible:
+                self._write_fp16_node(i, node, rw)
+            else:
+                self._write_fp32_node(i, node, rw)
+        for name in self.index.graph_outputs:
+            rw.need_fp32(name)
+        return self._assemble(assignment, rw)
+
+    def _fp16_positions(
+        self, assignment: PrecisionAssignment, report: ConversionReport
+    ) -> set[int]:
+        """The assignment's FP16 node positions; weights that overflow FP16 keep a node FP32."""
         fp16_pos = self.fp16_node_positions(assignment)
         idx = self.index
         graph = self.model.graph
@@ -259,121 +293,101 @@ class MixedPrecisionRewriter:
                     fp16_pos.discard(i)
                     report.forced_fp32.append(node.name)
                     break
+        return fp16_pos
 
-        new_nodes: list[onnx.NodeProto] = []
-        fp16_name: dict[str, str] = {}  # tensor -> its FP16 version (native or cast)
-        native: set[str] = set()  # tensors produced in FP16 by an FP16 node
-        materialized: set[str] = set()  # FP16-produced tensors whose FP32 name exists again
-        new_inits: dict[str, onnx.TensorProto] = {}
-        new_vi: list[onnx.ValueInfoProto] = []
+    def _runs_fp16(self, i: int, fp16_pos: set[int], rw: _Rewrite) -> bool:
+        """Whether node ``i`` runs FP16: its unit's choice, or a follower of FP16 data."""
+        params = self._params[i]
+        ins, outs, op = self._ins[i], self._outs[i], self._ops[i]
+        run_fp16 = i in fp16_pos
+        follows = op in FOLLOWER_OPS and i not in self._pinned_pos
+        if not run_fp16 and follows and params.convertible:
+            live = [ins[k] for k in params.inputs if ins[k] not in self._is_init]
+            if live:
+                run_fp16 = all(n in rw.native for n in live)
+            else:  # constant data movement (Reshape of a weight): FP16 if read in FP16
+                readers = [r for o in outs for r in self.index.consumers.get(o, [])]
+                run_fp16 = bool(readers) and all(r in fp16_pos for r in readers)
+        return run_fp16
 
-        def need_fp32(name: str) -> str:
-            if name in native and name not in materialized:
-                new_nodes.append(_cast(fp16_name[name], name, FLOAT))
-                report.casts_inserted += 1
-                materialized.add(name)
-            return name
-
-        def need_fp16(name: str) -> str:
-            if name in fp16_name:
-                return fp16_name[name]
-            if idx.is_initializer(name):
-                tensor, loss = self._fp16_initializer(name)
-                new_inits[tensor.name] = tensor
-                report.initializers.append(loss)
-                fp16_name[name] = tensor.name
-                return tensor.name
-            half = name + _FP16_SUFFIX
-            new_nodes.append(_cast(name, half, FLOAT16))
-            report.casts_inserted += 1
-            fp16_name[name] = half
-            return half
-
-        read: set[str] = set(self._graph_input_names)  # names the new graph reads
-        is_init = self._is_init
-        for i, node in enumerate(graph.node):
-            params = self._params[i]
-            ins, outs, op = self._ins[i], self._outs[i], self._ops[i]
-            run_fp16 = i in fp16_pos
-            follows = op in FOLLOWER_OPS and i not in self._pinned_pos
-            if not run_fp16 and follows and params.convertible:
-                live = [ins[k] for k in params.inputs if ins[k] not in is_init]
-                if live:
-                    run_fp16 = all(n in native for n in live)
-                else:  # constant data movement (Reshape of a weight): FP16 if read in FP16
-                    readers = [r for o in outs for r in idx.consumers.get(o, [])]
-                    run_fp16 = bool(readers) and all(r in fp16_pos for r in readers)
-            if run_fp16 and params.convertible:
-                new = onnx.NodeProto()
-                new.CopyFrom(node)
-                switch_in = set(params.inputs)
-                for k, name in enumerate(ins):
-                    if not name:
-                        continue
-                    got = need_fp16(name) if k in switch_in else need_fp32(name)
-                    new.input[k] = got
-                    read.add(got)
-                for k in params.outputs:
-                    name = outs[k]
-                    if not name:
-                        continue
-                    half = name + _FP16_SUFFIX
-                    new.output[k] = half
-                    fp16_name[name] = half
-                    native.add(name)
-                    vi = self._value_info.get(name)
-                    if vi is not None:
-                        hvi = onnx.ValueInfoProto()
-                        hvi.CopyFrom(vi)
-                        hvi.name = half
-                        hvi.type.tensor_type.elem_type = FLOAT16
-                        new_vi.append(hvi)
-                for i_out, name in enumerate(outs):
-                    if name and i_out not in params.outputs and name in self._value_info:
-                        new_vi.append(self._value_info[name])
-                for ref in idx.outer_refs.get(i, ()):
-                    need_fp32(ref)
-                read |= self._sub_refs[i]
-                new_nodes.append(new)
-                report.fp16_nodes.append(self._names[i])
+    def _write_fp16_node(self, i: int, node: onnx.NodeProto, rw: _Rewrite) -> None:
+        """Node ``i`` in FP16: switched inputs read FP16, outputs renamed ``<name>__fp16``."""
+        params = self._params[i]
+        ins, outs = self._ins[i], self._outs[i]
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        switch_in = set(params.inputs)
+        for k, name in enumerate(ins):
+            if not name:
                 continue
-            # An FP32 node (or one with nothing to switch).
-            if op in _TYPE_AGNOSTIC_READERS and ins and ins[0] in native:
-                new = onnx.NodeProto()
-                new.CopyFrom(node)
-                new.input[0] = fp16_name[ins[0]]
-                read.add(new.input[0])
-                for name in ins[1:]:
-                    if name:
-                        read.add(need_fp32(name))
-                new_nodes.append(new)
-            else:
-                for name in ins:
-                    if name:
-                        read.add(need_fp32(name))
-                for ref in idx.outer_refs.get(i, ()):
-                    need_fp32(ref)
-                read |= self._sub_refs[i]
-                new_nodes.append(node)
-            for name in outs:
-                if name in self._value_info:
-                    new_vi.append(self._value_info[name])
+            got = rw.need_fp16(name) if k in switch_in else rw.need_fp32(name)
+            new.input[k] = got
+            rw.read.add(got)
+        for k in params.outputs:
+            name = outs[k]
+            if not name:
+                continue
+            half = name + _FP16_SUFFIX
+            new.output[k] = half
+            rw.fp16_name[name] = half
+            rw.native.add(name)
+            vi = self._value_info.get(name)
+            if vi is not None:
+                hvi = onnx.ValueInfoProto()
+                hvi.CopyFrom(vi)
+                hvi.name = half
+                hvi.type.tensor_type.elem_type = FLOAT16
+                rw.new_vi.append(hvi)
+        for i_out, name in enumerate(outs):
+            if name and i_out not in params.outputs and name in self._value_info:
+                rw.new_vi.append(self._value_info[name])
+        for ref in self.index.outer_refs.get(i, ()):
+            rw.need_fp32(ref)
+        rw.read |= self._sub_refs[i]
+        rw.new_nodes.append(new)
+        rw.report.fp16_nodes.append(self._names[i])
 
-        for name in idx.graph_outputs:
-            need_fp32(name)
+    def _write_fp32_node(self, i: int, node: onnx.NodeProto, rw: _Rewrite) -> None:
+        """Node ``i`` as it is (FP32, or nothing to switch); Shape/Size/Cast may read FP16."""
+        ins, outs, op = self._ins[i], self._outs[i], self._ops[i]
+        if op in _TYPE_AGNOSTIC_READERS and ins and ins[0] in rw.native:
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.input[0] = rw.fp16_name[ins[0]]
+            rw.read.add(new.input[0])
+            for name in ins[1:]:
+                if name:
+                    rw.read.add(rw.need_fp32(name))
+            rw.new_nodes.append(new)
+        else:
+            for name in ins:
+                if name:
+                    rw.read.add(rw.need_fp32(name))
+            for ref in self.index.outer_refs.get(i, ()):
+                rw.need_fp32(ref)
+            rw.read |= self._sub_refs[i]
+            rw.new_nodes.append(node)
+        for name in outs:
+            if name in self._value_info:
+                rw.new_vi.append(self._value_info[name])
 
+    def _assemble(
+        self, assignment: PrecisionAssignment, rw: _Rewrite
+    ) -> tuple[onnx.ModelProto, ConversionReport]:
+        """The new model and the report (:meth:`apply_serialized`: a skeleton, no weights)."""
+        report, graph = rw.report, self.model.graph
         if not report.fp16_nodes:
             out = onnx.ModelProto()
             out.CopyFrom(self.model)
             return out, report
 
-        out = self._skeleton(new_nodes, new_vi)
-        kept = [t.name for t in graph.initializer if t.name in read]
+        out = self._skeleton(rw.new_nodes, rw.new_vi)
+        kept = [t.name for t in graph.initializer if t.name in rw.read]
         if isinstance(assignment, _Skeletal):
-            self._last_inits = [*kept, *new_inits]
+            self._last_inits = [*kept, *rw.new_inits]
             return out, report
-        out.graph.initializer.extend(t for t in graph.initializer if t.name in read)
-        out.graph.initializer.extend(new_inits.values())
+        out.graph.initializer.extend(t for t in graph.initializer if t.name in rw.read)
+        out.graph.initializer.extend(rw.new_inits.values())
         return out, report
 
     def apply_serialized(
@@ -419,6 +433,45 @@ class MixedPrecisionRewriter:
                 seen.add(vi.name)
                 out.graph.value_info.append(vi)
         return out
+
+
+class _Rewrite:
+    """The graph one :meth:`MixedPrecisionRewriter.apply` call is writing, and its Casts."""
+
+    def __init__(self, rewriter: MixedPrecisionRewriter, report: ConversionReport) -> None:
+        self.rewriter = rewriter
+        self.report = report
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.fp16_name: dict[str, str] = {}  # tensor -> its FP16 version (native or cast)
+        self.native: set[str] = set()  # tensors produced in FP16 by an FP16 node
+        self.materialized: set[str] = set()  # FP16-produced tensors whose FP32 name exists again
+        self.new_inits: dict[str, onnx.TensorProto] = {}
+        self.new_vi: list[onnx.ValueInfoProto] = []
+        self.read: set[str] = set(rewriter._graph_input_names)  # names the new graph reads
+
+    def need_fp32(self, name: str) -> str:
+        """``name`` as an FP32 tensor (a Cast back from FP16 the first time it is needed)."""
+        if name in self.native and name not in self.materialized:
+            self.new_nodes.append(_cast(self.fp16_name[name], name, FLOAT))
+            self.report.casts_inserted += 1
+            self.materialized.add(name)
+        return name
+
+    def need_fp16(self, name: str) -> str:
+        """The FP16 version of ``name``: native, a weight's FP16 copy, or a new Cast."""
+        if name in self.fp16_name:
+            return self.fp16_name[name]
+        if self.rewriter.index.is_initializer(name):
+            tensor, loss = self.rewriter._fp16_initializer(name)
+            self.new_inits[tensor.name] = tensor
+            self.report.initializers.append(loss)
+            self.fp16_name[name] = tensor.name
+            return tensor.name
+        half = name + _FP16_SUFFIX
+        self.new_nodes.append(_cast(name, half, FLOAT16))
+        self.report.casts_inserted += 1
+        self.fp16_name[name] = half
+        return half
 
 
 class _Skeletal(PrecisionAssignment):

@@ -3,23 +3,29 @@
 After the seed trials it proposes, one trial at a time, the unevaluated assignment with the
 largest expected improvement of the hypervolume of the (latency, log10 deviation) front:
 
-- latency from the study's guide (:mod:`amp_search.search.guide`), a model fitted on the
-  roofline estimator, so every candidate's latency is known before it is built; without a
+- latency from the study's guide (:mod:`amp_search.search._guided.guide`), a model fitted on
+  the roofline estimator, so every candidate's latency is known before it is built; without a
   latency model in the guide (measured latency), a model of the same form fitted on the trials;
 - log10 deviation from a Gaussian process over the assignments fitted on the trials, its mean
   following the profile's per-unit FP16 errors;
-- the improvement's expectation in closed form (:func:`amp_search.search.surrogate.expected_hvi`).
+- the improvement's expectation in closed form
+  (:func:`amp_search.search._guided.acquisition.expected_hvi`).
 
-Beyond :data:`~amp_search.search.surrogate.ENUMERATE_MAX_UNITS` units (a candidate pool, not
-every assignment), once :data:`STALL_PATIENCE` trials in a row have left the front as it was,
-every :data:`STALL_EVERY`-th proposal is TPE's instead (the study's own trials, no prior): on
-a real model the prior and the latency model can both misjudge the assignments that keep a
-few scattered units FP32, where rounding errors cancel, and the pool around the front never
-reaches them; a TPE proposal that moves the front ends the stall.
+Beyond :data:`~amp_search.search._guided.candidates.ENUMERATE_MAX_UNITS` units (a candidate
+pool, not every assignment), once :data:`STALL_PATIENCE` trials in a row have left the front
+as it was, every :data:`STALL_EVERY`-th proposal is TPE's instead (the study's own trials, no
+prior): on a real model the prior and the latency model can both misjudge the assignments
+that keep a few scattered units FP32, where rounding errors cancel, and the pool around the
+front never reaches them; a TPE proposal that moves the front ends the stall.
 
 Deviation budgets (``--max-deviation``) move the reference point to the budget; non-finite
 outputs train the process as worse than anything finite. A study without a guide (made
 before guides existed) is sampled by TPE.
+
+This module is the Optuna adapter only, as Optuna's ``samplers/_gp/sampler.py`` sits over its
+``_gp`` package: :class:`GuidedSampler` reads the guide and the trials, :func:`observe` turns
+the trials into arrays, and a proposed row becomes parameters again. The numerics are in
+:mod:`amp_search.search._guided`.
 """
 
 from __future__ import annotations
@@ -33,37 +39,22 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from amp_search.results.pareto import front_order
-from amp_search.search.guide import load_guide
+from amp_search.search._guided.candidates import ENUMERATE_MAX_UNITS, row_key
+from amp_search.search._guided.guide import load_guide
+from amp_search.search._guided.proposal import Observations, next_row
 from amp_search.search.sampler import make_tpe
 from amp_search.search.space import CHOICES
-from amp_search.search.surrogate import (
-    ENUMERATE_MAX_UNITS,
-    DeviationGP,
-    LatencyModel,
-    candidates,
-    expected_hvi,
-    nondominated,
-    prior_feature,
-    row_key,
-)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
 
-__all__ = ["GuidedSampler", "propose", "trials_since_front_moved"]
+__all__ = ["GuidedSampler", "observe", "propose", "trials_since_front_moved"]
 
 logger = logging.getLogger(__name__)
 
-#: Reference point margin above the worst log10 deviation seen (no deviation budget set).
-REF_MARGIN = 0.5
-#: How far below the best nonzero log10 deviation an exact (zero) deviation is placed.
-ZERO_GAP = 1.0
-#: Spread (decades) of the profile's proxy before two deviations are known.
-PRIOR_SD = 1.0
 #: Trials in a row that left the front unchanged before TPE takes a share (pool path only).
 STALL_PATIENCE = 5
 #: While stalled, every this-many-th proposal is TPE's.
@@ -187,9 +178,38 @@ def propose(
     """The next assignment (a 0/1 row over ``guide["units"]``, 1 = FP16), or None.
 
     Before two trials have a finite nonzero deviation the profile's proxy stands in for the
-    process; None without one (and when every candidate is taken).
+    process; None without one (and when every candidate is taken). The numerics are
+    :func:`~amp_search.search._guided.proposal.next_row`'s.
     """
-    units: list[str] = guide["units"]
+    return next_row(observe(guide["units"], trials, number), guide, rng)
+
+
+def trials_since_front_moved(trials: Sequence[FrozenTrial]) -> int:
+    """Completed trials since the last one that joined the front (all of them if none did).
+
+    A trial joins when no earlier feasible trial with finite deviation is as fast and as
+    accurate; failed, non-finite and infeasible trials never do.
+    """
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
+         and len(t.values) == 2),
+        key=lambda t: t.number,
+    )  # fmt: skip
+    front: list[tuple[float, float]] = []
+    since = 0
+    for t in done:
+        x, d = float(t.values[0]), float(t.values[1])
+        feasible = all(c <= 0.0 for c in t.constraints.values())
+        if not (feasible and math.isfinite(d)) or any(a <= x and b <= d for a, b in front):
+            since += 1
+            continue
+        front = [(a, b) for a, b in front if not (x <= a and d <= b)] + [(x, d)]
+        since = 0
+    return since
+
+
+def observe(units: list[str], trials: Sequence[FrozenTrial], number: int) -> Observations:
+    """The trials (all but trial ``number``) as arrays over ``units`` (1 = FP16)."""
     n = len(units)
     index = {u: i for i, u in enumerate(units)}
     code = {c: k for k, c in enumerate(CHOICES)}
@@ -222,103 +242,12 @@ def propose(
                 budget = float(t.values[1]) - float(cons["max_deviation"])
         elif t.state in (TrialState.RUNNING, TrialState.WAITING):
             pending.append(r)
-    devs = np.array(dev, dtype=np.float64)
-    rows = np.array(done_rows, dtype=np.uint8).reshape(len(done_rows), n)
-    lats = np.array(lat, dtype=np.float64)
-    finite = np.isfinite(devs)
-    good = finite & (devs > 0)
-    logdev = np.log10(np.where(good, devs, 1.0))
-    unit_error = guide.get("unit_error")
-
-    def prior(r: np.ndarray) -> np.ndarray | None:
-        return None if unit_error is None else prior_feature(r, unit_error)
-
-    predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-    if int(good.sum()) >= 2:
-        # Non-finite outputs train the process as worse than anything finite.
-        train = good | ~finite
-        y = np.where(good, logdev, float(logdev[good].max()) + 1.0)[train]
-        gp = DeviationGP(rows[train], y, prior(rows[train]))
-
-        def predict(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return gp.predict(r, prior(r))
-
-    elif unit_error is not None:
-        # Too little to fit: the profile's proxy alone, offset to what was measured.
-        offset = (
-            float(np.mean(logdev[good] - prior_feature(rows[good], unit_error)))
-            if good.any()
-            else 0.0
-        )
-
-        def predict(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return prior_feature(r, unit_error) + offset, np.full(len(r), PRIOR_SD)
-
-    else:
-        return None
-
-    latency = guide.get("latency")
-    edges = [(int(a), int(b)) for a, b in guide.get("edges", [])]
-    model = LatencyModel(n, edges, None if latency is None else latency["coef"])
-    if latency is None:
-        model.fit(rows, lats)
-
-    # The front so far: feasible finite trials, plus trials other workers are running at
-    # their predicted point; an exact result (all-FP32) sits below the best nonzero one.
-    ok = np.array(feasible, dtype=bool) & finite
-    pts_x, pts_y = list(lats[ok]), list(logdev[ok])
-    exact = [k for k, v in enumerate(devs[ok]) if v == 0]
-    if pending:
-        prow = np.array(pending, dtype=np.uint8)
-        pts_x += list(model.predict(prow))
-        pts_y += list(predict(prow)[0])
-    cand = candidates(n, _front_rows(rows[ok], lats[ok], devs[ok]), edges, rng, taken)
-    if not len(cand):
-        return None
-    x = model.predict(cand)
-    mu, sd = predict(cand)
-    known = logdev[good] if good.any() else mu[np.isfinite(mu)]
-    floor = float(known.min()) - ZERO_GAP
-    for k in exact:
-        pts_y[k] = floor
-    front = nondominated(list(zip(map(float, pts_x), map(float, pts_y), strict=True)))
-    ref_y = math.log10(budget) if budget and budget > 0 else float(known.max()) + REF_MARGIN
-    ref = (float(max(x.max(), lats.max(initial=0.0))) * 1.05, ref_y)
-    score = expected_hvi(x, mu, sd, front, ref, floor)
-    best = np.flatnonzero(score >= score.max() - 1e-12 * max(1e-300, abs(float(score.max()))))
-    pick = int(rng.choice(best))
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug(
-            "guided: %d candidates, pick EHVI %.3g (latency %.4g, log10 deviation %.3g +- %.2g)",
-            len(cand), score[pick], x[pick], mu[pick], sd[pick],
-        )  # fmt: skip
-    return np.asarray(cand[pick])
-
-
-def trials_since_front_moved(trials: Sequence[FrozenTrial]) -> int:
-    """Completed trials since the last one that joined the front (all of them if none did).
-
-    A trial joins when no earlier feasible trial with finite deviation is as fast and as
-    accurate; failed, non-finite and infeasible trials never do.
-    """
-    done = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
-         and len(t.values) == 2),
-        key=lambda t: t.number,
-    )  # fmt: skip
-    front: list[tuple[float, float]] = []
-    since = 0
-    for t in done:
-        x, d = float(t.values[0]), float(t.values[1])
-        feasible = all(c <= 0.0 for c in t.constraints.values())
-        if not (feasible and math.isfinite(d)) or any(a <= x and b <= d for a, b in front):
-            since += 1
-            continue
-        front = [(a, b) for a, b in front if not (x <= a and d <= b)] + [(x, d)]
-        since = 0
-    return since
-
-
-def _front_rows(rows: np.ndarray, lats: np.ndarray, devs: np.ndarray) -> np.ndarray:
-    """The rows of the non-dominated trials (for the candidate pool of large spaces)."""
-    return rows[front_order(lats.tolist(), devs.tolist())]
+    return Observations(
+        rows=np.array(done_rows, dtype=np.uint8).reshape(len(done_rows), n),
+        latency=np.array(lat, dtype=np.float64),
+        deviation=np.array(dev, dtype=np.float64),
+        feasible=np.array(feasible, dtype=bool),
+        taken=taken,
+        pending=pending,
+        budget=budget,
+    )

@@ -52,10 +52,12 @@ from amp_search.search.validation import ValidationRun, data_identity
 from amp_search.timing import PairedTiming
 
 if TYPE_CHECKING:
-    from amp_search.backends.base import Backend, Runner
+    from amp_search.backends.base import Backend, BuildConfig, Runner
     from amp_search.calibration import CalibrationData
     from amp_search.results.report import Results
+    from amp_search.search.evaluate import ResidentReference
     from amp_search.search.validation import ValidationSet
+    from amp_search.timing import TimingPlan
 
 __all__ = [
     "REFINED_FILE",
@@ -110,13 +112,71 @@ def refine_front(
         progress: Called with (stage, done, total).
         validation: Data never searched on: each point's deviation on it is measured too.
     """
-    from amp_search.backends import BuildConfig, get_backend
-    from amp_search.graph import load_model, reconcile_shapes, sanitize
     from amp_search.objective import load_metric
-    from amp_search.search.evaluate import ResidentReference
-    from amp_search.timing import TimingPlan, nvml_clock
+    from amp_search.timing import TimingPlan
 
     check_max_deviation(max_deviation)
+    meta = results.meta
+    backend, config, device, base_options = _target(results, data, device, options)
+    identity = backend.identity(config)
+    if rounds < 1 or pairs < 2 * rounds:
+        raise UserInputError(f"--pairs ({pairs}) must be at least twice --rounds ({rounds}).")
+    budget = max_deviation if max_deviation is not None else meta.get("max_deviation")
+    entries = _entries_and_compared(results, budget, compare)
+    metric = load_metric(str(meta.get("metric", "rel_l2")))
+    model_path = _searched_model(results)
+    reference = _reference(model_path, data)
+    plan = TimingPlan(target=target, min_pairs=2, max_pairs=max(2, pairs), max_time_s=max_time_s)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as held:
+        resident = _open_resident(results, backend, config, model_path, reference, data, plan,
+                                  held)  # fmt: skip
+        checks = None if validation is None else _ValidationChecks(
+            ValidationRun(validation, resident.model, backend, device, base_options, metric),
+            config, Path(held.enter_context(tempfile.TemporaryDirectory(
+                prefix=".validation-", dir=results.store.root))),
+        )  # fmt: skip
+        opened, failed = _open_entries(backend, config, entries, data, reference, metric,
+                                       resident, held, progress, checks)  # fmt: skip
+        _time_in_rounds(opened, failed, pairs, rounds, progress)
+
+    source = f"{resident.level.source if resident.level else 'measured'}, refined"
+    points = [_refined_point(entry, source, resident.level_ms, budget) for entry in opened]
+    compared = [p for p in points if "path" in p.metrics]
+    points = [p for p in points if "path" not in p.metrics]
+    points.sort(key=lambda p: (p.latency_ms, p.deviation))
+    front = nondominated_points([p for p in points if p.feasible])
+    meta_out = _refinement_meta(
+        results, backend, device, identity, metric.name, budget, source, resident,
+        timing={"pairs": pairs, "rounds": rounds, "target": target},
+        seconds=time.perf_counter() - t0, cpu=config.device_type == "cpu",
+    )  # fmt: skip
+    meta_out["notes"] += checks.notes if checks is not None else []
+    run = results.store.read_json(results.store.root / "run.json") or {}
+    meta_out["validation"] = None if validation is None else validation.identity
+    meta_out["data"] = _figure_data(run, data, validation)
+    refinement = Refinement(
+        points=points,
+        front=front,
+        compared=compared,
+        failed=failed,
+        meta=meta_out,
+    )
+    write_json_atomic(results.store.root / REFINED_FILE, refinement.to_json())
+    draw_refined(refinement, results.store.root, str(meta.get("model", "")))
+    return refinement
+
+
+def _target(
+    results: Results, data: CalibrationData, device: str | None, options: dict[str, Any] | None
+) -> tuple[Backend, BuildConfig, str, dict[str, Any]]:
+    """The search's backend, usable here; the build config on ``device``; the device.
+
+    Also the options before they were fitted to the data (a validation set may have other
+    shapes).
+    """
+    from amp_search.backends import BuildConfig, get_backend
+
     meta = results.meta
     backend = get_backend(str(meta.get("backend", "onnxruntime")))
     reason = backend.unavailable_reason()
@@ -132,10 +192,13 @@ def refine_front(
             f"{', '.join(backend.devices())}). Refine on the machine of the target GPU."
         )
     config = replace(config, options=backend.options_for_data(config.options, data.first()))
-    identity = backend.identity(config)
-    if rounds < 1 or pairs < 2 * rounds:
-        raise UserInputError(f"--pairs ({pairs}) must be at least twice --rounds ({rounds}).")
-    budget = max_deviation if max_deviation is not None else meta.get("max_deviation")
+    return backend, config, device, base_options
+
+
+def _entries_and_compared(
+    results: Results, budget: float | None, compare: Sequence[str | Path]
+) -> list[tuple[FrontPoint, Path]]:
+    """The points to refine with their model files, then the ``compare`` models."""
     entries = [(p, results.store.candidate_dir(p.digest) / "model.onnx")
                for p in _entries(results, budget)]  # fmt: skip
     if not entries:
@@ -150,108 +213,108 @@ def refine_front(
                            deviation=math.nan, metric="", n_fp32=0, n_units=0,
                            metrics=attrs)  # fmt: skip
         entries.append((point, other))
-    metric = load_metric(str(meta.get("metric", "rel_l2")))
-    model_path = _searched_model(results)
-    reference = _reference(model_path, data)
-    plan = TimingPlan(target=target, min_pairs=2, max_pairs=max(2, pairs), max_time_s=max_time_s)
-    clock = nvml_clock(config.device_id) if config.device_type == "cuda" else None
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as held:
-        fp32_model = sanitize(load_model(model_path))  # as the search reconciled it:
-        reconcile_shapes(fp32_model, {k: v.shape for k, v in reference[0].items()})
-        resident = held.enter_context(contextlib.closing(ResidentReference(
-            backend, config, results.store.root / "reference" / "model.onnx",
-            fp32_model, data.first(), plan, clock,
-        )))  # fmt: skip
-        resident.open()
-        checks = None if validation is None else _ValidationChecks(
-            ValidationRun(validation, fp32_model, backend, device, base_options, metric),
-            config, Path(held.enter_context(tempfile.TemporaryDirectory(
-                prefix=".validation-", dir=results.store.root))),
-        )  # fmt: skip
-        opened, failed = _open_entries(backend, config, entries, data, reference, metric,
-                                       resident, held, progress, checks)  # fmt: skip
-        _time_in_rounds(opened, failed, pairs, rounds, progress)
+    return entries
 
-    level = resident.level_ms
-    source = f"{resident.level.source if resident.level else 'measured'}, refined"
-    points = []
-    for entry in opened:
-        point, deviation, timing = entry.point, entry.deviation, entry.timing
-        stats = timing.stats(source=source, reference_ms=level)
-        feasible = math.isfinite(deviation) and (budget is None or deviation <= budget)
-        points.append(
-            replace(
-                point,
-                latency_ms=stats.median_ms,
-                latency_source=source,
-                deviation=deviation,
-                feasible=feasible,
-                validation_deviation=entry.validation_deviation,
-                metrics={
-                    **point.metrics,
-                    "latency_low_ms": stats.low_ms,
-                    "latency_high_ms": stats.high_ms,
-                    "ratio": stats.ratio,
-                    "ratio_low": stats.ratio_low,
-                    "ratio_high": stats.ratio_high,
-                    "own_median_ms": stats.own_median_ms,
-                    "p90_ms": stats.p90_ms,
-                    "runs": stats.n_runs,
-                    "windows": stats.windows,
-                    "clock_mhz_min": stats.clock_mhz_min,
-                    "execution": entry.execution,
-                    "search_latency_ms": point.latency_ms,
-                    "search_latency_source": point.latency_source,
-                    "search_deviation": point.deviation,
-                    "search_validation_deviation": point.validation_deviation,
-                    "build_s": round(entry.build_s, 3),
-                },
-            )
-        )
-    compared = [p for p in points if "path" in p.metrics]
-    points = [p for p in points if "path" not in p.metrics]
-    points.sort(key=lambda p: (p.latency_ms, p.deviation))
-    front = nondominated_points([p for p in points if p.feasible])
-    notes = [CPU_TIMING_NOTE] if config.device_type == "cpu" else []
-    notes += checks.notes if checks is not None else []
-    refinement = Refinement(
-        points=points,
-        front=front,
-        compared=compared,
-        failed=failed,
-        meta={
-            "refined": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "backend": backend.name,
-            "device": device,
-            "identity": identity,
-            "metric": metric.name,
-            "max_deviation": budget,
-            "latency_source": source,
-            "reference": {
-                "ms": level,
-                "low_ms": resident.level.low_ms if resident.level else None,
-                "high_ms": resident.level.high_ms if resident.level else None,
-                "execution": resident.execution,
-            },
-            "timing": {
-                "pairs": pairs,
-                "rounds": rounds,
-                "target": target,
-                "protocol": "windows paired with the resident all-FP32 reference; latency = "
-                "median ratio x the reference's level; 95% bootstrap intervals",
-                "timer": backend.timer_name,
-            },
-            "seconds": round(time.perf_counter() - t0, 1),
-            "front_digests": sorted(p.digest for p in results.front),
-            "validation": None if validation is None else validation.identity,
-            "data": _figure_data(run, data, validation),
-            "notes": notes,
-        },  # fmt: skip
+
+def _open_resident(
+    results: Results,
+    backend: Backend,
+    config: BuildConfig,
+    model_path: Path,
+    reference: list[dict[str, np.ndarray]],
+    data: CalibrationData,
+    plan: TimingPlan,
+    held: contextlib.ExitStack,
+) -> ResidentReference:
+    """The searched model, reconciled as the search did, open as the resident reference."""
+    from amp_search.graph import load_model, reconcile_shapes, sanitize
+    from amp_search.search.prepare import resident_reference
+
+    fp32_model = sanitize(load_model(model_path))  # as the search reconciled it:
+    reconcile_shapes(fp32_model, {k: v.shape for k, v in reference[0].items()})
+    resident = resident_reference(
+        backend, config, results.store.root / "reference" / "model.onnx",
+        fp32_model, data.first(), plan, held,
+    )  # fmt: skip
+    resident.open()
+    return resident
+
+
+def _refined_point(
+    entry: _Opened, source: str, level: float | None, budget: float | None
+) -> FrontPoint:
+    """The entry's point with its refined figures (the search's kept in ``metrics``)."""
+    point, deviation, timing = entry.point, entry.deviation, entry.timing
+    stats = timing.stats(source=source, reference_ms=level)
+    feasible = math.isfinite(deviation) and (budget is None or deviation <= budget)
+    return replace(
+        point,
+        latency_ms=stats.median_ms,
+        latency_source=source,
+        deviation=deviation,
+        feasible=feasible,
+        validation_deviation=entry.validation_deviation,
+        metrics={
+            **point.metrics,
+            "latency_low_ms": stats.low_ms,
+            "latency_high_ms": stats.high_ms,
+            "ratio": stats.ratio,
+            "ratio_low": stats.ratio_low,
+            "ratio_high": stats.ratio_high,
+            "own_median_ms": stats.own_median_ms,
+            "p90_ms": stats.p90_ms,
+            "runs": stats.n_runs,
+            "windows": stats.windows,
+            "clock_mhz_min": stats.clock_mhz_min,
+            "execution": entry.execution,
+            "search_latency_ms": point.latency_ms,
+            "search_latency_source": point.latency_source,
+            "search_deviation": point.deviation,
+            "search_validation_deviation": point.validation_deviation,
+            "build_s": round(entry.build_s, 3),
+        },
     )
-    write_json_atomic(results.store.root / REFINED_FILE, refinement.to_json())
-    draw_refined(refinement, results.store.root, str(meta.get("model", "")))
-    return refinement
+
+
+def _refinement_meta(
+    results: Results,
+    backend: Backend,
+    device: str,
+    identity: dict[str, Any],
+    metric: str,
+    budget: float | None,
+    source: str,
+    resident: ResidentReference,
+    *,
+    timing: dict[str, Any],
+    seconds: float,
+    cpu: bool,
+) -> dict[str, Any]:
+    """What ``refined.json`` says besides its points: where, how, against what, when."""
+    return {
+        "refined": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend.name,
+        "device": device,
+        "identity": identity,
+        "metric": metric,
+        "max_deviation": budget,
+        "latency_source": source,
+        "reference": {
+            "ms": resident.level_ms,
+            "low_ms": resident.level.low_ms if resident.level else None,
+            "high_ms": resident.level.high_ms if resident.level else None,
+            "execution": resident.execution,
+        },
+        "timing": {
+            **timing,
+            "protocol": "windows paired with the resident all-FP32 reference; latency = "
+            "median ratio x the reference's level; 95% bootstrap intervals",
+            "timer": backend.timer_name,
+        },
+        "seconds": round(seconds, 1),
+        "front_digests": sorted(p.digest for p in results.front),
+        "notes": [CPU_TIMING_NOTE] if cpu else [],
+    }
 
 
 @dataclass
@@ -334,10 +397,8 @@ def _open_entries(
         except Exception as exc:  # any stage, any error: this entry fails, the rest go on
             failed.append(_failure(point, local_failure(exc, "refining it")))
             continue
-        timing = resident.pair(runner)
-        execution = dict(runner.execution)
-        build_s = candidate.build_time_s
-        opened.append(_Opened(point, runner, deviation, build_s, execution, timing, unseen))
+        opened.append(_Opened(point, runner, deviation, candidate.build_time_s,
+                              dict(runner.execution), resident.pair(runner), unseen))  # fmt: skip
     if progress:
         progress("build", len(entries), len(entries))
     return opened, failed

@@ -14,9 +14,9 @@ Seeds are all FP32 and all FP16, the two ends of every front, then either
 With the sweep, units the report marks critical (inf/NaN or overflow in FP16) stay FP32 in
 every seed but all-FP16, and an extra "all-fp16-safe" seed is all FP16 but them.
 
-The guide (:mod:`amp_search.search.guide`) is what the guided sampler knows before any trial;
-it is stored in the study with the seeds. Both are set once per study (a study user attribute
-records it), so several workers never enqueue them twice.
+The guide (:mod:`amp_search.search._guided.guide`) is what the guided sampler knows before
+any trial; it is stored in the study with the seeds. Both are set once per study (a study user
+attribute records it), so several workers never enqueue them twice.
 
 Seeds count toward ``--n-trials``: a study seeded under a target of n holds the first n seeds
 in the order above (``--n-trials 3``: all-FP32, all-FP16 and the next one), and a later run
@@ -37,7 +37,7 @@ from amp_search.keys import (
     SEED_PARAMS_ATTR,
     SEEDED_ATTR,
 )
-from amp_search.search.guide import build_guide
+from amp_search.search._guided.guide import build_guide
 from amp_search.search.space import SearchSpace
 
 if TYPE_CHECKING:

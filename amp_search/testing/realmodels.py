@@ -656,6 +656,10 @@ def _build_minilm(
 ) -> onnx.ModelProto:
     """Builds the MiniLM (BERT) graph with mean pooling from its weights.
 
+    In graph order: the embeddings (:func:`_minilm_embeddings`), the additive attention mask
+    (:func:`_minilm_mask`), each encoder layer (:func:`_minilm_layer`), the pooling
+    (:func:`_minilm_pooling`), then the model around them (:func:`_minilm_model`).
+
     Args:
         weights: HF ``BertModel`` state dict (keys without the ``bert.`` prefix).
         config: The HF ``config.json`` contents.
@@ -665,17 +669,29 @@ def _build_minilm(
     Returns:
         The ONNX model (opset 14, IR version 8), weights inline.
     """
-    from onnx import TensorProto, helper
-
     w = {k.removeprefix("bert."): v for k, v in weights.items()}
     hidden = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
     layers = int(config["num_hidden_layers"])
     eps = float(config.get("layer_norm_eps", 1e-12))
-    head_dim = hidden // heads
     max_pos = int(config.get("max_position_embeddings", 512))
     b = _GraphBuilder()
+    x = _minilm_embeddings(b, w, max_pos, eps)
+    additive = _minilm_mask(b)
+    for i in range(layers):
+        x = _minilm_layer(b, x, additive, i, w, hidden=hidden, heads=heads, eps=eps)
 
+    # Rename the last LayerNorm's output to the graph output name.
+    last = b.nodes[-1]
+    last.output[0] = "last_hidden_state"
+    x = "last_hidden_state"
+
+    _minilm_pooling(b, x, normalize)
+    return _minilm_model(b, hidden, normalize)
+
+
+def _minilm_embeddings(b: _GraphBuilder, w: dict[str, Any], max_pos: int, eps: float) -> str:
+    """Word + token type + position embeddings, then LayerNorm."""
     # Embeddings: word + token_type, then + position (sliced from the position_ids buffer).
     sc = "/embeddings"
     position_ids = b.weight("embeddings.position_ids", np.arange(max_pos, dtype=np.int64)[None])
@@ -724,73 +740,92 @@ def _build_minilm(
     )
     emb = b.node("Add", [emb, position], sc)
     x = b.layer_norm(emb, "embeddings.LayerNorm", f"{sc}/LayerNorm", eps, w)
+    return x
+
+
+def _minilm_mask(b: _GraphBuilder) -> str:
+    """The additive attention mask (0 where attended, float32 min elsewhere)."""
+    from onnx import TensorProto
 
     # HF extended attention mask: (1.0 - mask[:, None, None, :].float()) * float32 min.
     mask4 = b.node("Unsqueeze", ["attention_mask", b.const(np.array([1, 2], np.int64), "")], "")
     mask_f = b.node("Cast", [mask4], "", to=TensorProto.FLOAT)
     inverted = b.node("Sub", [b.const(np.float32(1.0), ""), mask_f], "")
     additive = b.node("Mul", [inverted, b.const(np.float32(np.finfo(np.float32).min), "")], "")
+    return additive
 
-    for i in range(layers):
-        prefix = f"encoder.layer.{i}"
-        sc = f"/encoder/layer.{i}"
-        att = f"{sc}/attention/self"
-        to_heads = np.array([0, 0, heads, head_dim], np.int64)
-        q = b.linear(x, f"{prefix}.attention.self.query", f"{att}/query", w)
-        k = b.linear(x, f"{prefix}.attention.self.key", f"{att}/key", w)
-        v = b.linear(x, f"{prefix}.attention.self.value", f"{att}/value", w)
-        q = b.node(
-            "Transpose",
-            [b.node("Reshape", [q, b.const(to_heads, att)], att)],
-            att,
-            perm=[0, 2, 1, 3],
-        )
-        k = b.node(
-            "Transpose",
-            [b.node("Reshape", [k, b.const(to_heads, att)], att)],
-            att,
-            perm=[0, 2, 3, 1],
-        )
-        v = b.node(
-            "Transpose",
-            [b.node("Reshape", [v, b.const(to_heads, att)], att)],
-            att,
-            perm=[0, 2, 1, 3],
-        )
-        scores = b.node("MatMul", [q, k], att)
-        scores = b.node("Div", [scores, b.const(np.float32(math.sqrt(head_dim)), att)], att)
-        scores = b.node("Add", [scores, additive], att)
-        probs = b.node("Softmax", [scores], att, axis=-1)
-        ctx = b.node("MatMul", [probs, v], att)
-        ctx = b.node("Transpose", [ctx], att, perm=[0, 2, 1, 3])
-        ctx = b.node("Reshape", [ctx, b.const(np.array([0, 0, hidden], np.int64), att)], att)
 
-        out_sc = f"{sc}/attention/output"
-        dense = b.linear(ctx, f"{prefix}.attention.output.dense", f"{out_sc}/dense", w)
-        res = b.node("Add", [dense, x], out_sc)
-        x = b.layer_norm(
-            res, f"{prefix}.attention.output.LayerNorm", f"{out_sc}/LayerNorm", eps, w
-        )
+def _minilm_layer(
+    b: _GraphBuilder,
+    x: str,
+    additive: str,
+    i: int,
+    w: dict[str, Any],
+    *,
+    hidden: int,
+    heads: int,
+    eps: float,
+) -> str:
+    """Encoder layer ``i``: self-attention, then the feed-forward block (each + LayerNorm)."""
+    head_dim = hidden // heads
+    prefix = f"encoder.layer.{i}"
+    sc = f"/encoder/layer.{i}"
+    att = f"{sc}/attention/self"
+    to_heads = np.array([0, 0, heads, head_dim], np.int64)
+    q = b.linear(x, f"{prefix}.attention.self.query", f"{att}/query", w)
+    k = b.linear(x, f"{prefix}.attention.self.key", f"{att}/key", w)
+    v = b.linear(x, f"{prefix}.attention.self.value", f"{att}/value", w)
+    q = b.node(
+        "Transpose",
+        [b.node("Reshape", [q, b.const(to_heads, att)], att)],
+        att,
+        perm=[0, 2, 1, 3],
+    )
+    k = b.node(
+        "Transpose",
+        [b.node("Reshape", [k, b.const(to_heads, att)], att)],
+        att,
+        perm=[0, 2, 3, 1],
+    )
+    v = b.node(
+        "Transpose",
+        [b.node("Reshape", [v, b.const(to_heads, att)], att)],
+        att,
+        perm=[0, 2, 1, 3],
+    )
+    scores = b.node("MatMul", [q, k], att)
+    scores = b.node("Div", [scores, b.const(np.float32(math.sqrt(head_dim)), att)], att)
+    scores = b.node("Add", [scores, additive], att)
+    probs = b.node("Softmax", [scores], att, axis=-1)
+    ctx = b.node("MatMul", [probs, v], att)
+    ctx = b.node("Transpose", [ctx], att, perm=[0, 2, 1, 3])
+    ctx = b.node("Reshape", [ctx, b.const(np.array([0, 0, hidden], np.int64), att)], att)
 
-        inter_sc = f"{sc}/intermediate"
-        inter = b.linear(x, f"{prefix}.intermediate.dense", f"{inter_sc}/dense", w)
-        act = f"{inter_sc}/intermediate_act_fn"
-        # 1.4142135381698608 is sqrt(2) in float32, as the exporter writes it.
-        gelu = b.node("Div", [inter, b.const(np.float32(1.4142135381698608), act)], act)
-        gelu = b.node("Erf", [gelu], act)
-        gelu = b.node("Add", [gelu, b.const(np.float32(1.0), act)], act)
-        gelu = b.node("Mul", [inter, gelu], act)
-        gelu = b.node("Mul", [gelu, b.const(np.float32(0.5), act)], act)
+    out_sc = f"{sc}/attention/output"
+    dense = b.linear(ctx, f"{prefix}.attention.output.dense", f"{out_sc}/dense", w)
+    res = b.node("Add", [dense, x], out_sc)
+    x = b.layer_norm(res, f"{prefix}.attention.output.LayerNorm", f"{out_sc}/LayerNorm", eps, w)
 
-        o_sc = f"{sc}/output"
-        dense = b.linear(gelu, f"{prefix}.output.dense", f"{o_sc}/dense", w)
-        res = b.node("Add", [dense, x], o_sc)
-        x = b.layer_norm(res, f"{prefix}.output.LayerNorm", f"{o_sc}/LayerNorm", eps, w)
+    inter_sc = f"{sc}/intermediate"
+    inter = b.linear(x, f"{prefix}.intermediate.dense", f"{inter_sc}/dense", w)
+    act = f"{inter_sc}/intermediate_act_fn"
+    # 1.4142135381698608 is sqrt(2) in float32, as the exporter writes it.
+    gelu = b.node("Div", [inter, b.const(np.float32(1.4142135381698608), act)], act)
+    gelu = b.node("Erf", [gelu], act)
+    gelu = b.node("Add", [gelu, b.const(np.float32(1.0), act)], act)
+    gelu = b.node("Mul", [inter, gelu], act)
+    gelu = b.node("Mul", [gelu, b.const(np.float32(0.5), act)], act)
 
-    # Rename the last LayerNorm's output to the graph output name.
-    last = b.nodes[-1]
-    last.output[0] = "last_hidden_state"
-    x = "last_hidden_state"
+    o_sc = f"{sc}/output"
+    dense = b.linear(gelu, f"{prefix}.output.dense", f"{o_sc}/dense", w)
+    res = b.node("Add", [dense, x], o_sc)
+    x = b.layer_norm(res, f"{prefix}.output.LayerNorm", f"{o_sc}/LayerNorm", eps, w)
+    return x
+
+
+def _minilm_pooling(b: _GraphBuilder, x: str, normalize: bool) -> None:
+    """sentence-transformers mean pooling (and L2 normalization) into ``sentence_embedding``."""
+    from onnx import TensorProto
 
     # sentence-transformers mean pooling: sum(h * m) / clamp(sum(m), 1e-9).
     sc = "/pooling"
@@ -812,6 +847,11 @@ def _build_minilm(
         b.node("Div", [pooled, norm], sc, out="sentence_embedding")
     else:
         b.node("Div", [summed, count], sc, out="sentence_embedding")
+
+
+def _minilm_model(b: _GraphBuilder, hidden: int, normalize: bool) -> onnx.ModelProto:
+    """The graph of ``b``'s nodes with the MiniLM inputs and outputs, as a model."""
+    from onnx import TensorProto, helper
 
     dims = ["batch", "sequence"]
     graph = helper.make_graph(

@@ -20,8 +20,8 @@ import optuna
 import pytest
 
 from amp_search.cli.refine import _search_config
+from amp_search.keys import CONFIG_ATTR
 from amp_search.results.report import load_results
-from amp_search.search.run import CONFIG_ATTR
 from amp_search.search.study import open_or_create_study
 
 VAR = "AMP_TEST_DB_PASSWORD"

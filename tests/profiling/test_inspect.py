@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 from amp_search.calibration import load_calibration, model_inputs
 from amp_search.graph import find_units, sanitize
 from amp_search.profiling import profile_model
-from amp_search.profiling.report import inspect_model
+from amp_search.profiling.inspection import inspect_model
 from amp_search.profiling.sensitivity import RiskLevel
 
 

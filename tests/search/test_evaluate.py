@@ -1,4 +1,4 @@
-"""CandidateEvaluator on the demo model, set up as a search sets it up (``search/run.py``).
+"""CandidateEvaluator on the demo model, set up as a search sets it up (``search/prepare.py``).
 
 Real ONNX Runtime (CPU), the real rel_l2 metric, a real results directory. Deviations are
 checked against an independent computation: the candidate's ONNX file and the original model

@@ -17,7 +17,7 @@ import pytest
 from onnx import helper
 
 import amp_search.backends
-import amp_search.search.run
+import amp_search.search.prepare
 from amp_search.backends.ort import OnnxRuntimeBackend
 from amp_search.calibration import load_calibration, model_inputs
 from amp_search.errors import UserInputError
@@ -63,7 +63,7 @@ def test_a_candidate_that_raises_while_timed_fails_its_trial_only(
     tmp_path, demo_model_path, demo_data_path, monkeypatch
 ):
     backend = FailingBackend(_half_the_candidates)
-    monkeypatch.setattr(amp_search.search.run, "get_backend", lambda name: backend)
+    monkeypatch.setattr(amp_search.search.prepare, "get_backend", lambda name: backend)
     outcome = run_search(_config(tmp_path, demo_model_path, demo_data_path))
     trials = outcome.study.get_trials(deepcopy=False)
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
@@ -98,13 +98,15 @@ def test_a_model_that_does_not_run_on_the_target_stops_before_seeding(
             runner = super()._open(candidate)
 
             def infer(feeds):
-                raise RuntimeError("Non-zero status code returned while running Conv node. "
-                                   "Name:'conv0' Status Message: CUDNN_STATUS_BAD_PARAM")
+                raise RuntimeError(
+                    "Non-zero status code returned while running Conv node. "
+                    "Name:'conv0' Status Message: CUDNN_STATUS_BAD_PARAM"
+                )
 
             runner._infer = infer
             return runner
 
-    monkeypatch.setattr(amp_search.search.run, "get_backend", lambda name: Broken())
+    monkeypatch.setattr(amp_search.search.prepare, "get_backend", lambda name: Broken())
     config = _config(tmp_path, demo_model_path, demo_data_path)
     with pytest.raises(UserInputError) as info:
         run_search(config)

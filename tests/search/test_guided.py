@@ -14,12 +14,14 @@ from amp_search.keys import GUIDE_ATTR, SEEDED_ATTR
 from amp_search.profiling.ranges import UnitDeviation
 from amp_search.profiling.sensitivity import UnitRisk
 from amp_search.search import SearchConfig, run_search
-from amp_search.search.guide import build_guide, load_guide, own_errors
+from amp_search.search._guided.acquisition import expected_hvi, nondominated
+from amp_search.search._guided.candidates import all_rows
+from amp_search.search._guided.guide import build_guide, load_guide, own_errors
+from amp_search.search._guided.latency import LatencySurrogate
 from amp_search.search.guided import GuidedSampler, propose
 from amp_search.search.sampler import make_tpe
 from amp_search.search.seeds import PREFIXES, enqueue_seeds, seed_params
 from amp_search.search.space import SearchSpace
-from amp_search.search.surrogate import LatencyModel, all_rows, expected_hvi, nondominated
 
 
 def _risk(name, feeders, rel_l2, nonfinite=0):
@@ -68,7 +70,7 @@ def test_latency_model_is_the_estimator_on_the_demo_model(demo_data_path):
     n, edges = len(units), [tuple(e) for e in guide["edges"]]
     assert len(calls) <= 2 + n + len(edges)  # none, all, each unit, each fed pair
     assert guide["unit_error"] is None  # no FP16 pass in these risks
-    model_ = LatencyModel(n, edges, guide["latency"]["coef"])
+    model_ = LatencySurrogate(n, edges, guide["latency"]["coef"])
     rng = np.random.default_rng(0)
     rows = (rng.random((25, n)) < rng.random((25, 1))).astype(np.uint8)
     for row in rows:
@@ -112,7 +114,7 @@ def test_propose_never_repeats_and_follows_the_latency_model():
              "latency": {"coef": [10.0, -2.0, -2.0, -2.0, -2.0, 0.1, 0.1, 0.1]}}  # fmt: skip
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.set_user_attr(GUIDE_ATTR, guide)
-    model = LatencyModel(4, [(0, 1), (1, 2), (2, 3)], guide["latency"]["coef"])
+    model = LatencySurrogate(4, [(0, 1), (1, 2), (2, 3)], guide["latency"]["coef"])
     dist = {u: optuna.distributions.CategoricalDistribution(("fp32", "fp16")) for u in units}
     rng = np.random.default_rng(0)
 
@@ -319,7 +321,7 @@ def test_an_enqueued_trial_is_evaluated_as_enqueued(
         record_of(t)["digest"] for t in study.trials if t.state.name == "COMPLETE"
     }
     study.enqueue_trial(want)
-    with caplog.at_level("DEBUG", logger="amp_search.search.run"):
+    with caplog.at_level("DEBUG", logger="amp_search.search._optimize"):
         run_search(SearchConfig(**{**config.__dict__, "n_trials": 13}))
     assert "differ from the sampler's proposal" in caplog.text  # the early guess was wrong
     study = optuna.load_study(study_name="e", storage=storage)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from amp_search.keys import ALL_FP16, ALL_FP32
-from amp_search.search.surrogate import ENUMERATE_MAX_UNITS
+from amp_search.search._guided.candidates import ENUMERATE_MAX_UNITS
 from amp_search.testing.replay import ModelEvaluator, Table, replay, seed_trials
 
 TABLES = Path(__file__).resolve().parents[2] / "benchmarks" / "tables"

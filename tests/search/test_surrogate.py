@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amp_search.search.surrogate import MIN_VARIANCE, DeviationGP, all_rows, prior_feature
+from amp_search.search._guided.candidates import all_rows
+from amp_search.search._guided.gp import MIN_VARIANCE, DeviationGP, prior_feature
 
 N_LOCAL = 6  # units the training rows vary; the other N_FAR units stay FP32 in training
 N_FAR = 6

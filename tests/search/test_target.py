@@ -13,7 +13,7 @@ import json
 import onnx
 import pytest
 
-import amp_search.search.run
+import amp_search.search.prepare
 from amp_search.backends import BuildConfig
 from amp_search.backends.ort import OnnxRuntimeBackend
 from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
@@ -66,7 +66,7 @@ def test_the_search_records_the_upgrade_and_writes_candidates_at_the_new_opset(
 
     path, feeds = cls
     np.savez(tmp_path / "cal.npz", **feeds)
-    monkeypatch.setattr(amp_search.search.run, "get_backend", lambda name: NoOldFp16Clip())
+    monkeypatch.setattr(amp_search.search.prepare, "get_backend", lambda name: NoOldFp16Clip())
     outcome = run_search(SearchConfig(
         model=path, data=tmp_path / "cal.npz", out=tmp_path / "out", n_trials=3, max_units=6,
         storage=f"sqlite:///{tmp_path / 's.db'}", study_name="t", seed=0,

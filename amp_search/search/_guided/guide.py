@@ -3,9 +3,10 @@
 Built once, by the process that creates and seeds the study, from what the search already has:
 
 - ``units`` and ``edges``: the free units (the parameters) and which unit feeds which;
-- ``latency``: the coefficients of a :class:`~amp_search.search.surrogate.LatencyModel` fitted on
-  the latency estimator's prices of a few assignments (none, all, each unit alone, each fed pair
-  of units; 2 + units + edges estimates), or None without an estimator;
+- ``latency``: the coefficients of a
+  :class:`~amp_search.search._guided.latency.LatencySurrogate` fitted on the latency
+  estimator's prices of a few assignments (none, all, each unit alone, each fed pair of units;
+  2 + units + edges estimates), or None without an estimator;
 - ``unit_error``: each unit's own FP16 error from the profile's all-FP16 pass. The profile
   measures the error accumulated at a unit's outputs; a unit's own share is what it adds to
   the error of its inputs, ``sqrt(max(0, d_unit**2 - max(d_feeder)**2))``. None without that
@@ -28,7 +29,7 @@ import numpy as np
 
 from amp_search.errors import AmpSearchError
 from amp_search.keys import GUIDE_ATTR
-from amp_search.search.surrogate import LatencyModel
+from amp_search.search._guided.latency import LatencySurrogate
 
 if TYPE_CHECKING:
     import optuna
@@ -117,7 +118,7 @@ def _latency_model(
 ) -> dict[str, Any] | None:
     """The latency model's coefficients from the estimator's prices of its design rows."""
     t0 = time.perf_counter()
-    model = LatencyModel(len(units), edges)
+    model = LatencySurrogate(len(units), edges)
     rows = model.design()
     if len(rows) > MAX_ESTIMATES:
         logger.info("Guide: no latency model (%d estimates needed, limit %d)", len(rows),

@@ -1,0 +1,107 @@
+"""Emulating FP16 storage in FP32: the twin that ONNX Runtime CPU runs for a candidate.
+
+ONNX Runtime CPU runs most FP16 nodes as FP32 *islands* between the Casts it inserts, and
+merges those Casts across a chain of nodes, so an FP16 tensor inside the chain never holds
+FP16 values. :func:`emulating_fp16_storage` rewrites a mixed-precision model into an FP32 twin
+in which every FP16 tensor is rounded through an explicit Cast pair, which ONNX Runtime keeps
+(the ONNX Runtime backend's ``emulate_fp16_storage`` option,
+:mod:`amp_search.backends.ort`). It is a graph rewrite, so it lives here; the candidate's own
+ONNX is never changed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from amp_search.graph.io import save_model, serialize_within_limit, typed_skeleton
+from amp_search.graph.op_types import infer_shapes
+
+__all__ = ["emulating_fp16_storage"]
+
+
+def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -> str | bytes:
+    """An FP32 twin of the model that rounds every FP16 tensor through an explicit Cast pair.
+
+    FP16 initializers become FP32 initializers holding the FP16-rounded values; every FP16
+    tensor a node produces is written FP32, then passed through ``Cast(to=FLOAT16)`` and
+    ``Cast(to=FLOAT)``. ONNX Runtime keeps such explicit pairs (it only merges the casts it
+    inserts itself), so rounding, overflow to inf and flush to zero happen at every node
+    boundary, while each node computes in FP32 as ONNX Runtime CPU does anyway.
+
+    Returns the twin's bytes, or, when it is over the protobuf limit, the path of the twin
+    saved with external data in a new folder beside the model (the caller removes it).
+    ``model_bytes``, when given, is the model (its file may not be written yet).
+    """
+    if model_bytes is None:
+        model = onnx.load(str(model_path))
+    else:
+        model = onnx.load_from_string(model_bytes)
+    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    has_fp16 = any(t.data_type == f16 for t in model.graph.initializer) or any(
+        a.name == "to" and a.i == f16
+        for n in model.graph.node
+        if n.op_type == "Cast"
+        for a in n.attribute
+    )
+    if not has_fp16:
+        return str(model_path) if model_bytes is None else model_bytes
+    try:
+        typed = infer_shapes(typed_skeleton(model), data_prop=False)  # fused ops typed too
+    except Exception:  # fall back to the types the model states
+        typed = model
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]
+    }
+    g = model.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == f16:
+            g.initializer[i].CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name)
+            )
+    fp16_graph_outputs = {o.name for o in g.output if o.type.tensor_type.elem_type == f16}
+
+    def round_pair(src: str, dst: str) -> list[onnx.NodeProto]:
+        half = f"{dst}__amp_half"
+        return [
+            helper.make_node("Cast", [src], [half], name=f"amp_emulate/{dst}/h", to=f16),
+            helper.make_node("Cast", [half], [dst], name=f"amp_emulate/{dst}/f", to=f32),
+        ]
+
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        to_attr = next((a for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to_attr is not None and to_attr.i == f16:
+            raw = f"{node.output[0]}__amp_raw"
+            nodes.append(helper.make_node("Identity", [node.input[0]], [raw], name=node.name))
+            if types.get(node.input[0]) not in (f16, f32):
+                nodes[-1] = helper.make_node(
+                    "Cast", [node.input[0]], [raw], name=node.name, to=f32
+                )
+            nodes.extend(round_pair(raw, node.output[0]))
+            continue
+        extra: list[onnx.NodeProto] = []
+        if node.op_type not in ("Cast", "Shape", "Size"):
+            for k, name in enumerate(node.output):
+                if name and types.get(name) == f16:
+                    raw = f"{name}__amp_raw"
+                    node.output[k] = raw
+                    extra.extend(round_pair(raw, name))
+        nodes.append(node)
+        nodes.extend(extra)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    for o in g.output:
+        if o.name in fp16_graph_outputs:
+            o.type.tensor_type.elem_type = f32
+    # Graph outputs declared FP16 are produced FP32 (rounded): the runner reads them as is.
+    data = serialize_within_limit(model)
+    if data is None:
+        scratch = tempfile.mkdtemp(prefix=".emulated-", dir=model_path.parent)
+        return str(save_model(model, Path(scratch) / model_path.name))
+    return data

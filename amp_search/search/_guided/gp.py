@@ -1,0 +1,106 @@
+"""The guided sampler's deviation model: a Gaussian process over assignments.
+
+:class:`DeviationGP` models log10(deviation) over 0/1 rows (1 = FP16) with an exponential
+Hamming kernel and a linear mean in a prior feature (:func:`prior_feature`: the profile's
+per-unit FP16 error, combined as a root sum of squares over the FP16 units); its
+hyperparameters come from the marginal likelihood over a small grid. numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["LENGTH_SCALES", "MIN_VARIANCE", "NOISES", "DeviationGP", "prior_feature"]
+
+#: Length scales (in flipped units) and noise levels the GP chooses from.
+LENGTH_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)
+NOISES = (1e-3, 1e-2, 1e-1)
+#: Smallest prior variance of log10 deviation (decades squared). Fitted by likelihood alone,
+#: the variance collapses when the first trials happen to deviate alike (the PP-OCR
+#: recognizer: every early trial near 1e-2, while rare assignments reach 3e-4), and the
+#: sampler stops exploring; this floor keeps roughly half a decade of doubt everywhere.
+MIN_VARIANCE = 0.3
+
+
+def prior_feature(rows: np.ndarray, unit_error: Sequence[float]) -> np.ndarray:
+    """log10 of the root sum of squares of the FP16 units' own errors (a deviation proxy)."""
+    w = np.asarray(unit_error, dtype=np.float64) ** 2
+    rss = np.sqrt(np.asarray(rows, dtype=np.float64) @ w)
+    floor = max(float(np.sqrt(w.max())) * 1e-6, 1e-30) if w.size else 1e-30
+    return np.asarray(np.log10(rss + floor))
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # Exact in float32 (integers below 2**24), and twice as fast as float64.
+    fa, fb = a.astype(np.float32), b.astype(np.float32)
+    return np.asarray(fa @ (1.0 - fb).T + (1.0 - fa) @ fb.T, dtype=np.float64)
+
+
+class DeviationGP:
+    """A GP on log10 deviation over assignments (see the module docstring).
+
+    Args:
+        rows: Training assignments (0/1 rows).
+        y: Their log10 deviation.
+        prior: Their prior feature (:func:`prior_feature`), or None for a constant mean.
+    """
+
+    def __init__(self, rows: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None) -> None:
+        self.rows = np.asarray(rows, dtype=np.uint8)
+        self.y = np.asarray(y, dtype=np.float64)
+        self.use_prior = prior is not None
+        f = self._basis(prior, len(self.y))
+        h = _hamming(self.rows, self.rows)
+        eye = np.eye(len(self.y))
+        best: tuple[float, ...] | None = None
+        for ls in LENGTH_SCALES:
+            k0 = np.exp(-h / ls)
+            for noise in NOISES:
+                try:
+                    chol = np.linalg.cholesky(k0 + noise * eye)
+                except np.linalg.LinAlgError:
+                    continue
+                kf = _solve(chol, f)
+                a = f.T @ kf + 1e-9 * np.eye(f.shape[1])
+                beta = np.linalg.solve(a, kf.T @ self.y)
+                r = self.y - f @ beta
+                alpha = _solve(chol, r)
+                sig2 = max(float(r @ alpha) / len(self.y), 1e-12)
+                nll = 0.5 * len(self.y) * math.log(sig2) + float(np.log(np.diag(chol)).sum())
+                if best is None or nll < best[0]:
+                    best = (nll, ls, noise)
+                    self._state = (chol, beta, alpha, sig2)
+        if best is None:
+            raise np.linalg.LinAlgError("no kernel setting gave a positive definite matrix")
+        self.length_scale, self.noise = best[1], best[2]
+
+    @staticmethod
+    def _basis(prior: np.ndarray | None, n: int) -> np.ndarray:
+        if prior is None:
+            return np.ones((n, 1))
+        return np.stack([np.ones(n), np.asarray(prior, dtype=np.float64)], axis=1)
+
+    def predict(
+        self, rows: np.ndarray, prior: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of log10 deviation at ``rows``."""
+        chol, beta, alpha, sig2 = self._state
+        sig2 = max(sig2, MIN_VARIANCE)
+        ks = np.exp(-_hamming(np.asarray(rows, np.uint8), self.rows) / self.length_scale)
+        f = self._basis(prior if self.use_prior else None, ks.shape[0])
+        mu = f @ beta + ks @ alpha
+        v = _tri_solve(chol, ks.T)
+        var = sig2 * np.maximum(1.0 - (v * v).sum(axis=0), 1e-12)
+        return np.asarray(mu), np.asarray(np.sqrt(var))
+
+
+def _tri_solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # Lower-triangular solve; numpy has no dedicated one, and these systems are small.
+    return np.asarray(np.linalg.solve(chol, b))
+
+
+def _solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray(np.linalg.solve(chol.T, np.linalg.solve(chol, b)))
