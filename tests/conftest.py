@@ -4,7 +4,7 @@ Markers (registered in pyproject.toml, --strict-markers):
 
 - ``gpu``: needs a CUDA device and onnxruntime's CUDA EP;
 - ``tensorrt``: needs an importable ``tensorrt`` (or ``tensorrt_rtx`` for build-only tests);
-- ``slow``: takes more than a few seconds.
+- ``slow``: takes more than about 5 s; ``-m "not slow"`` is the quick loop (README).
 
 Capabilities are detected without importing heavy packages.
 """

@@ -38,6 +38,7 @@ def test_every_error_class_has_the_code_the_readme_gives():
     assert len(kinds) == len(classes) - 1
 
 
+@pytest.mark.slow
 def test_a_device_this_machine_lacks_exits_3_and_an_unknown_one_2(
     tmp_path, demo_model_path, demo_data_path
 ):

@@ -100,6 +100,7 @@ def _case(name: str) -> BadInput:
     return next(c for c in CASES if c.name == name)
 
 
+@pytest.mark.slow
 def test_control_flow_bodies_pass_through_unchanged(tmp_path: Path) -> None:
     r = run_case(_case("control_flow"), tmp_path)
     assert r.exit_code == 0, r.stderr[-3000:]
@@ -121,6 +122,7 @@ def test_control_flow_bodies_pass_through_unchanged(tmp_path: Path) -> None:
     assert fp16_seen  # the outer graph was really rewritten
 
 
+@pytest.mark.slow
 def test_unmet_budget_still_writes_the_front(tmp_path: Path) -> None:
     r = run_case(_case("max_deviation_unmet"), tmp_path)
     assert r.exit_code == 0, r.stderr[-3000:]
@@ -134,6 +136,7 @@ def test_unmet_budget_still_writes_the_front(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not badinputs.has_userns(), reason="needs user namespaces for a tmpfs")
+@pytest.mark.slow
 def test_disk_full_keeps_finished_trials_and_a_rerun_resumes(tmp_path: Path) -> None:
     case = _case("out_disk_full")
     r = run_case(case, tmp_path)
@@ -180,6 +183,7 @@ def _search(tmp_path: Path, model: Path, data: Path, tag: str, low: bool) -> Pat
     return out
 
 
+@pytest.mark.slow
 def test_external_data_model_searches_like_an_inline_one(tmp_path: Path) -> None:
     """External data in, the >2 GiB branches on (limit lowered to 200 kB): same front."""
     from amp_search.demo import build_demo_model, demo_data

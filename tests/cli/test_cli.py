@@ -45,6 +45,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_inspect_demo_model_flags_overflow_and_writes_json(
     demo_model_path, demo_data_path, tmp_path
 ):
@@ -101,6 +102,7 @@ def test_backends_lists_both_and_says_why_tensorrt_is_missing():
     assert "tensorrt" in r.stdout and "amp-search[tensorrt]" in r.stdout
 
 
+@pytest.mark.slow
 def test_demo_then_report_then_pick(tmp_path):
     out = tmp_path / "demo"
     r = _cli("demo", "--out", str(out), "--n-trials", "12", block=False)
@@ -135,6 +137,7 @@ def test_demo_then_report_then_pick(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_search_keep_models_front_then_pick(tmp_path, demo_model_path, demo_data_path):
     out, log = tmp_path / "out", tmp_path / "search.log"
     r = _cli("search", str(demo_model_path), "--data", str(demo_data_path), "--n-trials", "14",
@@ -168,6 +171,7 @@ def test_threads_become_the_cpu_thread_option_only_on_the_cpu():
     assert parse_options(["level=all"], 0, "cpu") == {"level": "all"}
 
 
+@pytest.mark.slow
 def test_a_search_stopped_by_its_inputs_leaves_no_empty_results_folder(
     tmp_path, demo_model_path, demo_data_path
 ):

@@ -130,6 +130,7 @@ def test_password_never_shown_logged_or_stored(postgres_password, demo_model_pat
     assert (logs / "search.log").stat().st_size > 0  # the log was checked, not absent
 
 
+@pytest.mark.slow
 def test_unset_variable_in_storage_is_one_line():
     by_name = f"postgresql://amp:${{{VAR}}}@127.0.0.1:1/amp"
     r = _cli("worker", "--storage", by_name, "--study", "s")
@@ -141,6 +142,7 @@ def test_unset_variable_in_storage_is_one_line():
     ]
 
 
+@pytest.mark.slow
 def test_missing_driver_says_what_to_install():
     code = ("import sys\nsys.modules['psycopg'] = None\nfrom amp_search.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")  # fmt: skip

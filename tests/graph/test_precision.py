@@ -191,6 +191,7 @@ REAL = ["ppocr_cls", "ppocr_det", "ppocr_rec", "minilm"]
 
 
 @pytest.mark.parametrize("name", REAL)
+@pytest.mark.slow
 def test_rewrite_property_on_real_model(name, real_model):
     """All-FP32, all-FP16 and 20 random assignments: valid, loadable, runnable, IO kept."""
     path, feeds = real_model(name)

@@ -66,6 +66,7 @@ def test_sanitize_drops_declared_shapes_that_inference_contradicts(demo_model_pa
     assert "contradict" not in caplog.text
 
 
+@pytest.mark.slow
 def test_search_of_a_model_with_a_wrong_output_rank(demo_model_path, demo_data_path, tmp_path):
     path, inner = _wrong_rank(demo_model_path, tmp_path / "wrong.onnx")
     out = tmp_path / "out"

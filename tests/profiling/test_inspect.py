@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import helper, numpy_helper
 
 from amp_search.calibration import load_calibration, model_inputs
@@ -74,6 +75,7 @@ def _by_hand_mark_all(path, feeds, threshold):
     return hot, overflow_w, flush_w
 
 
+@pytest.mark.slow
 def test_detector_cross_check_with_by_hand_mark_all(real_model, tmp_path):
     """inspect flags exactly the layers a by-hand mark-all analysis finds on a real page."""
     path, feeds = real_model("ppocr_det")

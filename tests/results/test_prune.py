@@ -21,6 +21,7 @@ def _config(tmp_path, model, data, **kw):
     return SearchConfig(**base)
 
 
+@pytest.mark.slow
 def test_front_keeps_the_models_anyone_would_pick(tmp_path, demo_model_path, demo_data_path):
     outcome = run_search(_config(tmp_path, demo_model_path, demo_data_path))
     study = outcome.study
@@ -53,6 +54,7 @@ def test_front_keeps_the_models_anyone_would_pick(tmp_path, demo_model_path, dem
     assert {p.name for p in folder.iterdir()} == {"precision.json"}
 
 
+@pytest.mark.slow
 def test_all_keeps_every_model_and_a_bad_choice_is_refused(
     tmp_path, demo_model_path, demo_data_path
 ):

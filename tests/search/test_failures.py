@@ -59,6 +59,7 @@ def _config(tmp_path, demo_model_path, demo_data_path, n_trials=10):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_candidate_that_raises_while_timed_fails_its_trial_only(
     tmp_path, demo_model_path, demo_data_path, monkeypatch
 ):
@@ -136,6 +137,7 @@ def _failing_at_run_time(demo_model_path: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_refine_keeps_going_when_entries_fail_at_run_time_or_while_timed(
     tmp_path, demo_model_path, demo_data_path, monkeypatch
 ):

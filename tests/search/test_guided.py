@@ -81,6 +81,7 @@ def test_latency_model_is_the_estimator_on_the_demo_model(demo_data_path):
         assert model_.predict(row[None])[0] == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_expected_hvi_matches_sampling():
     rng = np.random.default_rng(1)
     front = nondominated([(1.0, -2.0), (2.0, -3.0), (3.0, -5.0), (2.5, -2.5)])
@@ -162,6 +163,7 @@ def test_without_a_guide_the_guided_sampler_is_tpe():
     assert guided[10:] != random[10:]
 
 
+@pytest.mark.slow
 def test_guided_search_on_the_demo_model(tmp_path, demo_model_path, demo_data_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     config = SearchConfig(
@@ -244,6 +246,7 @@ def test_seeds_count_toward_the_target_and_a_larger_one_enqueues_the_rest():
     assert enqueue_seeds(study, space, order, risks=risks, limit=60, resume=True) == 0
 
 
+@pytest.mark.slow
 def test_n_trials_counts_the_seeds_and_a_resume_runs_up_to_the_new_target(
     tmp_path, demo_model_path, demo_data_path
 ):
@@ -269,6 +272,7 @@ def test_n_trials_counts_the_seeds_and_a_resume_runs_up_to_the_new_target(
     assert run_search(SearchConfig(**{**config.__dict__, "n_trials": 12})).n_trials == 12
 
 
+@pytest.mark.slow
 def test_guided_search_with_measured_latency(tmp_path, demo_model_path, demo_data_path):
     """The GPU default (measured latency) has no estimator: the latency model learns from the
     trials, and the sampler still proposes new assignments past the seeds."""
@@ -300,6 +304,7 @@ def test_guided_search_with_measured_latency(tmp_path, demo_model_path, demo_dat
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
+@pytest.mark.slow
 def test_an_enqueued_trial_is_evaluated_as_enqueued(
     tmp_path, demo_model_path, demo_data_path, caplog
 ):

@@ -41,6 +41,7 @@ def _data(demo_model_path, demo_data_path):
     return load_calibration(demo_data_path, model_inputs(sanitize(load_model(demo_model_path))))
 
 
+@pytest.mark.slow
 def test_refine_measures_every_front_point_and_both_baselines(
     searched, demo_model_path, demo_data_path
 ):
@@ -92,6 +93,7 @@ def test_refine_measures_every_front_point_and_both_baselines(
     assert not is_current(back, replace(results, front=results.front[1:]))
 
 
+@pytest.mark.slow
 def test_refine_within_a_budget_and_a_broken_candidate(
     searched, demo_model_path, demo_data_path, tmp_path
 ):
@@ -153,6 +155,7 @@ def test_refine_refuses_a_device_that_is_not_here(searched, demo_model_path, dem
                      device="cpu", pairs=2, rounds=3)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_refine_then_pick_ranks_by_refined_figures(searched, tmp_path, capsys):
     import shutil
 
@@ -202,6 +205,7 @@ def test_cli_refine_of_a_folder_without_a_search(tmp_path, capsys):
     assert "no front.json" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_pick_beyond_the_refined_budget_uses_search_figures(searched, tmp_path, capsys):
     import shutil
 

@@ -28,6 +28,7 @@ def _config(tmp_path, demo_model_path, demo_data_path, **kw):
     return SearchConfig(**base)
 
 
+@pytest.mark.slow
 def test_demo_search_front_seeds_and_pick(tmp_path, demo_model_path, demo_data_path):
     outcome = run_search(_config(tmp_path, demo_model_path, demo_data_path))
     assert outcome.n_complete >= 14 and outcome.n_failed == 0
@@ -57,6 +58,7 @@ def test_demo_search_front_seeds_and_pick(tmp_path, demo_model_path, demo_data_p
     assert sorted(precision["fp32_fallback"]) == sorted(point.fp32_units)
 
 
+@pytest.mark.slow
 def test_repeated_assignment_is_never_rebuilt(tmp_path, demo_model_path, demo_data_path):
     cfg = _config(tmp_path, demo_model_path, demo_data_path, n_trials=6)
     run_search(cfg)
@@ -67,6 +69,7 @@ def test_repeated_assignment_is_never_rebuilt(tmp_path, demo_model_path, demo_da
     assert all(after[p] == t for p, t in stamps.items())
 
 
+@pytest.mark.slow
 def test_only_the_chosen_metric_unless_more_are_recorded(
     tmp_path, demo_model_path, demo_data_path
 ):
@@ -80,6 +83,7 @@ def test_only_the_chosen_metric_unless_more_are_recorded(
     assert all(sorted(m["deviations"]) == ["cosine", "max_abs", "rel_l2"] for m in metrics)
 
 
+@pytest.mark.slow
 def test_failing_candidate_is_a_failed_trial_and_the_study_goes_on(
     tmp_path, demo_model_path, demo_data_path
 ):
@@ -98,6 +102,7 @@ def test_failing_candidate_is_a_failed_trial_and_the_study_goes_on(
     assert outcome.n_failed >= 1 and outcome.n_complete >= 8
 
 
+@pytest.mark.slow
 def test_budget_nothing_meets_still_writes_front(tmp_path, demo_model_path, demo_data_path):
     outcome = run_search(
         _config(tmp_path, demo_model_path, demo_data_path, n_trials=5, max_deviation=1e-30)
@@ -108,6 +113,7 @@ def test_budget_nothing_meets_still_writes_front(tmp_path, demo_model_path, demo
     assert outcome.front == [] or all(p.deviation == 0 for p in outcome.front)
 
 
+@pytest.mark.slow
 def test_results_dir_of_another_model_is_refused(tmp_path, demo_model_path, demo_data_path):
     from amp_search.errors import UserInputError
 
@@ -156,6 +162,7 @@ def _wait_complete(db: Path, n: int, proc: subprocess.Popen, timeout: float = 24
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_the_running_trial(tmp_path, demo_model_path, demo_data_path):
     db = tmp_path / "study.db"
     cmd = _search_cmd(tmp_path, demo_model_path, demo_data_path, 200)
@@ -175,6 +182,7 @@ def test_kill_9_loses_at_most_the_running_trial(tmp_path, demo_model_path, demo_
     assert _count(db, "RUNNING") == 0  # the killed one is marked failed, not left hanging
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_running_trial(tmp_path, demo_model_path, demo_data_path):
     """Piped to a log, the search prints progress lines as it goes (stdout and --log-file);
     Ctrl-C ends it after the running trial with an honest last line and exit code 130."""
@@ -208,6 +216,7 @@ def test_ctrl_c_stops_after_the_running_trial(tmp_path, demo_model_path, demo_da
     assert (tmp_path / "out" / "front.json").is_file()
 
 
+@pytest.mark.slow
 def test_front_is_optunas_best_trials(tmp_path, demo_model_path, demo_data_path):
     """compute_front (no deep copies) holds exactly the assignments of study.best_trials."""
     import optuna
