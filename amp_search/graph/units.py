@@ -46,6 +46,8 @@ _NOT_COMPUTE = frozenset({"Shape", "Size", "Cast", "CastLike", "Constant", "Cons
                           "IsNaN", "IsInf", "Equal", "Less", "Greater", "LessOrEqual",
                           "GreaterOrEqual", "ArgMax", "ArgMin", "TopK"})  # fmt: skip
 _GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+#: A reader in :attr:`Unit.readers` that is no unit's (a non-unit node, a graph output).
+_NO_UNIT = ""
 
 #: Ops that start a unit.
 COMPUTE_OPS = frozenset(
@@ -108,6 +110,12 @@ class Unit:
             inside a fused chain matters as much as one at its end).
         inputs: Float tensors it reads from outside (not weights).
         feeders: Units whose outputs reach it, directly or through non-unit nodes.
+        readers: For each of ``outputs``, what reads it outside the unit: the names of the
+            units whose nodes read it directly, and ``""`` for a reader that is no unit's (a
+            non-unit node, a node owning a subgraph) or for a graph output. What
+            :func:`group_units` needs to keep only the tensors that cross a group's boundary;
+            empty when not known (a unit built by hand), every output then counting as read
+            outside.
     """
 
     name: str
@@ -118,6 +126,7 @@ class Unit:
     tensors: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     feeders: tuple[str, ...] = ()
+    readers: tuple[tuple[str, ...], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -168,11 +177,13 @@ def find_units(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[
             if o:
                 source[o] = src
 
+    names = [nodes[members[0]].name for members in groups]
     units: list[Unit] = []
     feeder_ids: list[list[int]] = []
     for uid, members in enumerate(groups):
         member_set = set(members)
         outputs: list[str] = []
+        readers: list[tuple[str, ...]] = []
         weights: list[str] = []
         tensors: list[str] = []
         inputs: list[str] = []
@@ -183,9 +194,13 @@ def find_units(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[
             for k in params.outputs:
                 name = node.output[k]
                 tensors.append(name)
-                readers = idx.consumers.get(name, [])
-                if name in idx.graph_outputs or any(r not in member_set for r in readers):
+                outside = [r for r in idx.consumers.get(name, []) if r not in member_set]
+                if name in idx.graph_outputs or outside:
                     outputs.append(name)
+                    who = [names[unit_of[r]] if r in unit_of else _NO_UNIT for r in outside]
+                    if name in idx.graph_outputs:
+                        who.append(_NO_UNIT)
+                    readers.append(tuple(dict.fromkeys(who)))
             for k in params.inputs:
                 name = node.input[k]
                 if idx.is_initializer(name):
@@ -202,10 +217,10 @@ def find_units(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[
                 weights=tuple(weights),
                 tensors=tuple(tensors),
                 inputs=tuple(inputs),
+                readers=tuple(readers),
             )
         )
         feeder_ids.append(sorted({g for x in inputs for g in source.get(x, frozenset())} - {uid}))
-    names = [u.name for u in units]
     return [
         Unit(**{**u.__dict__, "feeders": tuple(names[g] for g in ids)})
         for u, ids in zip(units, feeder_ids, strict=True)
@@ -249,6 +264,12 @@ def group_units(units: list[Unit], max_units: int) -> list[Unit]:
     Coarser decision variables keep models with hundreds of layers searchable. Groups are
     contiguous runs of units of about equal size; a group is named ``g<k>:<first unit>``
     (stable for a given model and ``max_units``).
+
+    A group is a unit like any other: its ``inputs`` are its members' inputs that no member
+    produces, its ``outputs`` its members' outputs that something outside the group reads
+    (a unit of another group, a non-unit node) or that are graph outputs, as the members'
+    ``readers`` tell; the tensors passed between members stay in ``tensors`` only. (A member
+    without ``readers`` keeps all its outputs.)
     """
     if max_units < 1:
         raise ValueError(f"max_units must be at least 1, got {max_units}")
@@ -266,20 +287,40 @@ def group_units(units: list[Unit], max_units: int) -> list[Unit]:
         if not members:
             continue
         name = f"g{k:02d}:{members[0].name}"
+        outputs: list[str] = []
+        readers: list[tuple[str, ...]] = []
+        for u in members:
+            known = len(u.readers) == len(u.outputs)
+            for j, o in enumerate(u.outputs):
+                who = u.readers[j] if known else (_NO_UNIT,)
+                # Readers as groups; a reader of no unit is outside every group.
+                outside = tuple(
+                    dict.fromkeys(
+                        _NO_UNIT if r == _NO_UNIT else group_of.get(r, _NO_UNIT) for r in who
+                    )
+                )
+                outside = tuple(r for r in outside if r != name)
+                if outside:
+                    outputs.append(o)
+                    readers.append(outside)
+        produced = {t for u in members for t in u.tensors}
         groups.append(
             Unit(
                 name=name,
                 nodes=tuple(n for u in members for n in u.nodes),
                 op_types=tuple(o for u in members for o in u.op_types),
-                outputs=tuple(o for u in members for o in u.outputs),
+                outputs=tuple(outputs),
                 weights=tuple(dict.fromkeys(w for u in members for w in u.weights)),
                 tensors=tuple(t for u in members for t in u.tensors),
-                inputs=tuple(i for u in members for i in u.inputs),
+                inputs=tuple(
+                    dict.fromkeys(i for u in members for i in u.inputs if i not in produced)
+                ),
                 feeders=tuple(
                     dict.fromkeys(
                         group_of[f] for u in members for f in u.feeders if group_of[f] != name
                     )
                 ),
+                readers=tuple(readers),
             )
         )
     return groups

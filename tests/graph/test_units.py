@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from amp_search.graph import find_units, group_units, sanitize
+from amp_search.graph import Unit, find_units, group_units, sanitize
 from amp_search.graph._index import GraphIndex
 from amp_search.graph.io import load_model
 
@@ -93,12 +93,6 @@ def test_group_outputs_hold_every_tensor_read_outside_the_group(cls_model):
         assert set(g.tensors) == {t for u in units if u.nodes[0] in g.nodes for t in u.tensors}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group_units concatenates its members' outputs and inputs: tensors passed between "
-    "units of one group stay listed, against Unit's docstring (outputs are what something "
-    "outside the unit reads, inputs what it reads from outside); found by issue 10's tests",
-)
 def test_group_outputs_and_inputs_are_only_what_crosses_the_group_boundary(cls_model):
     _, model, units = cls_model
     idx = GraphIndex.build(model)
@@ -112,6 +106,26 @@ def test_group_outputs_and_inputs_are_only_what_crosses_the_group_boundary(cls_m
             ), f"{g.name}: output {o} is read only inside the group"
         for x in g.inputs:
             assert x not in produced, f"{g.name}: input {x} is produced inside the group"
+
+
+def test_group_readers_are_the_groups_and_nodes_outside_that_read_each_output(cls_model):
+    _, model, units = cls_model
+    idx = GraphIndex.build(model)
+    position = {n.name: i for i, n in enumerate(model.graph.node)}
+    groups = group_units(units, 12)
+    group_at = {position[n]: g.name for g in groups for n in g.nodes}
+    for g in groups:
+        assert len(g.readers) == len(g.outputs)
+        for o, readers in zip(g.outputs, g.readers, strict=True):
+            want = {group_at.get(r, "") for r in idx.consumers.get(o, [])} - {g.name}
+            if o in idx.graph_outputs:
+                want.add("")
+            assert set(readers) == want, f"{g.name}: readers of {o}"
+    # A member built by hand, with no readers, keeps all its outputs.
+    bare = [Unit(**{**u.__dict__, "readers": ()}) for u in units]
+    for g, h in zip(group_units(units, 12), group_units(bare, 12), strict=True):
+        assert set(g.outputs) <= set(h.outputs)
+        assert h.inputs == g.inputs
 
 
 def test_names_are_stable(cls_model):
