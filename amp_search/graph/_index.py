@@ -17,13 +17,15 @@ from onnx import TensorProto
 
 from amp_search.graph.op_types import op_typing
 
-__all__ = ["FLOAT", "FLOAT16", "GraphIndex", "NodeParams"]
+__all__ = ["BFLOAT16", "FLOAT", "FLOAT16", "GraphIndex", "NodeParams"]
 
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
+BFLOAT16 = TensorProto.BFLOAT16
 
 _FP16_TYPE = "tensor(float16)"
 _FP32_TYPE = "tensor(float)"
+_BF16_TYPE = "tensor(bfloat16)"
 
 # Type variables that appear only on auxiliary inputs and stay FP32 even when the node runs
 # in FP16 (the spec allows FP16 there, but kernels rarely have it).
@@ -123,6 +125,52 @@ class GraphIndex:
             tuple(self.elem_type.get(n, 0) if n else -1 for n in node.input),
             tuple(self.elem_type.get(n, 0) if n else -1 for n in node.output),
         )
+
+    def admits_bf16(self, i: int) -> bool:
+        """Whether the model's opset types node ``i``'s switched inputs/outputs as BF16.
+
+        Read from the op's schema at the model's opset (ONNX admitted ``tensor(bfloat16)``
+        late for many ops: Conv and MaxPool at opset 22). ONNX Runtime's fused ops have no
+        ONNX schema, and are not admitted.
+        """
+        node = self.model.graph.node[i]
+        params = self.params(i)
+        return _admits_bf16(
+            node.op_type, node.domain, self.opset, params.inputs, params.outputs
+        )
+
+
+@functools.lru_cache(maxsize=4096)
+def _admits_bf16(
+    op_type: str,
+    domain: str,
+    opset: int,
+    inputs: tuple[int, ...],
+    outputs: tuple[int, ...],
+) -> bool:
+    if not outputs or domain not in ("", "ai.onnx"):
+        return False
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+
+    def admitted(formals: Sequence[onnx.defs.OpSchema.FormalParameter], pos: int) -> bool:
+        if not formals:
+            return False
+        if pos < len(formals):
+            var = formals[pos].type_str
+        elif formals[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            var = formals[-1].type_str
+        else:
+            return False
+        allowed = constraints.get(var)
+        return _BF16_TYPE in (allowed if allowed is not None else {var})
+
+    return all(admitted(schema.inputs, k) for k in inputs) and all(
+        admitted(schema.outputs, k) for k in outputs
+    )
 
 
 @functools.lru_cache(maxsize=4096)
