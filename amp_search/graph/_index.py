@@ -135,9 +135,7 @@ class GraphIndex:
         """
         node = self.model.graph.node[i]
         params = self.params(i)
-        return _admits_bf16(
-            node.op_type, node.domain, self.opset, params.inputs, params.outputs
-        )
+        return _admits_bf16(node.op_type, node.domain, self.opset, params.inputs, params.outputs)
 
 
 @functools.lru_cache(maxsize=4096)

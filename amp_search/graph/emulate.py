@@ -33,9 +33,10 @@ def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -
 
     FP16 (BF16) initializers become FP32 initializers holding the rounded values; every FP16
     (BF16) tensor a node produces is written FP32, then passed through ``Cast(to=FLOAT16)``
-    (``Cast(to=BFLOAT16)``) and ``Cast(to=FLOAT)``. ONNX Runtime keeps such explicit pairs (it only merges the casts it
-    inserts itself), so rounding, overflow to inf and flush to zero happen at every node
-    boundary, while each node computes in FP32 as ONNX Runtime CPU does anyway.
+    (``Cast(to=BFLOAT16)``) and ``Cast(to=FLOAT)``. ONNX Runtime keeps such explicit pairs
+    (it only merges the casts it inserts itself), so rounding, overflow to inf and flush to
+    zero happen at every node boundary, while each node computes in FP32 as ONNX Runtime CPU
+    does anyway.
 
     Returns the twin's bytes, or, when it is over the protobuf limit, the path of the twin
     saved with external data in a new folder beside the model (the caller removes it).

@@ -264,9 +264,7 @@ class MixedPrecisionRewriter:
     def _fp16_initializer(self, name: str) -> tuple[onnx.TensorProto, InitializerLoss]:
         return self._low_initializer(name, FLOAT16)
 
-    def _low_initializer(
-        self, name: str, elem: int
-    ) -> tuple[onnx.TensorProto, InitializerLoss]:
+    def _low_initializer(self, name: str, elem: int) -> tuple[onnx.TensorProto, InitializerLoss]:
         """The FP16 or BF16 (``elem``) copy of float initializer ``name``, and its loss."""
         cached = self._low_init.get((name, elem))
         if cached is None:
