@@ -126,49 +126,54 @@ class GraphIndex:
             tuple(self.elem_type.get(n, 0) if n else -1 for n in node.output),
         )
 
-    def admits_bf16(self, i: int) -> bool:
-        """Whether the model's opset types node ``i``'s switched inputs/outputs as BF16.
+    def bf16_params(self, i: int) -> NodeParams | None:
+        """Which inputs/outputs of node ``i`` switch to BF16; None if the opset forbids it.
 
         Read from the op's schema at the model's opset (ONNX admitted ``tensor(bfloat16)``
-        late for many ops: Conv and MaxPool at opset 22). ONNX Runtime's fused ops have no
-        ONNX schema, and are not admitted.
+        late for many ops: Conv and MaxPool only at opset 22). The outputs, and the inputs
+        typed with them, must admit BF16; an input-only type variable that does not (Pow's
+        exponent before opset 15) stays FP32. ONNX Runtime's fused ops have no ONNX schema
+        here, and are not admitted.
         """
         node = self.model.graph.node[i]
         params = self.params(i)
-        return _admits_bf16(node.op_type, node.domain, self.opset, params.inputs, params.outputs)
+        return _bf16_params(node.op_type, node.domain, self.opset, params)
 
 
 @functools.lru_cache(maxsize=4096)
-def _admits_bf16(
-    op_type: str,
-    domain: str,
-    opset: int,
-    inputs: tuple[int, ...],
-    outputs: tuple[int, ...],
-) -> bool:
-    if not outputs or domain not in ("", "ai.onnx"):
-        return False
+def _bf16_params(op_type: str, domain: str, opset: int, params: NodeParams) -> NodeParams | None:
+    if not params.outputs or domain not in ("", "ai.onnx"):
+        return None
     try:
         schema = onnx.defs.get_schema(op_type, opset, "")
     except onnx.defs.SchemaError:
-        return False
+        return None
     constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
 
-    def admitted(formals: Sequence[onnx.defs.OpSchema.FormalParameter], pos: int) -> bool:
-        if not formals:
-            return False
+    def var_of(formals: Sequence[onnx.defs.OpSchema.FormalParameter], pos: int) -> str | None:
         if pos < len(formals):
-            var = formals[pos].type_str
-        elif formals[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
-            var = formals[-1].type_str
-        else:
+            return formals[pos].type_str
+        if formals and formals[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            return formals[-1].type_str
+        return None
+
+    def admitted(var: str | None) -> bool:
+        if var is None:
             return False
         allowed = constraints.get(var)
         return _BF16_TYPE in (allowed if allowed is not None else {var})
 
-    return all(admitted(schema.inputs, k) for k in inputs) and all(
-        admitted(schema.outputs, k) for k in outputs
-    )
+    out_vars = {var_of(schema.outputs, k) for k in params.outputs}
+    if not all(admitted(v) for v in out_vars):
+        return None
+    ins: list[int] = []
+    for k in params.inputs:
+        var = var_of(schema.inputs, k)
+        if admitted(var):
+            ins.append(k)
+        elif var in out_vars:
+            return None
+    return NodeParams(inputs=tuple(ins), outputs=params.outputs)
 
 
 @functools.lru_cache(maxsize=4096)

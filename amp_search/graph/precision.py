@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from amp_search.graph._index import BFLOAT16, FLOAT, FLOAT16, GraphIndex
+from amp_search.graph._index import BFLOAT16, FLOAT, FLOAT16, GraphIndex, NodeParams
 from amp_search.graph.io import copy_without_initializers
 from amp_search.graph.op_types import since_version
 from amp_search.graph.units import FOLLOWER_OPS, Unit, find_units
@@ -233,7 +233,7 @@ class MixedPrecisionRewriter:
         self._pinned_pos = frozenset(self._pos[n] for n in self.pinned)
         self._params = [self.index.params(i) for i in range(len(model.graph.node))]
         self._low_init: dict[tuple[str, int], tuple[onnx.TensorProto, InitializerLoss]] = {}
-        self._admits_bf16: dict[int, bool] = {}
+        self._bf16_params: dict[int, NodeParams | None] = {}
         # Never a full copy: upb keeps deleted weights in the copy's arena (2x memory at 2 GiB).
         template = copy_without_initializers(model)
         del template.graph.node[:]
@@ -285,10 +285,13 @@ class MixedPrecisionRewriter:
 
     def admits_bf16(self, i: int) -> bool:
         """Whether node ``i`` may run BF16 at the model's opset (its schema's type sets)."""
-        got = self._admits_bf16.get(i)
-        if got is None:
-            got = self._admits_bf16[i] = self.index.admits_bf16(i)
-        return got
+        return self.bf16_params(i) is not None
+
+    def bf16_params(self, i: int) -> NodeParams | None:
+        """The inputs/outputs of node ``i`` that switch to BF16 (None: the opset forbids it)."""
+        if i not in self._bf16_params:
+            self._bf16_params[i] = self.index.bf16_params(i)
+        return self._bf16_params[i]
 
     def weight_loss(self, name: str) -> InitializerLoss:
         """The FP16 conversion loss of float initializer ``name``."""
@@ -383,8 +386,9 @@ class MixedPrecisionRewriter:
                 del low_pos[i]
                 report.bf16_unsupported.append(node.name)
                 continue
+            params = self._params[i] if elem == FLOAT16 else self.bf16_params(i) or NodeParams()
             # Weights that overflow the node's type keep it FP32.
-            for k in self._params[i].inputs:
+            for k in params.inputs:
                 name = node.input[k]
                 if idx.is_initializer(name) and self._low_initializer(name, elem)[1].n_overflow:
                     del low_pos[i]
@@ -412,7 +416,7 @@ class MixedPrecisionRewriter:
 
     def _write_low_node(self, i: int, node: onnx.NodeProto, rw: _Rewrite, elem: int) -> None:
         """Node ``i`` in FP16/BF16: switched inputs read so, outputs renamed with the suffix."""
-        params = self._params[i]
+        params = self._params[i] if elem == FLOAT16 else self.bf16_params(i) or NodeParams()
         ins, outs = self._ins[i], self._outs[i]
         new = onnx.NodeProto()
         new.CopyFrom(node)

@@ -411,3 +411,23 @@ def test_bf16_rewrite_on_real_model_at_opset_22(name, real_model):
     _, report = rw.apply(_all_bf16([u.name for u in rw.units]))
     assert not report.bf16_unsupported and report.bf16_nodes
     _check_real(original, feeds, [_all_bf16, *(_three_way(s) for s in range(3))])
+
+
+def test_bf16_pow_keeps_its_fp32_exponent_where_the_opset_types_it_so():
+    """Pow-13 types the exponent (T1) without bfloat16: the base goes BF16, the exponent stays."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    m = sanitize(
+        _model(
+            [helper.make_node("Pow", ["x", "two"], ["y"])], [_vi("x", [4])], [_vi("y", [4])],
+            [two], opset=14,
+        )
+    )  # fmt: skip
+    unit = find_units(m)[0].name
+    out, report = MixedPrecisionRewriter(m).apply(PrecisionAssignment.from_mapping({unit: BF16}))
+    onnx.checker.check_model(out, full_check=True)
+    assert report.bf16_nodes and not report.bf16_unsupported
+    pow_node = next(n for n in out.graph.node if n.op_type == "Pow")
+    assert list(pow_node.input) == ["x__bf16", "two"]
+    x = np.array([1.5, -3.0, 0.1, 100.0], np.float32)
+    (got,) = _run_twin(out, {"x": x})
+    np.testing.assert_array_equal(got, _bf16_round(_bf16_round(x) ** 2))
