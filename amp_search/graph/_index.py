@@ -132,8 +132,8 @@ class GraphIndex:
         Read from the op's schema at the model's opset (ONNX admitted ``tensor(bfloat16)``
         late for many ops: Conv and MaxPool only at opset 22). The outputs, and the inputs
         typed with them, must admit BF16; an input-only type variable that does not (Pow's
-        exponent before opset 15) stays FP32. ONNX Runtime's fused ops have no ONNX schema
-        here, and are not admitted.
+        exponent before opset 15) stays FP32. Below opset 13, where Cast has no bfloat16, and
+        for ONNX Runtime's fused ops (no ONNX schema here) nothing is admitted.
         """
         node = self.model.graph.node[i]
         params = self.params(i)
@@ -142,7 +142,8 @@ class GraphIndex:
 
 @functools.lru_cache(maxsize=4096)
 def _bf16_params(op_type: str, domain: str, opset: int, params: NodeParams) -> NodeParams | None:
-    if not params.outputs or domain not in ("", "ai.onnx"):
+    # Cast types bfloat16 from opset 13 on: below it no BF16 tensor can be made or read back.
+    if not params.outputs or domain not in ("", "ai.onnx") or opset < 13:
         return None
     try:
         schema = onnx.defs.get_schema(op_type, opset, "")
