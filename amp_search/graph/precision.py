@@ -28,7 +28,9 @@ a follower runs low only when every live float input it reads has one and the sa
 precision. Where the model's opset does not admit ``tensor(bfloat16)`` for a node's op
 (ONNX added BF16 to many ops late: Conv and MaxPool only at opset 22), BF16 is *withheld*
 from that node: it stays FP32, the unit's other nodes run BF16 as their ops allow, and the
-node is listed in ``report.bf16_unsupported``. The model's opset is never upgraded for BF16:
+node is listed in ``report.bf16_unsupported`` (below opset 13, where Cast has no bfloat16,
+that is every node). An input-only type variable the opset does not type BF16 (Pow-13's
+exponent) stays FP32 while the node runs BF16. The model's opset is never upgraded for BF16:
 ``onnx.version_converter`` would change every node's schema, not only the BF16 ones, and on
 the ONNX Runtime CUDA EP opset 22 moves MaxPool to the CPU in every precision (measured on
 the H200, ``shared/gpu/README.md``), so an upgrade would silently change what FP32 and FP16
@@ -82,8 +84,7 @@ BF16_MIN_SUBNORMAL = 9.183549615799121e-41
 #: The suffix of a tensor's low-precision version (``<name>__fp16``, ``<name>__bf16``).
 LOW_PRECISION_SUFFIX: dict[Precision, str] = {Precision.FP16: "__fp16", Precision.BF16: "__bf16"}
 _ELEM = {Precision.FP16: FLOAT16, Precision.BF16: BFLOAT16}
-_SUFFIX = {_ELEM[p]: suffix for p, suffix in LOW_PRECISION_SUFFIX.items()}
-_FP16_SUFFIX = _SUFFIX[FLOAT16]
+_SUFFIX = {_ELEM[p]: suffix for p, suffix in LOW_PRECISION_SUFFIX.items()}  # by element type
 _TYPE_AGNOSTIC_READERS = frozenset({"Shape", "Size", "Cast"})
 
 
