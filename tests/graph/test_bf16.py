@@ -441,3 +441,23 @@ def test_bf16_pow_keeps_its_fp32_exponent_where_the_opset_types_it_so():
     x = np.array([1.5, -3.0, 0.1, 100.0], np.float32)
     (got,) = _run_twin(out, {"x": x})
     np.testing.assert_array_equal(got, _bf16_round(_bf16_round(x) ** 2))
+
+
+def test_ort_cpu_backend_runs_a_bf16_candidate_through_its_twin(tmp_path):
+    """The ORT backend's CPU default (emulate_fp16_storage=1) runs the BF16 candidate's twin."""
+    from amp_search.backends import BuildConfig
+    from amp_search.backends.ort import OnnxRuntimeBackend
+
+    m, feeds = _demo_at(22)
+    rw = MixedPrecisionRewriter(m)
+    out, _ = rw.apply(PrecisionAssignment.uniform([u.name for u in rw.units], BF16))
+    path = tmp_path / "bf16.onnx"
+    onnx.save(out, path)
+    backend = OnnxRuntimeBackend()
+    cand = backend.build(path, BuildConfig("cpu"))
+    with backend.open(cand) as r:
+        got = r.infer(feeds)
+    (want,) = _run_twin(out, feeds)
+    (name,) = got
+    assert np.isfinite(got[name]).all()
+    np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6)
