@@ -22,6 +22,7 @@ class Precision(str, Enum):
 
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
 
     def __str__(self) -> str:
         return self.value
@@ -32,7 +33,9 @@ class PrecisionAssignment(Mapping[str, Precision]):
     """An immutable map from unit name to :class:`Precision`.
 
     Units that are not named are FP32. The :meth:`digest` is stable across processes and
-    runs (it depends only on the set of FP16 units) and is the cache key of a candidate.
+    runs (it depends only on the sets of FP16 and BF16 units) and is the cache key of a
+    candidate. An assignment without BF16 units has the digest it had before BF16 existed
+    (that of its FP16 set alone), so existing studies and results directories stay valid.
     """
 
     _items: tuple[tuple[str, Precision], ...] = ()
@@ -77,17 +80,41 @@ class PrecisionAssignment(Mapping[str, Precision]):
         return frozenset(k for k, v in self._items if v is Precision.FP16)
 
     @property
+    def bf16_units(self) -> frozenset[str]:
+        """Names of the units assigned BF16."""
+        return frozenset(k for k, v in self._items if v is Precision.BF16)
+
+    @property
+    def low_precision_units(self) -> frozenset[str]:
+        """Names of the units assigned FP16 or BF16."""
+        return frozenset(k for k, v in self._items if v is not Precision.FP32)
+
+    def units_at(self, precision: Precision) -> frozenset[str]:
+        """Names of the units assigned ``precision``."""
+        return frozenset(k for k, v in self._items if v is precision)
+
+    @property
     def fp32_units(self) -> frozenset[str]:
         """Names of the units assigned FP32 (the FP32 fallback set)."""
         return frozenset(k for k, v in self._items if v is Precision.FP32)
 
     def digest(self) -> str:
-        """A short stable hex digest of the FP16 unit set."""
-        payload = json.dumps(sorted(self.fp16_units)).encode()
+        """A short stable hex digest of the FP16 and BF16 unit sets.
+
+        Without BF16 units the payload is the sorted FP16 list alone, as it always was (the
+        digests of FP32/FP16-only assignments never change); with BF16 units it is an object
+        naming both sets, which no list payload can collide with.
+        """
+        bf16 = self.bf16_units
+        if bf16:
+            data: object = {"bf16": sorted(bf16), "fp16": sorted(self.fp16_units)}
+        else:
+            data = sorted(self.fp16_units)
+        payload = json.dumps(data).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
     def to_json(self) -> dict[str, str]:
-        """``{unit: "fp32"|"fp16"}``."""
+        """``{unit: "fp32"|"fp16"|"bf16"}``."""
         return {k: v.value for k, v in self._items}
 
 

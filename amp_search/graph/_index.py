@@ -17,13 +17,15 @@ from onnx import TensorProto
 
 from amp_search.graph.op_types import op_typing
 
-__all__ = ["FLOAT", "FLOAT16", "GraphIndex", "NodeParams"]
+__all__ = ["BFLOAT16", "FLOAT", "FLOAT16", "GraphIndex", "NodeParams"]
 
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
+BFLOAT16 = TensorProto.BFLOAT16
 
 _FP16_TYPE = "tensor(float16)"
 _FP32_TYPE = "tensor(float)"
+_BF16_TYPE = "tensor(bfloat16)"
 
 # Type variables that appear only on auxiliary inputs and stay FP32 even when the node runs
 # in FP16 (the spec allows FP16 there, but kernels rarely have it).
@@ -123,6 +125,56 @@ class GraphIndex:
             tuple(self.elem_type.get(n, 0) if n else -1 for n in node.input),
             tuple(self.elem_type.get(n, 0) if n else -1 for n in node.output),
         )
+
+    def bf16_params(self, i: int) -> NodeParams | None:
+        """Which inputs/outputs of node ``i`` switch to BF16; None if the opset forbids it.
+
+        Read from the op's schema at the model's opset (ONNX admitted ``tensor(bfloat16)``
+        late for many ops: Conv and MaxPool only at opset 22). The outputs, and the inputs
+        typed with them, must admit BF16; an input-only type variable that does not (Pow's
+        exponent before opset 15) stays FP32. Below opset 13, where Cast has no bfloat16, and
+        for ONNX Runtime's fused ops (no ONNX schema here) nothing is admitted.
+        """
+        node = self.model.graph.node[i]
+        params = self.params(i)
+        return _bf16_params(node.op_type, node.domain, self.opset, params)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bf16_params(op_type: str, domain: str, opset: int, params: NodeParams) -> NodeParams | None:
+    # Cast types bfloat16 from opset 13 on: below it no BF16 tensor can be made or read back.
+    if not params.outputs or domain not in ("", "ai.onnx") or opset < 13:
+        return None
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+
+    def var_of(formals: Sequence[onnx.defs.OpSchema.FormalParameter], pos: int) -> str | None:
+        if pos < len(formals):
+            return formals[pos].type_str
+        if formals and formals[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            return formals[-1].type_str
+        return None
+
+    def admitted(var: str | None) -> bool:
+        if var is None:
+            return False
+        allowed = constraints.get(var)
+        return _BF16_TYPE in (allowed if allowed is not None else {var})
+
+    out_vars = {var_of(schema.outputs, k) for k in params.outputs}
+    if not all(admitted(v) for v in out_vars):
+        return None
+    ins: list[int] = []
+    for k in params.inputs:
+        var = var_of(schema.inputs, k)
+        if admitted(var):
+            ins.append(k)
+        elif var in out_vars:
+            return None
+    return NodeParams(inputs=tuple(ins), outputs=params.outputs)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,6 +7,11 @@ in which every FP16 tensor is rounded through an explicit Cast pair, which ONNX 
 (the ONNX Runtime backend's ``emulate_fp16_storage`` option,
 :mod:`amp_search.backends.ort`). It is a graph rewrite, so it lives here; the candidate's own
 ONNX is never changed.
+
+BF16 tensors are emulated the same way, through ``Cast(to=BFLOAT16)`` pairs. ONNX Runtime
+CPU has BF16 kernels for few ops beyond Cast, so the BF16 candidate itself often does not
+load there; its twin, all FP32 with Cast pairs to BF16, is what runs, and it gives BF16's
+deviation: one BF16 rounding of every BF16 tensor and weight, FP32 arithmetic in between.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ __all__ = ["emulating_fp16_storage"]
 
 
 def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -> str | bytes:
-    """An FP32 twin of the model that rounds every FP16 tensor through an explicit Cast pair.
+    """An FP32 twin of the model that rounds every FP16/BF16 tensor through a Cast pair.
 
-    FP16 initializers become FP32 initializers holding the FP16-rounded values; every FP16
-    tensor a node produces is written FP32, then passed through ``Cast(to=FLOAT16)`` and
-    ``Cast(to=FLOAT)``. ONNX Runtime keeps such explicit pairs (it only merges the casts it
-    inserts itself), so rounding, overflow to inf and flush to zero happen at every node
-    boundary, while each node computes in FP32 as ONNX Runtime CPU does anyway.
+    FP16 (BF16) initializers become FP32 initializers holding the rounded values; every FP16
+    (BF16) tensor a node produces is written FP32, then passed through ``Cast(to=FLOAT16)``
+    (``Cast(to=BFLOAT16)``) and ``Cast(to=FLOAT)``. ONNX Runtime keeps such explicit pairs
+    (it only merges the casts it inserts itself), so rounding, overflow to inf and flush to
+    zero happen at every node boundary, while each node computes in FP32 as ONNX Runtime CPU
+    does anyway.
 
     Returns the twin's bytes, or, when it is over the protobuf limit, the path of the twin
     saved with external data in a new folder beside the model (the caller removes it).
@@ -40,9 +46,10 @@ def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -
         model = onnx.load(str(model_path))
     else:
         model = onnx.load_from_string(model_bytes)
-    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
-    has_fp16 = any(t.data_type == f16 for t in model.graph.initializer) or any(
-        a.name == "to" and a.i == f16
+    f16, bf16, f32 = TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT
+    low = (f16, bf16)
+    has_fp16 = any(t.data_type in low for t in model.graph.initializer) or any(
+        a.name == "to" and a.i in low
         for n in model.graph.node
         if n.op_type == "Cast"
         for a in n.attribute
@@ -59,38 +66,38 @@ def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -
     }
     g = model.graph
     for i, t in enumerate(g.initializer):
-        if t.data_type == f16:
+        if t.data_type in low:
             g.initializer[i].CopyFrom(
                 numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name)
             )
-    fp16_graph_outputs = {o.name for o in g.output if o.type.tensor_type.elem_type == f16}
+    fp16_graph_outputs = {o.name for o in g.output if o.type.tensor_type.elem_type in low}
 
-    def round_pair(src: str, dst: str) -> list[onnx.NodeProto]:
+    def round_pair(src: str, dst: str, to: int = f16) -> list[onnx.NodeProto]:
         half = f"{dst}__amp_half"
         return [
-            helper.make_node("Cast", [src], [half], name=f"amp_emulate/{dst}/h", to=f16),
+            helper.make_node("Cast", [src], [half], name=f"amp_emulate/{dst}/h", to=to),
             helper.make_node("Cast", [half], [dst], name=f"amp_emulate/{dst}/f", to=f32),
         ]
 
     nodes: list[onnx.NodeProto] = []
     for node in g.node:
         to_attr = next((a for a in node.attribute if a.name == "to"), None)
-        if node.op_type == "Cast" and to_attr is not None and to_attr.i == f16:
+        if node.op_type == "Cast" and to_attr is not None and to_attr.i in low:
             raw = f"{node.output[0]}__amp_raw"
             nodes.append(helper.make_node("Identity", [node.input[0]], [raw], name=node.name))
-            if types.get(node.input[0]) not in (f16, f32):
+            if types.get(node.input[0]) not in (f16, bf16, f32):
                 nodes[-1] = helper.make_node(
                     "Cast", [node.input[0]], [raw], name=node.name, to=f32
                 )
-            nodes.extend(round_pair(raw, node.output[0]))
+            nodes.extend(round_pair(raw, node.output[0], to_attr.i))
             continue
         extra: list[onnx.NodeProto] = []
         if node.op_type not in ("Cast", "Shape", "Size"):
             for k, name in enumerate(node.output):
-                if name and types.get(name) == f16:
+                if name and types.get(name) in low:
                     raw = f"{name}__amp_raw"
                     node.output[k] = raw
-                    extra.extend(round_pair(raw, name))
+                    extra.extend(round_pair(raw, name, types[name]))
         nodes.append(node)
         nodes.extend(extra)
     del g.node[:]

@@ -21,6 +21,21 @@ between calls) never mutates its input. For the nodes of FP16 units it:
   (``Backend.low_precision_gaps`` names them from the all-FP16 rewrite), so that no
   candidate sends a node to the CPU.
 
+BF16 units are rewritten the same way, with BF16 weights and outputs named ``<name>__bf16``
+(one naming contract: :data:`LOW_PRECISION_SUFFIX`). A tensor produced in one low precision
+and read in the other goes through FP32 (a Cast back, then a Cast to the reader's type), and
+a follower runs low only when every live float input it reads has one and the same low
+precision. Where the model's opset does not admit ``tensor(bfloat16)`` for a node's op
+(ONNX added BF16 to many ops late: Conv and MaxPool only at opset 22), BF16 is *withheld*
+from that node: it stays FP32, the unit's other nodes run BF16 as their ops allow, and the
+node is listed in ``report.bf16_unsupported`` (below opset 13, where Cast has no bfloat16,
+that is every node). An input-only type variable the opset does not type BF16 (Pow-13's
+exponent) stays FP32 while the node runs BF16. The model's opset is never upgraded for BF16:
+``onnx.version_converter`` would change every node's schema, not only the BF16 ones, and on
+the ONNX Runtime CUDA EP opset 22 moves MaxPool to the CPU in every precision (measured on
+the H200, ``shared/gpu/README.md``), so an upgrade would silently change what FP32 and FP16
+candidates run too. Every output passes ``onnx.checker.check_model(full_check=True)``.
+
 Graph inputs and outputs keep their names and types. The all-FP32 assignment returns an
 unchanged copy.
 """
@@ -35,17 +50,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from amp_search.graph._index import FLOAT, FLOAT16, GraphIndex
+from amp_search.graph._index import BFLOAT16, FLOAT, FLOAT16, GraphIndex, NodeParams
 from amp_search.graph.io import copy_without_initializers
 from amp_search.graph.op_types import since_version
 from amp_search.graph.units import FOLLOWER_OPS, Unit, find_units
 from amp_search.types import Precision, PrecisionAssignment
 
 __all__ = [
+    "BF16_MAX",
+    "BF16_MIN_NORMAL",
+    "BF16_MIN_SUBNORMAL",
     "FP16_MAX",
     "FP16_MIN_NORMAL",
     "FP16_MIN_SUBNORMAL",
     "ConversionReport",
+    "LOW_PRECISION_SUFFIX",
     "InitializerLoss",
     "LowPrecisionNode",
     "MixedPrecisionRewriter",
@@ -58,20 +77,30 @@ FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 6.103515625e-05
 FP16_MIN_SUBNORMAL = 5.960464477539063e-08
 
-_FP16_SUFFIX = "__fp16"
+BF16_MAX = 3.3895313892515355e38
+BF16_MIN_NORMAL = 1.1754943508222875e-38
+BF16_MIN_SUBNORMAL = 9.183549615799121e-41
+
+#: The suffix of a tensor's low-precision version (``<name>__fp16``, ``<name>__bf16``).
+LOW_PRECISION_SUFFIX: dict[Precision, str] = {Precision.FP16: "__fp16", Precision.BF16: "__bf16"}
+_ELEM = {Precision.FP16: FLOAT16, Precision.BF16: BFLOAT16}
+_SUFFIX = {_ELEM[p]: suffix for p, suffix in LOW_PRECISION_SUFFIX.items()}  # by element type
 _TYPE_AGNOSTIC_READERS = frozenset({"Shape", "Size", "Cast"})
 
 
 @dataclass(frozen=True)
 class InitializerLoss:
-    """What converting one float initializer to FP16 loses.
+    """What converting one float initializer to FP16 (or BF16) loses.
 
     Attributes:
         name: Initializer name.
         numel: Number of elements.
-        n_overflow: Elements above 65504 in magnitude (they would become inf).
-        n_subnormal: Nonzero elements below 6.1e-5 (kept with reduced precision).
-        n_flush: Nonzero elements below 5.96e-8 (they become zero).
+        n_overflow: Elements above the type's maximum (65504 for FP16) in magnitude (they
+            would become inf).
+        n_subnormal: Nonzero elements below its smallest normal (6.1e-5 for FP16), kept with
+            reduced precision.
+        n_flush: Nonzero elements below half its smallest subnormal (5.96e-8 for FP16):
+            they become zero.
     """
 
     name: str
@@ -89,16 +118,40 @@ class ConversionReport:
         fp16_nodes: Nodes that run in FP16 (units' nodes and followers).
         casts_inserted: Number of Cast nodes added.
         initializers: Loss of every initializer converted to FP16.
-        forced_fp32: Nodes of FP16 units kept FP32 because a weight overflows FP16.
+        forced_fp32: Nodes of FP16 (BF16) units kept FP32 because a weight overflows.
+        bf16_nodes: Nodes that run in BF16.
+        bf16_initializers: Loss of every initializer converted to BF16.
+        bf16_unsupported: Nodes of BF16 units kept FP32 because the model's opset does not
+            admit ``tensor(bfloat16)`` for their op (BF16 withheld, not the opset upgraded).
     """
 
     fp16_nodes: list[str] = field(default_factory=list)
     casts_inserted: int = 0
     initializers: list[InitializerLoss] = field(default_factory=list)
     forced_fp32: list[str] = field(default_factory=list)
+    bf16_nodes: list[str] = field(default_factory=list)
+    bf16_initializers: list[InitializerLoss] = field(default_factory=list)
+    bf16_unsupported: list[str] = field(default_factory=list)
+
+    @property
+    def low_precision_nodes(self) -> list[str]:
+        """Nodes that run in FP16 or BF16."""
+        return [*self.fp16_nodes, *self.bf16_nodes]
 
     def to_json(self) -> dict[str, Any]:
-        """Plain-data form."""
+        """Plain-data form (the BF16 keys only where BF16 was asked for)."""
+        out = self._fp16_json()
+        if self.bf16_nodes or self.bf16_unsupported or self.bf16_initializers:
+            out.update(
+                bf16_nodes=len(self.bf16_nodes),
+                bf16_unsupported=self.bf16_unsupported,
+                bf16_initializers_converted=len(self.bf16_initializers),
+                bf16_weights_flushed_to_zero=sum(x.n_flush for x in self.bf16_initializers),
+                bf16_weights_overflowing=sum(x.n_overflow for x in self.bf16_initializers),
+            )
+        return out
+
+    def _fp16_json(self) -> dict[str, Any]:
         return {
             "fp16_nodes": len(self.fp16_nodes),
             "casts_inserted": self.casts_inserted,
@@ -134,16 +187,22 @@ def summarize_pinned(pinned: dict[str, str]) -> str:
     return f"{len(pinned)} node(s) stay FP32 in every candidate ({'; '.join(parts)})"
 
 
-def initializer_loss(name: str, values: np.ndarray) -> InitializerLoss:
-    """Counts what FP16 conversion loses in ``values``."""
+def initializer_loss(
+    name: str, values: np.ndarray, precision: Precision = Precision.FP16
+) -> InitializerLoss:
+    """Counts what conversion to ``precision`` (FP16 or BF16) loses in ``values``."""
+    if precision is Precision.BF16:
+        top, normal, sub = BF16_MAX, BF16_MIN_NORMAL, BF16_MIN_SUBNORMAL
+    else:
+        top, normal, sub = FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL
     a = np.abs(values.astype(np.float32, copy=False)).ravel()
     nz = a[a > 0]
     return InitializerLoss(
         name=name,
         numel=int(a.size),
-        n_overflow=int(np.count_nonzero(a > FP16_MAX)),
-        n_subnormal=int(np.count_nonzero(nz < FP16_MIN_NORMAL)),
-        n_flush=int(np.count_nonzero(nz < FP16_MIN_SUBNORMAL / 2)),
+        n_overflow=int(np.count_nonzero(a > top)),
+        n_subnormal=int(np.count_nonzero(nz < normal)),
+        n_flush=int(np.count_nonzero(nz < sub / 2)),
     )
 
 
@@ -174,7 +233,8 @@ class MixedPrecisionRewriter:
             raise KeyError(f"Pinned node(s) not in the model: {', '.join(unknown[:5])}")
         self._pinned_pos = frozenset(self._pos[n] for n in self.pinned)
         self._params = [self.index.params(i) for i in range(len(model.graph.node))]
-        self._fp16_init: dict[str, tuple[onnx.TensorProto, InitializerLoss]] = {}
+        self._low_init: dict[tuple[str, int], tuple[onnx.TensorProto, InitializerLoss]] = {}
+        self._bf16_params: dict[int, NodeParams | None] = {}
         # Never a full copy: upb keeps deleted weights in the copy's arena (2x memory at 2 GiB).
         template = copy_without_initializers(model)
         del template.graph.node[:]
@@ -203,15 +263,36 @@ class MixedPrecisionRewriter:
         self._graph_input_names = {i.name for i in model.graph.input}
 
     def _fp16_initializer(self, name: str) -> tuple[onnx.TensorProto, InitializerLoss]:
-        cached = self._fp16_init.get(name)
+        return self._low_initializer(name, FLOAT16)
+
+    def _low_initializer(self, name: str, elem: int) -> tuple[onnx.TensorProto, InitializerLoss]:
+        """The FP16 or BF16 (``elem``) copy of float initializer ``name``, and its loss."""
+        cached = self._low_init.get((name, elem))
         if cached is None:
             values = numpy_helper.to_array(self.index.initializers[name])
-            loss = initializer_loss(name, values)
-            with np.errstate(over="ignore"):
-                half = values.astype(np.float16)
-            cached = (numpy_helper.from_array(half, name + _FP16_SUFFIX), loss)
-            self._fp16_init[name] = cached
+            if elem == BFLOAT16:
+                import ml_dtypes  # onnx's own dependency: numpy's bfloat16
+
+                loss = initializer_loss(name, values, Precision.BF16)
+                with np.errstate(over="ignore"):
+                    low = values.astype(ml_dtypes.bfloat16)
+            else:
+                loss = initializer_loss(name, values)
+                with np.errstate(over="ignore"):
+                    low = values.astype(np.float16)
+            cached = (numpy_helper.from_array(low, name + _SUFFIX[elem]), loss)
+            self._low_init[(name, elem)] = cached
         return cached
+
+    def admits_bf16(self, i: int) -> bool:
+        """Whether node ``i`` may run BF16 at the model's opset (its schema's type sets)."""
+        return self.bf16_params(i) is not None
+
+    def bf16_params(self, i: int) -> NodeParams | None:
+        """The inputs/outputs of node ``i`` that switch to BF16 (None: the opset forbids it)."""
+        if i not in self._bf16_params:
+            self._bf16_params[i] = self.index.bf16_params(i)
+        return self._bf16_params[i]
 
     def weight_loss(self, name: str) -> InitializerLoss:
         """The FP16 conversion loss of float initializer ``name``."""
@@ -233,8 +314,12 @@ class MixedPrecisionRewriter:
 
     def fp16_node_positions(self, assignment: PrecisionAssignment) -> set[int]:
         """Positions of the nodes the assignment's units put in FP16 (not pinned ones)."""
+        return self.node_positions(assignment, Precision.FP16)
+
+    def node_positions(self, assignment: PrecisionAssignment, precision: Precision) -> set[int]:
+        """Positions of the nodes the assignment's units put in ``precision`` (not pinned)."""
         out: set[int] = set()
-        for unit in assignment.fp16_units:
+        for unit in assignment.units_at(precision):
             nodes = self._unit_nodes.get(unit)
             if nodes is None:
                 known = ", ".join(list(self._unit_nodes)[:5])
@@ -249,94 +334,115 @@ class MixedPrecisionRewriter:
 
         The pipeline, one pass over the nodes in graph order:
 
-        1. :meth:`_fp16_positions`: the nodes the assignment's units put in FP16, less pinned
-           ones and those whose weights overflow FP16 (``report.forced_fp32``);
-        2. :meth:`_runs_fp16`, for each node: its unit says so, or it is a data-movement
-           follower whose live float inputs are all FP16 already (reading weights only: whose
-           readers all run FP16);
-        3. an FP16 node is written by :meth:`_write_fp16_node` (the inputs its schema types
-           with the outputs read FP16, the outputs renamed ``<name>__fp16``, their value_info
-           copied as FP16), any other by :meth:`_write_fp32_node` (Shape, Size and Cast read
-           an FP16 tensor directly). Both ask the call's :class:`_Rewrite` for each input in
-           the precision they need; it inserts a Cast, or an FP16 copy of a weight, the first
-           time a tensor is needed in the other precision;
+        1. :meth:`_low_positions`: the nodes the assignment's units put in FP16 or BF16, less
+           pinned ones, BF16 ones whose op the opset does not type BF16
+           (``report.bf16_unsupported``) and those whose weights overflow
+           (``report.forced_fp32``);
+        2. :meth:`_runs_low`, for each node: its unit says so, or it is a data-movement
+           follower whose live float inputs all have one low precision already (reading
+           weights only: whose readers all run in one low precision);
+        3. a low-precision node is written by :meth:`_write_low_node` (the inputs its schema
+           types with the outputs read FP16/BF16, the outputs renamed ``<name>__fp16`` or
+           ``<name>__bf16``, their value_info copied so typed), any other by
+           :meth:`_write_fp32_node` (Shape, Size and Cast read a low-precision tensor
+           directly). Both ask the call's :class:`_Rewrite` for each input in the precision
+           they need; it inserts a Cast, or a low-precision copy of a weight, the first time
+           a tensor is needed in another precision;
         4. every graph output is materialized in FP32 again;
         5. :meth:`_assemble`: the new model from the weightless template, with the
            initializers the new graph reads (their FP16 copies included); an unchanged copy
            when no node runs FP16.
         """
         report = ConversionReport()
-        fp16_pos = self._fp16_positions(assignment, report)
+        low_pos = self._low_positions(assignment, report)
         rw = _Rewrite(self, report)
         for i, node in enumerate(self.model.graph.node):
-            if self._runs_fp16(i, fp16_pos, rw) and self._params[i].convertible:
-                self._write_fp16_node(i, node, rw)
+            elem = self._runs_low(i, low_pos, rw)
+            if elem and self._params[i].convertible:
+                self._write_low_node(i, node, rw, elem)
             else:
                 self._write_fp32_node(i, node, rw)
         for name in self.index.graph_outputs:
             rw.need_fp32(name)
         return self._assemble(assignment, rw)
 
-    def _fp16_positions(
+    def _low_positions(
         self, assignment: PrecisionAssignment, report: ConversionReport
-    ) -> set[int]:
-        """The assignment's FP16 node positions; weights that overflow FP16 keep a node FP32."""
-        fp16_pos = self.fp16_node_positions(assignment)
+    ) -> dict[int, int]:
+        """Node position -> FP16/BF16 element type, for the assignment's low-precision nodes.
+
+        BF16 is withheld from nodes whose op the opset does not type BF16; weights that
+        overflow the node's type keep it FP32.
+        """
+        low_pos = dict.fromkeys(self.node_positions(assignment, Precision.FP16), FLOAT16)
+        if assignment.bf16_units:
+            for i in self.node_positions(assignment, Precision.BF16):
+                low_pos.setdefault(i, BFLOAT16)
         idx = self.index
         graph = self.model.graph
-        # Weights that overflow FP16 keep their node FP32.
-        for i in sorted(fp16_pos):
+        for i in sorted(low_pos):
+            elem = low_pos[i]
             node = graph.node[i]
-            for k in self._params[i].inputs:
+            if elem == BFLOAT16 and self._params[i].convertible and not self.admits_bf16(i):
+                del low_pos[i]
+                report.bf16_unsupported.append(node.name)
+                continue
+            params = self._params[i] if elem == FLOAT16 else self.bf16_params(i) or NodeParams()
+            # Weights that overflow the node's type keep it FP32.
+            for k in params.inputs:
                 name = node.input[k]
-                if idx.is_initializer(name) and self._fp16_initializer(name)[1].n_overflow:
-                    fp16_pos.discard(i)
+                if idx.is_initializer(name) and self._low_initializer(name, elem)[1].n_overflow:
+                    del low_pos[i]
                     report.forced_fp32.append(node.name)
                     break
-        return fp16_pos
+        return low_pos
 
-    def _runs_fp16(self, i: int, fp16_pos: set[int], rw: _Rewrite) -> bool:
-        """Whether node ``i`` runs FP16: its unit's choice, or a follower of FP16 data."""
+    def _runs_low(self, i: int, low_pos: dict[int, int], rw: _Rewrite) -> int:
+        """Node ``i``'s low-precision type (0: FP32): its unit's, or a follower's data's."""
         params = self._params[i]
         ins, outs, op = self._ins[i], self._outs[i], self._ops[i]
-        run_fp16 = i in fp16_pos
+        elem = low_pos.get(i, 0)
         follows = op in FOLLOWER_OPS and i not in self._pinned_pos
-        if not run_fp16 and follows and params.convertible:
+        if not elem and follows and params.convertible:
             live = [ins[k] for k in params.inputs if ins[k] not in self._is_init]
-            if live:
-                run_fp16 = all(n in rw.native for n in live)
-            else:  # constant data movement (Reshape of a weight): FP16 if read in FP16
+            if live:  # every live input native in one low precision
+                kinds = {rw.native.get(n, 0) for n in live}
+            else:  # constant data movement (Reshape of a weight): low if read so
                 readers = [r for o in outs for r in self.index.consumers.get(o, [])]
-                run_fp16 = bool(readers) and all(r in fp16_pos for r in readers)
-        return run_fp16
+                kinds = {low_pos.get(r, 0) for r in readers} or {0}
+            elem = kinds.pop() if len(kinds) == 1 else 0
+            if elem == BFLOAT16 and not self.admits_bf16(i):
+                elem = 0
+        return elem
 
-    def _write_fp16_node(self, i: int, node: onnx.NodeProto, rw: _Rewrite) -> None:
-        """Node ``i`` in FP16: switched inputs read FP16, outputs renamed ``<name>__fp16``."""
-        params = self._params[i]
+    def _write_low_node(self, i: int, node: onnx.NodeProto, rw: _Rewrite, elem: int) -> None:
+        """Node ``i`` in FP16/BF16: switched inputs read so, outputs renamed with the suffix."""
+        params = self._params[i] if elem == FLOAT16 else self.bf16_params(i) or NodeParams()
         ins, outs = self._ins[i], self._outs[i]
         new = onnx.NodeProto()
         new.CopyFrom(node)
         switch_in = set(params.inputs)
+        names = rw.low_name[elem]
         for k, name in enumerate(ins):
             if not name:
                 continue
-            got = rw.need_fp16(name) if k in switch_in else rw.need_fp32(name)
+            got = rw.need_low(name, elem) if k in switch_in else rw.need_fp32(name)
             new.input[k] = got
             rw.read.add(got)
         for k in params.outputs:
             name = outs[k]
             if not name:
                 continue
-            half = name + _FP16_SUFFIX
-            new.output[k] = half
-            rw.fp16_name[name] = half
-            rw.native.add(name)
+            low = name + _SUFFIX[elem]
+            new.output[k] = low
+            names[name] = low
+            rw.native[name] = elem
             vi = self._value_info.get(name)
             if vi is not None:
                 hvi = onnx.ValueInfoProto()
                 hvi.CopyFrom(vi)
-                hvi.name = half
-                hvi.type.tensor_type.elem_type = FLOAT16
+                hvi.name = low
+                hvi.type.tensor_type.elem_type = elem
                 rw.new_vi.append(hvi)
         for i_out, name in enumerate(outs):
             if name and i_out not in params.outputs and name in self._value_info:
@@ -345,15 +451,20 @@ class MixedPrecisionRewriter:
             rw.need_fp32(ref)
         rw.read |= self._sub_refs[i]
         rw.new_nodes.append(new)
-        rw.report.fp16_nodes.append(self._names[i])
+        if elem == FLOAT16:
+            rw.report.fp16_nodes.append(self._names[i])
+        else:
+            rw.report.bf16_nodes.append(self._names[i])
 
     def _write_fp32_node(self, i: int, node: onnx.NodeProto, rw: _Rewrite) -> None:
         """Node ``i`` as it is (FP32, or nothing to switch); Shape/Size/Cast may read FP16."""
         ins, outs, op = self._ins[i], self._outs[i], self._ops[i]
-        if op in _TYPE_AGNOSTIC_READERS and ins and ins[0] in rw.native:
+        elem = rw.native.get(ins[0], 0) if ins else 0
+        # Shape, Size and Cast type bfloat16 from opset 13 on.
+        if op in _TYPE_AGNOSTIC_READERS and elem and (elem == FLOAT16 or self.index.opset >= 13):
             new = onnx.NodeProto()
             new.CopyFrom(node)
-            new.input[0] = rw.fp16_name[ins[0]]
+            new.input[0] = rw.low_name[elem][ins[0]]
             rw.read.add(new.input[0])
             for name in ins[1:]:
                 if name:
@@ -376,7 +487,7 @@ class MixedPrecisionRewriter:
     ) -> tuple[onnx.ModelProto, ConversionReport]:
         """The new model and the report (:meth:`apply_serialized`: a skeleton, no weights)."""
         report, graph = rw.report, self.model.graph
-        if not report.fp16_nodes:
+        if not report.fp16_nodes and not report.bf16_nodes:
             out = onnx.ModelProto()
             out.CopyFrom(self.model)
             return out, report
@@ -404,7 +515,7 @@ class MixedPrecisionRewriter:
         :meth:`apply` and :func:`~amp_search.graph.save_model` (external data).
         """
         model, report = self.apply(_Skeletal(assignment))
-        if not report.fp16_nodes:
+        if not report.fp16_nodes and not report.bf16_nodes:
             return [self.model.SerializeToString()], model, report
         body = [self._encoded(n) for n in self._last_inits]
         header = _field_header(7, sum(len(b) for b in body))
@@ -413,10 +524,10 @@ class MixedPrecisionRewriter:
     def _encoded(self, name: str) -> bytes:
         enc = self._encoded_inits.get(name)
         if enc is None:
-            if name.endswith(_FP16_SUFFIX) and name not in self.index.initializers:
-                tensor = self._fp16_initializer(name[: -len(_FP16_SUFFIX)])[0]
-            else:
-                tensor = self.index.initializers[name]
+            tensor = self.index.initializers.get(name)
+            if tensor is None:
+                elem, suffix = next((e, s) for e, s in _SUFFIX.items() if name.endswith(s))
+                tensor = self._low_initializer(name[: -len(suffix)], elem)[0]
             enc = _field(5, tensor.SerializeToString())
             self._encoded_inits[name] = enc
         return enc
@@ -442,36 +553,50 @@ class _Rewrite:
         self.rewriter = rewriter
         self.report = report
         self.new_nodes: list[onnx.NodeProto] = []
-        self.fp16_name: dict[str, str] = {}  # tensor -> its FP16 version (native or cast)
-        self.native: set[str] = set()  # tensors produced in FP16 by an FP16 node
-        self.materialized: set[str] = set()  # FP16-produced tensors whose FP32 name exists again
+        # element type -> {tensor -> its FP16/BF16 version (native, a weight's copy or a Cast)}
+        self.low_name: dict[int, dict[str, str]] = {FLOAT16: {}, BFLOAT16: {}}
+        self.fp16_name = self.low_name[FLOAT16]
+        self.native: dict[str, int] = {}  # tensor -> the low type an FP16/BF16 node made it in
+        self.materialized: set[str] = set()  # low-produced tensors whose FP32 name exists again
         self.new_inits: dict[str, onnx.TensorProto] = {}
         self.new_vi: list[onnx.ValueInfoProto] = []
         self.read: set[str] = set(rewriter._graph_input_names)  # names the new graph reads
 
     def need_fp32(self, name: str) -> str:
-        """``name`` as an FP32 tensor (a Cast back from FP16 the first time it is needed)."""
-        if name in self.native and name not in self.materialized:
-            self.new_nodes.append(_cast(self.fp16_name[name], name, FLOAT))
+        """``name`` as an FP32 tensor (a Cast back from FP16/BF16 the first time it is needed)."""
+        elem = self.native.get(name)
+        if elem and name not in self.materialized:
+            self.new_nodes.append(_cast(self.low_name[elem][name], name, FLOAT))
             self.report.casts_inserted += 1
             self.materialized.add(name)
         return name
 
     def need_fp16(self, name: str) -> str:
         """The FP16 version of ``name``: native, a weight's FP16 copy, or a new Cast."""
-        if name in self.fp16_name:
-            return self.fp16_name[name]
+        return self.need_low(name, FLOAT16)
+
+    def need_low(self, name: str, elem: int) -> str:
+        """The FP16 or BF16 (``elem``) version of ``name``: native, a weight's copy, or Casts.
+
+        A tensor native in the other low precision goes through its FP32 name first.
+        """
+        names = self.low_name[elem]
+        if name in names:
+            return names[name]
         if self.rewriter.index.is_initializer(name):
-            tensor, loss = self.rewriter._fp16_initializer(name)
+            tensor, loss = self.rewriter._low_initializer(name, elem)
             self.new_inits[tensor.name] = tensor
-            self.report.initializers.append(loss)
-            self.fp16_name[name] = tensor.name
+            if elem == FLOAT16:
+                self.report.initializers.append(loss)
+            else:
+                self.report.bf16_initializers.append(loss)
+            names[name] = tensor.name
             return tensor.name
-        half = name + _FP16_SUFFIX
-        self.new_nodes.append(_cast(name, half, FLOAT16))
+        low = name + _SUFFIX[elem]
+        self.new_nodes.append(_cast(self.need_fp32(name), low, elem))
         self.report.casts_inserted += 1
-        self.fp16_name[name] = half
-        return half
+        names[name] = low
+        return low
 
 
 class _Skeletal(PrecisionAssignment):
@@ -515,7 +640,7 @@ def _all_refs(attr: onnx.AttributeProto) -> set[str]:
 
 
 def _cast(src: str, dst: str, to: int) -> onnx.NodeProto:
-    suffix = "to_fp16" if to == FLOAT16 else "to_fp32"
+    suffix = {FLOAT16: "to_fp16", BFLOAT16: "to_bf16"}.get(to, "to_fp32")
     return helper.make_node("Cast", [src], [dst], name=f"amp_cast/{src}/{suffix}", to=to)
 
 
