@@ -57,6 +57,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from amp_search.errors import UserInputError
 from amp_search.graph.op_types import infer_shapes
+from amp_search.graph.precision import CAST_PREFIX, CAST_SUFFIX, LOW_PRECISION_SUFFIX
 from amp_search.graph.units import COMPUTE_OPS, POINTWISE_OPS
 from amp_search.types import LatencyStats
 
@@ -144,9 +145,13 @@ COMPUTE_EFFICIENCY = 0.6
 #: Fraction of the peak DRAM bandwidth a streaming kernel reaches.
 MEMORY_EFFICIENCY = 0.8
 
-_FP16_SUFFIX = "__fp16"
-_CAST_PREFIX = "amp_cast/"
-_CAST_SUFFIXES = ("/to_fp16", "/to_fp32")
+# The rewriter's naming contract (graph/precision.py): a low-precision tensor is
+# ``<name>__fp16`` or ``<name>__bf16``; an inserted Cast ``amp_cast/<source>/to_<type>``. BF16
+# is priced as FP16: every target here has BF16 Tensor Cores at FP16's rate.
+_LOW_SUFFIXES = tuple(LOW_PRECISION_SUFFIX.values())
+_CAST_PREFIX = CAST_PREFIX
+_CAST_SUFFIXES = tuple(CAST_SUFFIX.values())
+assert len({len(x) for x in _LOW_SUFFIXES}) == 1 and len({len(x) for x in _CAST_SUFFIXES}) == 1
 _CAST_BYTES_PER_ELEM = 6  # 4 in + 2 out, or 2 in + 4 out
 
 #: Ops that run on tensor cores.
@@ -419,8 +424,8 @@ class LatencyEstimator:
         pos = self._pos
         probes = self._probe
         n = len(self._costs)
-        # One pass over the mixed model: which nodes run in FP16 (one name read per node, by
-        # the rewriter's ``<name>__fp16`` convention for FP16 tensors), and the Casts.
+        # One pass over the mixed model: which nodes run in FP16 or BF16 (one name read per
+        # node, by the rewriter's ``<name>__fp16``/``__bf16`` convention), and the Casts.
         cast_src: list[str] = []
         fp16 = bytearray(n)
         matched = 0
@@ -442,7 +447,7 @@ class LatencyEstimator:
             matched += 1
             k = probes[i]
             if k is not None and (node.output[k] if k >= 0 else node.input[~k]).endswith(
-                _FP16_SUFFIX
+                _LOW_SUFFIXES
             ):
                 fp16[i] = 1
         if matched != n:
@@ -461,13 +466,13 @@ class LatencyEstimator:
         fused_casts = 0
         cast_info = self._cast_info
         per_elem = _CAST_BYTES_PER_ELEM / bw
-        n_suffix = len(_FP16_SUFFIX)
+        n_suffix = len(_LOW_SUFFIXES[0])
         for src in cast_src:
             # A Cast to FP32 reads the FP16 tensor, which FP16 readers (Shape/Size included)
             # read too; a Cast to FP16 reads the FP32 tensor, which FP32 readers and a graph
             # output read too. It fuses into the producing kernel when it is alone: every
             # original reader is on its far side (``side``).
-            if src.endswith(_FP16_SUFFIX):
+            if src.endswith(_LOW_SUFFIXES):
                 info = cast_info.get(src[:-n_suffix])
                 side = 0
             else:

@@ -64,6 +64,8 @@ __all__ = [
     "FP16_MIN_NORMAL",
     "FP16_MIN_SUBNORMAL",
     "ConversionReport",
+    "CAST_PREFIX",
+    "CAST_SUFFIX",
     "LOW_PRECISION_SUFFIX",
     "InitializerLoss",
     "LowPrecisionNode",
@@ -84,6 +86,10 @@ BF16_MIN_SUBNORMAL = 9.183549615799121e-41
 #: The suffix of a tensor's low-precision version (``<name>__fp16``, ``<name>__bf16``).
 LOW_PRECISION_SUFFIX: dict[Precision, str] = {Precision.FP16: "__fp16", Precision.BF16: "__bf16"}
 _ELEM = {Precision.FP16: FLOAT16, Precision.BF16: BFLOAT16}
+#: Inserted Casts are named ``<CAST_PREFIX><source tensor><CAST_SUFFIX[to]>`` (the latency
+#: estimator reads a mixed model by these names and the suffixes above, without protos).
+CAST_PREFIX = "amp_cast/"
+CAST_SUFFIX: dict[int, str] = {FLOAT16: "/to_fp16", BFLOAT16: "/to_bf16", FLOAT: "/to_fp32"}
 _SUFFIX = {_ELEM[p]: suffix for p, suffix in LOW_PRECISION_SUFFIX.items()}  # by element type
 _TYPE_AGNOSTIC_READERS = frozenset({"Shape", "Size", "Cast"})
 
@@ -640,8 +646,8 @@ def _all_refs(attr: onnx.AttributeProto) -> set[str]:
 
 
 def _cast(src: str, dst: str, to: int) -> onnx.NodeProto:
-    suffix = {FLOAT16: "to_fp16", BFLOAT16: "to_bf16"}.get(to, "to_fp32")
-    return helper.make_node("Cast", [src], [dst], name=f"amp_cast/{src}/{suffix}", to=to)
+    suffix = CAST_SUFFIX.get(to, CAST_SUFFIX[FLOAT])
+    return helper.make_node("Cast", [src], [dst], name=f"{CAST_PREFIX}{src}{suffix}", to=to)
 
 
 def apply_assignment(

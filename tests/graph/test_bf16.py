@@ -461,3 +461,21 @@ def test_ort_cpu_backend_runs_a_bf16_candidate_through_its_twin(tmp_path):
     (name,) = got
     assert np.isfinite(got[name]).all()
     np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_latency_estimator_prices_bf16_as_fp16():
+    """Every target the roofline knows has BF16 Tensor Cores at FP16's rate: all-BF16 and
+    all-FP16 of the demo at opset 22 (the same nodes low precision) estimate alike, and both
+    below all-FP32; the estimator reads BF16 nodes by the rewriter's naming contract."""
+    from amp_search.latency_model import LatencyEstimator
+
+    model, feeds = _demo_at(22)
+    units = find_units(model)
+    names = [u.name for u in units]
+    rewriter = MixedPrecisionRewriter(model, units)
+    est = LatencyEstimator(model, {k: v.shape for k, v in feeds.items()}, target="h100")
+    fp16 = est.estimate_assignment(rewriter, PrecisionAssignment.uniform(names, Precision.FP16))
+    bf16 = est.estimate_assignment(rewriter, PrecisionAssignment.uniform(names, Precision.BF16))
+    fp32 = est.estimate_assignment(rewriter, PrecisionAssignment.uniform(names, Precision.FP32))
+    assert bf16 == pytest.approx(fp16, rel=1e-9)
+    assert bf16 < fp32
