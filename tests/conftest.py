@@ -12,6 +12,7 @@ Capabilities are detected without importing heavy packages.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     "stubs); runs where tensorrt or tensorrt_rtx imports"
                 )
             )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _inspect_cache_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``inspect``'s profile cache in a folder of this run, never the user's."""
+    os.environ["AMP_SEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

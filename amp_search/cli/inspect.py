@@ -59,6 +59,11 @@ class InspectCommand(Subcommand):
             "--top", type=int, default=30, help="rows to print (0: all; --json has all)"
         )
         parser.add_argument(
+            "--no-cache",
+            action="store_true",
+            help="profile again even where an earlier run on the same model and data is cached",
+        )
+        parser.add_argument(
             "--no-fp16-pass",
             action="store_true",
             help="skip the all-FP16 pass (ranges only; faster)",
@@ -81,8 +86,12 @@ class InspectCommand(Subcommand):
                 fp16_pass=not args.no_fp16_pass,
                 threads=args.threads,
                 progress=progress,
+                cache=not args.no_cache,
             )
         report.render(console(), top=args.top)
+        if report.extra.get("cached_profile"):
+            console().print("Profile reused from an earlier run on the same model and data "
+                            "(--no-cache profiles again).")  # fmt: skip
         if args.json:
             path = report.write_json(args.json)
             console().print(f"JSON report written to {path}")

@@ -6,8 +6,10 @@ returns an :class:`InspectReport`, which renders as a rich table or writes JSON.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -173,6 +175,7 @@ def inspect_model(
     fp16_pass: bool = True,
     threads: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    cache: bool = True,
 ) -> InspectReport:
     """Runs the FP16 risk analysis of a model on calibration data.
 
@@ -185,6 +188,8 @@ def inspect_model(
         fp16_pass: Also run the all-FP16 model and measure each unit's deviation.
         threads: ONNX Runtime CPU threads (0: default).
         progress: Called with (stage, done, total).
+        cache: Reuse the profile of an earlier run on the same model and data (and keep this
+            one for the next): only the risk rules run again (:func:`profile_cache_dir`).
     """
     if threshold <= 0:
         raise UserInputError(f"--threshold must be positive, got {threshold}.")
@@ -197,11 +202,18 @@ def inspect_model(
             f"{Path(model_path).name} has no float computation that could run in FP16 "
             "(no float Conv/MatMul/Gemm/normalization/pointwise nodes): nothing to inspect."
         )
-    rewriter = MixedPrecisionRewriter(model, units)
-    prof = profile_model(
-        model, units, cal, fp16_pass=fp16_pass, rewriter=rewriter, threads=threads,
-        progress=progress,
-    )  # fmt: skip
+    key = _profile_key(model, cal, units, fp16_pass) if cache and not cal.is_synthetic else None
+    prof = _cached_profile(key)
+    extra: dict[str, Any] = {}
+    if prof is None:
+        rewriter = MixedPrecisionRewriter(model, units)
+        prof = profile_model(
+            model, units, cal, fp16_pass=fp16_pass, rewriter=rewriter, threads=threads,
+            progress=progress,
+        )  # fmt: skip
+        _keep_profile(key, prof)
+    else:
+        extra["cached_profile"] = str(profile_cache_dir() / f"{key}.pkl")
     risks = assess_units(units, prof, threshold=threshold)
     left_out = not_searched(model, units, flops=flops_by_node(model, cal.first(), prof))
     return InspectReport(
@@ -212,5 +224,67 @@ def inspect_model(
         threshold=threshold,
         seconds=time.perf_counter() - t0,
         fp16_pass=fp16_pass,
+        extra=extra,
         not_searched=left_out,
     )
+
+
+#: Where ``inspect`` keeps profiles for a rerun (set it to move the cache).
+CACHE_ENV = "AMP_SEARCH_CACHE"
+
+
+def profile_cache_dir() -> Path:
+    """``$AMP_SEARCH_CACHE/inspect`` if set, else ``~/.cache/amp-search/inspect``."""
+    root = os.environ.get(CACHE_ENV, "").strip()
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "amp-search") / "inspect"
+
+
+def _profile_key(model: onnx.ModelProto, cal: Any, units: list[Any], fp16_pass: bool) -> str:
+    """What a profile depends on: the sanitized model, the data files, the units, this code."""
+    from amp_search.graph.io import copy_without_initializers
+
+    # The graph, then each weight: never the whole model in one buffer (models over 2 GiB).
+    h = hashlib.sha256(copy_without_initializers(model).SerializeToString())
+    for t in model.graph.initializer:
+        h.update(t.SerializeToString())
+    for f in cal.files:
+        h.update(Path(f).name.encode())
+        h.update(Path(f).read_bytes())
+    h.update(repr(([u.name for u in units], fp16_pass)).encode())
+    package = Path(__file__).resolve().parents[1]
+    for source in _PROFILE_SOURCES:  # a change of the profiling code invalidates the cache
+        h.update((package / source).read_bytes())
+    return h.hexdigest()[:24]
+
+
+#: The code a profile depends on (relative to the package).
+_PROFILE_SOURCES = ("profiling/ranges.py", "graph/precision.py", "graph/emulate.py",
+                    "graph/units.py", "graph/sanitize.py")  # fmt: skip
+
+
+def _cached_profile(key: str | None) -> Profile | None:
+    """The cached profile of ``key`` (None: none, or unreadable: it is profiled again)."""
+    if key is None:
+        return None
+    path = profile_cache_dir() / f"{key}.pkl"
+    try:
+        with open(path, "rb") as f:  # our own cache, written by _keep_profile
+            prof = pickle.load(f)  # noqa: S301
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+        return None
+    return prof if isinstance(prof, Profile) else None
+
+
+def _keep_profile(key: str | None, prof: Profile) -> None:
+    """Keeps ``prof`` for a rerun; a cache that cannot be written is skipped, not an error."""
+    if key is None:
+        return
+    folder = profile_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(prof, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, folder / f"{key}.pkl")
+    except OSError as exc:
+        logger.debug("inspect: profile not cached (%s)", exc)

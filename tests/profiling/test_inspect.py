@@ -99,3 +99,36 @@ def test_detector_cross_check_with_by_hand_mark_all(real_model, tmp_path):
     by_hand_flush = {r.unit.name for r in report.risks if set(r.unit.weights) & flush_w}
     flagged_flush = {r.unit.name for r in report.risks if "weight-flush" in rules(r)}
     assert by_hand_flush and by_hand_flush == flagged_flush
+
+
+def test_a_rerun_on_the_same_model_and_data_reuses_the_profile(
+    demo_model_path, demo_data_path, tmp_path, monkeypatch
+):
+    """The second inspect of one model and data profiles nothing (only the rules run again,
+    so another threshold still applies); other data, or cache=False, profile again."""
+    monkeypatch.setenv("AMP_SEARCH_CACHE", str(tmp_path / "cache"))
+    stages: list[str] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        stages.append(stage)
+
+    first = inspect_model(demo_model_path, demo_data_path, progress=progress)
+    assert stages and "cached_profile" not in first.extra
+    assert len(list((tmp_path / "cache" / "inspect").glob("*.pkl"))) == 1
+    stages.clear()
+    again = inspect_model(demo_model_path, demo_data_path, progress=progress)
+    assert not stages and again.extra["cached_profile"].endswith(".pkl")
+    strip = lambda r: {k: v for k, v in r.to_json().items() if k != "seconds"}  # noqa: E731
+    assert strip(again) == strip(first)
+    # The rules run again on the cached profile: a lower threshold flags more.
+    low = inspect_model(demo_model_path, demo_data_path, threshold=1e-3, progress=progress)
+    assert not stages and low.counts() != first.counts()
+    # Other data (one batch less) and cache=False profile again.
+    data = dict(np.load(demo_data_path))
+    other = tmp_path / "other.npz"
+    np.savez(other, **{k: v[:-1] for k, v in data.items()})
+    inspect_model(demo_model_path, other, progress=progress)
+    assert stages
+    stages.clear()
+    inspect_model(demo_model_path, demo_data_path, progress=progress, cache=False)
+    assert stages
