@@ -56,6 +56,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from amp_search.errors import UserInputError
+from amp_search.graph._index import subgraphs
 from amp_search.graph.op_types import infer_shapes
 from amp_search.graph.precision import CAST_PREFIX, CAST_SUFFIX, LOW_PRECISION_SUFFIX
 from amp_search.graph.units import COMPUTE_OPS, POINTWISE_OPS
@@ -676,19 +677,8 @@ def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     """``graph`` and every subgraph nested in it, outermost first."""
     out = [graph]
     for node in graph.node:
-        for body in _bodies(node):
+        for body in subgraphs(node):
             out.extend(_graphs(body))
-    return out
-
-
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The subgraphs a node owns (If's branches, Loop's and Scan's body)."""
-    out: list[onnx.GraphProto] = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
     return out
 
 
@@ -756,7 +746,7 @@ def _node_costs(
                     probe = ~k
                     break
         probes.append(probe)
-        if _bodies(node):  # an If/Loop/Scan does its body's work
+        if subgraphs(node):  # an If/Loop/Scan does its body's work
             flops = _body_flops(node, types, numel, consts, flops_by_node)
             free = free and not flops
         else:
@@ -845,9 +835,9 @@ def _body_flops(
         if first:
             runs *= first[axis]
     total = 0.0
-    for body in _bodies(node):
+    for body in subgraphs(node):
         for inner in body.node:
-            if _bodies(inner):
+            if subgraphs(inner):
                 f = _body_flops(inner, types, numel, consts, out, runs)
             elif inner.op_type in _VIEW_OPS or not any(
                 types.get(x, (0, None))[0] in _FLOAT_TYPES for x in inner.output if x

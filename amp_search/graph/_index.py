@@ -17,7 +17,7 @@ from onnx import TensorProto
 
 from amp_search.graph.op_types import op_typing
 
-__all__ = ["BFLOAT16", "FLOAT", "FLOAT16", "GraphIndex", "NodeParams"]
+__all__ = ["BFLOAT16", "FLOAT", "FLOAT16", "GraphIndex", "NodeParams", "subgraphs"]
 
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
@@ -236,16 +236,21 @@ def _node_params(
     return NodeParams(inputs=tuple(sorted(ins + extra)), outputs=outs)
 
 
-def _subgraph_outer_refs(node: onnx.NodeProto) -> frozenset[str]:
-    """Names a node's subgraphs read from enclosing scopes."""
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node owns (If's branches, Loop's and Scan's body), in attribute order."""
     graphs: list[onnx.GraphProto] = []
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             graphs.append(attr.g)
         elif attr.type == onnx.AttributeProto.GRAPHS:
             graphs.extend(attr.graphs)
+    return graphs
+
+
+def _subgraph_outer_refs(node: onnx.NodeProto) -> frozenset[str]:
+    """Names a node's subgraphs read from enclosing scopes."""
     refs: set[str] = set()
-    for g in graphs:
+    for g in subgraphs(node):
         defined = {i.name for i in g.input} | {i.name for i in g.initializer}
         for n in g.node:
             for name in n.input:
