@@ -37,8 +37,12 @@ def _conv(
     return w, b
 
 
-def build_demo_model(seed: int = 0) -> onnx.ModelProto:
-    """The demo model: input ``image`` float32 [N, 3, 64, 64], output ``logits`` [N, 10]."""
+def build_demo_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """The demo model: input ``image`` float32 [N, 3, 64, 64], output ``logits`` [N, 10].
+
+    ``opset``: 17 (the default), or 22, where ONNX types Conv ``bfloat16`` (a model that a
+    search with ``--precisions fp16,bf16`` may put in BF16).
+    """
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -112,9 +116,9 @@ def build_demo_model(seed: int = 0) -> onnx.ModelProto:
         inits,
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="amp-search-demo"
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="amp-search-demo"
     )
-    model.ir_version = 8
+    model.ir_version = 8 if opset <= 17 else 10
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -12,9 +12,11 @@ failed. Seeds are labelled by the baselines they are.
 from __future__ import annotations
 
 __all__ = [
+    "ALL_BF16",
     "ALL_FP16",
     "ALL_FP32",
     "BASELINES",
+    "BF16_RESCUE",
     "CONFIG_ATTR",
     "ERROR_ATTR",
     "GUIDE_ATTR",
@@ -53,3 +55,7 @@ ALL_FP32 = "all-fp32"
 ALL_FP16 = "all-fp16"
 #: The two ends of every front, seeded first.
 BASELINES = (ALL_FP32, ALL_FP16)
+#: With BF16 (``--precisions fp16,bf16``): every unit that admits BF16 in BF16, the rest FP32.
+ALL_BF16 = "all-bf16"
+#: With BF16: all FP16, with the units FP16 breaks in BF16 instead of FP32.
+BF16_RESCUE = "fp16-bf16-rescue"

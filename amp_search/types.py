@@ -10,10 +10,12 @@ from enum import Enum
 from typing import Any
 
 __all__ = [
+    "LOW_PRECISIONS",
     "LatencyStats",
     "Precision",
     "PrecisionAssignment",
     "TensorRanges",
+    "parse_precisions",
 ]
 
 
@@ -26,6 +28,29 @@ class Precision(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: The low precisions a unit may take besides FP32 (``--precisions``), in canonical order.
+LOW_PRECISIONS = (Precision.FP16, Precision.BF16)
+
+
+def parse_precisions(text: str) -> tuple[Precision, ...]:
+    """``--precisions``: ``fp16``, ``bf16`` or ``fp16,bf16`` (any order) in canonical order.
+
+    Raises:
+        UserInputError: Anything else (one line naming the valid values).
+    """
+    from amp_search.errors import UserInputError
+
+    names = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    valid = {p.value: p for p in LOW_PRECISIONS}
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise UserInputError(
+            f"--precisions takes fp16, bf16 or fp16,bf16 (the formats a unit may take besides "
+            f"FP32), got {text!r}."
+        )
+    return tuple(p for p in LOW_PRECISIONS if p.value in names)
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,11 @@ class PickCommand(Subcommand):
             + point.fallback_text(FALLBACK_NAMES)
             + (f" (every name in {full})" if short and full is not None else "")
         )
+        if point.bf16_units:
+            con.print(
+                f"BF16 set ({len(point.bf16_units)} of {point.n_units} units): "
+                + point.bf16_text(FALLBACK_NAMES) + "; the other units run FP16"
+            )
         for path in written:
             con.print(f"wrote {path}")
         return 0

@@ -140,6 +140,11 @@ class SearchCommand(Subcommand):
         parser.add_argument("--threshold", type=float, default=10000.0,
                             help="near-overflow threshold of the risk report")  # fmt: skip
         parser.add_argument(
+            "--precisions", default="fp16", metavar="fp16,bf16",
+            help="the formats a unit may take besides FP32: fp16 (default), bf16, or fp16,bf16 "
+            "(BF16 keeps FP32's range where FP16 overflows; see the README)",
+        )  # fmt: skip
+        parser.add_argument(
             "--max-units", type=int,
             help="merge consecutive units into at most this many decision variables "
             "(keeps models with hundreds of layers searchable)",
@@ -155,6 +160,7 @@ class SearchCommand(Subcommand):
     def run(self, args: argparse.Namespace) -> int:  # noqa: D102
         from amp_search.calibration import parse_shapes
         from amp_search.search import SearchConfig
+        from amp_search.types import parse_precisions
 
         model = Path(args.model)
         config = SearchConfig(
@@ -179,6 +185,7 @@ class SearchCommand(Subcommand):
             seed=args.seed,
             sampler=args.sampler,
             threshold=args.threshold,
+            precisions=tuple(p.value for p in parse_precisions(args.precisions)),
             max_units=args.max_units,
             record_metrics=tuple(args.record_metric),
             storage_retry_s=args.storage_retry,

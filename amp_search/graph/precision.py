@@ -294,6 +294,15 @@ class MixedPrecisionRewriter:
         """Whether node ``i`` may run BF16 at the model's opset (its schema's type sets)."""
         return self.bf16_params(i) is not None
 
+    def admits_bf16_unit(self, unit: str) -> bool:
+        """Whether every node of ``unit`` may run BF16 at the model's opset.
+
+        A unit with a node the opset does not type ``bfloat16`` (Conv below opset 22) is not
+        offered BF16: that node would stay FP32 behind Casts, costing more than it saves.
+        """
+        nodes = self._unit_nodes[unit]
+        return bool(nodes) and all(self.admits_bf16(self._pos[n]) for n in nodes)
+
     def bf16_params(self, i: int) -> NodeParams | None:
         """The inputs/outputs of node ``i`` that switch to BF16 (None: the opset forbids it)."""
         if i not in self._bf16_params:

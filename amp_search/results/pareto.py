@@ -69,6 +69,7 @@ class FrontPoint:
         n_fp32: Number of units kept FP32 (its fallback set's size).
         n_units: Number of units in the search.
         fp32_units: The FP32 fallback set.
+        bf16_units: The units in BF16 (the rest of the units are FP16).
         feasible: Whether it meets every constraint (finite outputs, the budget).
         metrics: Every other figure recorded (p90, other deviations, casts, build time).
         validation_deviation: Its deviation under ``metric`` on the validation data, which
@@ -85,6 +86,7 @@ class FrontPoint:
     n_fp32: int
     n_units: int
     fp32_units: list[str] = field(default_factory=list)
+    bf16_units: list[str] = field(default_factory=list)
     feasible: bool = True
     metrics: dict[str, Any] = field(default_factory=dict)
     validation_deviation: float | None = None
@@ -111,11 +113,23 @@ class FrontPoint:
         """
         units = self.fp32_units
         if not units:
-            return "none (all FP16)"
+            if not self.bf16_units:
+                return "none (all FP16)"
+            if len(self.bf16_units) >= self.n_units > 0:
+                return "none (all BF16)"
+            return "none (FP16 and BF16)"
         if len(units) >= self.n_units > 0:
             return f"all {len(units)} units (all FP32)"
-        more = len(units) - limit
-        return ", ".join(units[:limit]) + (f" +{more} more" if more > 0 else "")
+        return _names(units, limit)
+
+    def bf16_text(self, limit: int = 4) -> str:
+        """The BF16 set in short: ``""`` when no unit is BF16, ``all N units``, or names."""
+        units = self.bf16_units
+        if not units:
+            return ""
+        if len(units) >= self.n_units > 0:
+            return f"all {len(units)} units"
+        return _names(units, limit)
 
     def speedup(self, fp32_ms: float | None = None) -> tuple[float, float, float] | None:
         """Speedup over all-FP32 and its 95% interval, as (speedup, low, high).
@@ -134,11 +148,20 @@ class FrontPoint:
     @property
     def label(self) -> str:
         """A short name for plots and tables."""
-        if self.n_fp32 == 0:
+        n_bf16 = len(self.bf16_units)
+        if self.n_fp32 == 0 and not n_bf16:
             return "all FP16"
+        if n_bf16 and n_bf16 == self.n_units:
+            return "all BF16"
         if self.n_fp32 == self.n_units:
             return "all FP32"
-        return f"#{self.trial}: {self.n_fp32} FP32"
+        return f"#{self.trial}: {self.n_fp32} FP32" + (f", {n_bf16} BF16" if n_bf16 else "")
+
+
+def _names(units: list[str], limit: int) -> str:
+    """The first ``limit`` names and ``+N more``."""
+    more = len(units) - limit
+    return ", ".join(units[:limit]) + (f" +{more} more" if more > 0 else "")
 
 
 def point_from_trial(trial: optuna.trial.FrozenTrial) -> FrontPoint | None:
@@ -157,6 +180,7 @@ def point_from_trial(trial: optuna.trial.FrozenTrial) -> FrontPoint | None:
         n_fp32=int(attrs.get("n_fp32", 0)),
         n_units=int(attrs.get("n_units", 0)),
         fp32_units=list(attrs.get("fp32_units", [])),
+        bf16_units=list(attrs.get("bf16_units", [])),
         feasible=all(v <= 0 for v in constraints.values()),
         metrics=dict(attrs.get("metrics", {})),
     )
@@ -247,7 +271,7 @@ def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, An
     w.writerow(
         ["trial", "latency_ms", "latency_low_ms", "latency_high_ms", "speedup", "speedup_low",
          "speedup_high", "latency_source", "deviation", "validation_deviation", "metric",
-         "n_fp32", "n_units", "digest", "fp32_units"]
+         "n_fp32", "n_units", "digest", "fp32_units", "bf16_units"]
     )  # fmt: skip
     for p, row in zip(front, rows, strict=True):
         timing = [
@@ -258,7 +282,8 @@ def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, An
         validation = "" if p.validation_deviation is None else f"{p.validation_deviation:.6g}"
         w.writerow(
             [p.trial, f"{p.latency_ms:.6g}", *timing, p.latency_source, f"{p.deviation:.6g}",
-             validation, p.metric, p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units)]
+             validation, p.metric, p.n_fp32, p.n_units, p.digest, ";".join(p.fp32_units),
+             ";".join(p.bf16_units)]
         )  # fmt: skip
     write_bytes_atomic(store.root / "front.csv", buf.getvalue().encode())
 

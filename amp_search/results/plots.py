@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic
 from amp_search._optional import try_import
-from amp_search.keys import ALL_FP16, ALL_FP32, SEED_ATTR
+from amp_search.keys import ALL_BF16, ALL_FP16, ALL_FP32, SEED_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -101,7 +101,7 @@ def plot_data_from_study(
     on_front = {p.trial for p in front}
     labels = {p.trial: p.label for p in front}
     validation = {p.trial: p.validation_deviation for p in front}
-    seeds = {ALL_FP32: "all FP32", ALL_FP16: "all FP16"}
+    seeds = {ALL_FP32: "all FP32", ALL_FP16: "all FP16", ALL_BF16: "all BF16"}
     points: list[PlotPoint] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         p = point_from_trial(t)
@@ -214,7 +214,7 @@ def write_png(data: PlotData, path: str | os.PathLike[str]) -> Path:
     ax.scatter([p.latency_ms for p in ok], [max(p.deviation, floor) for p in ok],
                s=18, c="#b0b0b0", label="evaluated", zorder=2)  # fmt: skip
     for p in trials:  # name the all-FP32 / all-FP16 baselines wherever they land
-        if not p.on_front and p.label.startswith("all FP"):
+        if not p.on_front and p.label.startswith(("all FP", "all BF")):
             y = p.deviation if math.isfinite(p.deviation) else ceiling
             ax.annotate(f"{p.label}" + ("" if p.feasible else " (infeasible)"),
                         (p.latency_ms, max(y, floor)), textcoords="offset points",

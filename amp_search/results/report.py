@@ -53,9 +53,11 @@ class Results:
         )
         measured = any(p.latency_interval for p in self.front)
         validated = any(p.validation_deviation is not None for p in self.front)
+        bf16 = any(p.bf16_units for p in self.front)
         for col in ("trial", "latency ms (95% interval)" if measured else "latency ms",
                     "deviation", *(("validation dev.",) if validated else ()), "FP32 units",
-                    "speedup vs FP32", "candidate", "FP32 fallback set"):  # fmt: skip
+                    "speedup vs FP32", "candidate", "FP32 fallback set",
+                    *(("BF16 set",) if bf16 else ())):  # fmt: skip
             table.add_column(col, overflow="fold")
         fp32 = self.baselines.get(ALL_FP32, {}).get("latency_ms")
         fp32 = float(fp32) if fp32 is not None else None
@@ -74,12 +76,15 @@ class Results:
                 + (f" [{speed[1]:.2f}, {speed[2]:.2f}]" if speed[1] != speed[2] else ""),
                 f"candidates/{p.digest}",
                 p.fallback_text(),
+                *((p.bf16_text() or "-",) if bf16 else ()),
             )
         console.print(table)
         console.print(
             f"latency: {m.get('latency_source')}; deviation: {m.get('metric')} vs strict FP32"
             + (f"; budget {m['max_deviation']:g}" if m.get("max_deviation") else "")
         )
+        if bf16:
+            console.print("units in neither set run FP16; the BF16 set runs BF16")
         if validated:
             console.print(
                 f"validation dev.: the same metric on {validation_label(m)}, never searched "

@@ -91,13 +91,16 @@ class ResultsStore:
             self.write_json(self.run_file, identity)
             return
         keys = ("model_digest", "backend", "device", "options", "data_digest",
-                "validation_digest", "latency_source", "units")  # fmt: skip
-        diff = [k for k in keys if existing.get(k) != identity.get(k)]
+                "validation_digest", "latency_source", "units", "precisions")  # fmt: skip
+        # What a run.json written before a key existed meant by its absence.
+        absent = {"precisions": ["fp16"]}
+        diff = [k for k in keys
+                if existing.get(k, absent.get(k)) != identity.get(k, absent.get(k))]  # fmt: skip
         if diff:
             raise UserInputError(
                 f"{self.root} holds a search with a different {', '.join(diff)}. Use another "
-                "--out folder (or delete this one) for a different model, data, validation data "
-                "or backend."
+                "--out folder (or delete this one) for a different model, data, validation data, "
+                "backend or --precisions."
             )
 
     def cached_metrics(self, digest: str) -> dict[str, Any] | None:

@@ -202,7 +202,7 @@ class _TrialLoop:
         except (CandidateBuildError, CandidateRunError) as exc:
             trial.set_user_attr(ERROR_ATTR, str(exc)[:1000])
             raise
-        _record(trial, ev, self.metric, self.n_units)
+        _record(trial, ev, self.metric, self.n_units, sorted(assignment.bf16_units))
         trial.set_constraint("finite_outputs", 0.0 if ev.finite else 1.0)
         if self.config.max_deviation is not None:
             dev = ev.deviation if ev.deviation != float("inf") else 1e300
@@ -396,12 +396,20 @@ class _quiet_heartbeat_errors:  # noqa: N801 - used as a context manager
         threading.excepthook = self._previous
 
 
-def _record(trial: Any, ev: Evaluation, metric: str, n_units: int) -> None:
-    """Stores the trial's figures as ONE user attribute (one storage write, not eight)."""
+def _record(
+    trial: Any, ev: Evaluation, metric: str, n_units: int, bf16_units: list[str]
+) -> None:
+    """Stores the trial's figures as ONE user attribute (one storage write, not eight).
+
+    ``bf16_units`` (the units in BF16) are recorded only when there are any: records of
+    FP32/FP16 searches stay as they were.
+    """
     deviations = {k: (v if v != float("inf") else "inf") for k, v in ev.deviations.items()}
+    bf16 = {"bf16_units": bf16_units} if bf16_units else {}
     trial.set_user_attr(
         RECORD_ATTR,
         {
+            **bf16,
             "digest": ev.digest,
             "latency_source": ev.latency.source,
             "metric": metric,

@@ -40,6 +40,8 @@ class SearchConfig:
     seed: int | None = 0
     sampler: str = DEFAULT_SAMPLER
     threshold: float = 10000.0
+    #: The formats a unit may take besides FP32 (``--precisions``): ``fp16``, ``bf16``.
+    precisions: tuple[str, ...] = ("fp16",)
     #: Measured latency: stop timing a candidate once its 95% interval is within +-this.
     timing_target: float = 0.02
     #: Measured latency: seconds of timing per candidate at most.
@@ -80,5 +82,6 @@ class SearchConfig:
             if kw.get(k) is not None:
                 kw[k] = Path(kw[k])
         kw["record_metrics"] = tuple(kw.get("record_metrics") or ())
+        kw["precisions"] = tuple(kw.get("precisions") or ("fp16",))
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)

@@ -7,7 +7,7 @@ largest expected improvement of the hypervolume of the (latency, log10 deviation
   the roofline estimator, so every candidate's latency is known before it is built; without a
   latency model in the guide (measured latency), a model of the same form fitted on the trials;
 - log10 deviation from a Gaussian process over the assignments fitted on the trials, its mean
-  following the profile's per-unit FP16 errors;
+  following the profile's per-unit FP16 (and BF16) errors;
 - the improvement's expectation in closed form
   (:func:`amp_search.search._guided.acquisition.expected_hvi`).
 
@@ -17,6 +17,11 @@ as it was, every :data:`STALL_EVERY`-th proposal is TPE's instead (the study's o
 prior): on a real model the prior and the latency model can both misjudge the assignments
 that keep a few scattered units FP32, where rounding errors cancel, and the pool around the
 front never reaches them; a TPE proposal that moves the front ends the stall.
+
+With BF16 among the precisions (``--precisions fp16,bf16``) each unit has three choices (two
+for a unit that admits one low precision only); the models see "runs low precision" and
+"runs BF16" per unit, and the candidates are every assignment up to
+:data:`~amp_search.search._guided.candidates.ENUMERATE_MAX_ROWS`, else the pool.
 
 Deviation budgets (``--max-deviation``) move the reference point to the budget; non-finite
 outputs train the process as worse than anything finite. A study without a guide (made
@@ -40,7 +45,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from amp_search.search._guided.candidates import ENUMERATE_MAX_UNITS, row_key
-from amp_search.search._guided.guide import load_guide
+from amp_search.search._guided.guide import allowed_codes, load_guide
 from amp_search.search._guided.proposal import Observations, next_row
 from amp_search.search.sampler import make_tpe
 from amp_search.search.space import CHOICES
@@ -96,7 +101,10 @@ class GuidedSampler(optuna.samplers.BaseSampler):
         guide = load_guide(study)
         if guide is None:
             return dict(self._fallback.infer_relative_search_space(study, trial))
-        return {u: CategoricalDistribution(CHOICES) for u in guide["units"]}
+        return {
+            u: CategoricalDistribution(tuple(CHOICES[c] for c in codes))
+            for u, codes in zip(guide["units"], allowed_codes(guide), strict=True)
+        }
 
     def sample_relative(
         self,
@@ -175,7 +183,7 @@ def propose(
     number: int,
     rng: np.random.Generator,
 ) -> np.ndarray | None:
-    """The next assignment (a 0/1 row over ``guide["units"]``, 1 = FP16), or None.
+    """The next assignment (a row of codes over ``guide["units"]``: 1 FP16, 2 BF16), or None.
 
     Before two trials have a finite nonzero deviation the profile's proxy stands in for the
     process; None without one (and when every candidate is taken). The numerics are
@@ -209,7 +217,7 @@ def trials_since_front_moved(trials: Sequence[FrozenTrial]) -> int:
 
 
 def observe(units: list[str], trials: Sequence[FrozenTrial], number: int) -> Observations:
-    """The trials (all but trial ``number``) as arrays over ``units`` (1 = FP16)."""
+    """The trials (all but trial ``number``) as arrays over ``units`` (1 = FP16, 2 = BF16)."""
     n = len(units)
     index = {u: i for i, u in enumerate(units)}
     code = {c: k for k, c in enumerate(CHOICES)}

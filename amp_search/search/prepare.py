@@ -20,7 +20,8 @@ refine, inspect and the benchmarks prepare a model as the search does):
 6. :func:`profile_units`: one FP32 reference run (reference outputs, tensor ranges, each unit's
    FP16 deviation); declared shapes that the run contradicts are relaxed or dropped;
 7. :func:`assess`: the risk of each unit (those that cannot run FP16 are locked FP32), written
-   as ``inspect.json``; the search space;
+   as ``inspect.json``; :func:`make_space`: the search space (``--precisions``: BF16 offered
+   to the units whose ops the opset types ``bfloat16``);
 8. :func:`make_estimator`: the roofline latency estimator (estimated latency);
 9. :func:`resident_reference`: the all-FP32 model on the target, open for the whole search
    (measured latency, or any device but the CPU);
@@ -64,6 +65,7 @@ from amp_search.search.space import SearchSpace
 from amp_search.search.target import Fitted, fit_to_target
 from amp_search.search.validation import ValidationSet, prepare_validation, run_identity
 from amp_search.timing import TimingPlan, nvml_clock
+from amp_search.types import Precision, parse_precisions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,6 +88,7 @@ __all__ = [
     "fit_backend",
     "load_units",
     "make_estimator",
+    "make_space",
     "open_backend",
     "prepare",
     "profile_units",
@@ -189,8 +192,7 @@ def prepare(
     prof, rewriter, stale = profile_units(model, units, data, fitted, stage)
     risks, left_out, everything_left_out = assess(config, model, units, data, prof, fitted,
                                                   store, t0)  # fmt: skip
-    locked = [r.unit.name for r in risks if r.locked_fp32]
-    space = SearchSpace([u.name for u in units], locked=locked)
+    space, bf16_note = make_space(config.precisions, units, risks, rewriter)
     estimator = None
     if latency_source == "estimated":
         estimator = make_estimator(model, data.first(), prof, config.target)
@@ -209,6 +211,8 @@ def prepare(
         settings, extra_metrics=extra, estimator=estimator, resident=reference,
     )  # fmt: skip
     notes = search_notes(fitted, left_out, stale, build_config, latency_source)
+    if bf16_note:
+        notes.append(bf16_note)
     return Prepared(
         store=store, backend=backend, build_config=build_config, identity=identity,
         latency_source=latency_source, label=label, metric=metric, model=model, units=units,
@@ -223,6 +227,7 @@ def check_flags(config: SearchConfig) -> None:
     if config.n_trials is not None and config.n_trials < 1:
         raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
     check_max_deviation(config.max_deviation)
+    parse_precisions(",".join(config.precisions))
     if not 0 < config.timing_target < 1 or not config.timing_max_s > 0:
         raise UserInputError(
             f"--timing-target must be in (0, 1) and --timing-max-s positive; got "
@@ -326,6 +331,7 @@ def describe_run(
         "max_units": config.max_units,
         "pinned_fp32": fitted.pinned,
         "opset_upgraded_from": fitted.upgraded_from,
+        "precisions": list(config.precisions),
         **run_identity(data, validation),
     }
 
@@ -395,6 +401,45 @@ def assess(
         not_searched=everything,
     ).write_json(store.root / "inspect.json")  # fmt: skip
     return risks, left_out, everything
+
+
+def make_space(
+    precisions: tuple[str, ...],
+    units: list[Unit],
+    risks: list[UnitRisk],
+    rewriter: MixedPrecisionRewriter,
+) -> tuple[SearchSpace, str | None]:
+    """The search space for ``--precisions``, and a note on the units BF16 is withheld from.
+
+    Units whose weights overflow FP16 are locked FP32 in an FP16 search; with BF16 they may
+    still take BF16. A unit is offered BF16 when the model's opset types every one of its
+    nodes ``bfloat16`` (:meth:`~amp_search.graph.MixedPrecisionRewriter.admits_bf16_unit`).
+
+    Raises:
+        UserInputError: BF16 alone was asked for and no unit admits it.
+    """
+    wanted = parse_precisions(",".join(precisions))
+    names = [u.name for u in units]
+    locked = [r.unit.name for r in risks if r.locked_fp32]
+    if Precision.BF16 not in wanted:
+        return SearchSpace(names, locked=locked), None
+    bf16 = [u for u in names if rewriter.admits_bf16_unit(u)]
+    space = SearchSpace(names, precisions=wanted, no_fp16=locked, bf16_units=bf16)
+    opset = next((o.version for o in rewriter.model.opset_import if o.domain in ("", "ai.onnx")),
+                 None)  # fmt: skip
+    if not space.three_way and Precision.FP16 not in wanted:
+        raise UserInputError(
+            f"--precisions bf16: no unit admits BF16 at opset {opset} (ONNX types Cast bfloat16 "
+            "from opset 13, Conv from 22); search with --precisions fp16, or export the model "
+            "at a newer opset."
+        )
+    withheld = len(names) - len(bf16)
+    if not withheld:
+        return space, None
+    return space, (
+        f"BF16 withheld from {withheld} of {len(names)} units: opset {opset} does not type "
+        "bfloat16 for some of their ops (e.g. Conv below opset 22); they choose FP32 or FP16."
+    )
 
 
 def make_estimator(

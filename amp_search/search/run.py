@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amp_search.errors import UserInputError
 from amp_search.keys import CONFIG_ATTR, REFERENCE_ATTR
 from amp_search.results.outputs import write_outputs
 from amp_search.results.pareto import FrontPoint, compute_front
@@ -134,6 +135,7 @@ def _open_study(
     study, created = open_or_create_study(
         storage, study_name, seed=config.seed, sampler=config.sampler, must_exist=config.join
     )
+    _check_precisions(study, config, created, study_name)
     recover_dead_trials(study, alone=held.enter_context(WorkerLock(storage)).alone)
     reference = prepared.reference
     if reference is not None:
@@ -155,6 +157,18 @@ def _open_study(
             limit=config.n_trials, resume=not created,
         )  # fmt: skip
     return study, storage, study_name
+
+
+def _check_precisions(study: Any, config: SearchConfig, created: bool, name: str) -> None:
+    """Refuses to resume a study searched with other ``--precisions`` (other choices)."""
+    if created:
+        return
+    saved = list((study.user_attrs.get(CONFIG_ATTR) or {}).get("precisions") or ["fp16"])
+    if saved != list(config.precisions):
+        raise UserInputError(
+            f"Study {name!r} was searched with --precisions {','.join(saved)}, not "
+            f"{','.join(config.precisions)}: pass --study with a new name (and another --out)."
+        )
 
 
 def _finish(

@@ -14,6 +14,10 @@ Seeds are all FP32 and all FP16, the two ends of every front, then either
 With the sweep, units the report marks critical (inf/NaN or overflow in FP16) stay FP32 in
 every seed but all-FP16, and an extra "all-fp16-safe" seed is all FP16 but them.
 
+With BF16 among the precisions, two more follow all-FP16: "all-bf16" (every unit that admits
+BF16 in BF16, the rest FP32) and "fp16-bf16-rescue" (all FP16, with every unit FP16 breaks, the
+critical ones and those whose weights overflow FP16, in BF16 instead of FP32).
+
 The guide (:mod:`amp_search.search._guided.guide`) is what the guided sampler knows before
 any trial; it is stored in the study with the seeds. Both are set once per study (a study user
 attribute records it), so several workers never enqueue them twice.
@@ -30,8 +34,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from amp_search.keys import (
+    ALL_BF16,
     ALL_FP16,
     ALL_FP32,
+    BF16_RESCUE,
     GUIDE_ATTR,
     SEED_ATTR,
     SEED_PARAMS_ATTR,
@@ -60,6 +66,7 @@ def seed_params(
     *,
     prefixes: Sequence[int] | None = None,
     critical: Iterable[str] = (),
+    breaks: Iterable[str] | None = None,
 ) -> list[tuple[str, dict[str, str]]]:
     """(label, params) of every seed, without duplicates.
 
@@ -68,6 +75,7 @@ def seed_params(
         risk_order: Unit names, riskiest first.
         prefixes: Seed the prefix sweep with these k instead of the risk ladder.
         critical: Units kept FP32 in every seed but all-FP16.
+        breaks: Units FP16 breaks, BF16 in the rescue seed (None: ``critical``).
     """
     free = space.free
     keep = {u for u in critical if u in set(free)}
@@ -76,6 +84,12 @@ def seed_params(
         (ALL_FP32, space.params([])),
         (ALL_FP16, space.params(free)),
     ]
+    if space.three_way:
+        no_fp16 = {u for u in free if "fp16" not in space.choices(u)}
+        rescue = no_fp16 | {u for u in (keep if breaks is None else breaks) if u in set(free)}
+        seeds.append((ALL_BF16, space.params([], bf16=free)))
+        if rescue:
+            seeds.append((BF16_RESCUE, space.params(free, bf16=rescue)))
     if keep:
         seeds.append(("all-fp16-safe", space.params([u for u in free if u not in keep])))
     if prefixes is not None:
@@ -131,13 +145,13 @@ def enqueue_seeds(
     from amp_search.search.guided import GuidedSampler
 
     done = int(seeded or 0)
+    critical = [r.unit.name for r in risks or () if r.level >= RiskLevel.CRITICAL]
     if risks is not None and isinstance(study.sampler, GuidedSampler):
         if not done:  # the guide comes with the first seeds
             study.set_user_attr(GUIDE_ATTR, build_guide(space, risks, estimate))
-        critical = [r.unit.name for r in risks if r.level >= RiskLevel.CRITICAL]
         seeds = seed_params(space, risk_order, prefixes=PREFIXES, critical=critical)
     else:
-        seeds = seed_params(space, risk_order)
+        seeds = seed_params(space, risk_order, breaks=critical)
     end = len(seeds) if limit is None else min(len(seeds), limit)
     if end <= done:
         return 0

@@ -1,8 +1,8 @@
 """The numerics of the guided sampler, apart from Optuna (as Optuna's ``_gp`` package is).
 
 :class:`~amp_search.search.guided.GuidedSampler` only translates trials to arrays and a row
-back to parameters; everything here works on assignments as 0/1 rows (1 = the unit runs
-FP16), with numpy only:
+back to parameters; everything here works on assignments as rows of codes (0 FP32, 1 FP16,
+2 BF16: 0/1 rows unless the search offers BF16), with numpy only:
 
 - :mod:`.guide`: what the sampler knows before any trial, kept in the study (units, edges,
   the latency model's coefficients, each unit's own FP16 error);

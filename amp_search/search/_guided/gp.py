@@ -1,9 +1,10 @@
 """The guided sampler's deviation model: a Gaussian process over assignments.
 
-:class:`DeviationGP` models log10(deviation) over 0/1 rows (1 = FP16) with an exponential
-Hamming kernel and a linear mean in a prior feature (:func:`prior_feature`: the profile's
-per-unit FP16 error, combined as a root sum of squares over the FP16 units); its
-hyperparameters come from the marginal likelihood over a small grid. numpy only.
+:class:`DeviationGP` models log10(deviation) over 0/1 rows (1 = FP16; with BF16, the rows'
+:func:`~.candidates.binary_features`) with an exponential Hamming kernel and a linear mean in
+a prior feature (:func:`prior_feature`: the profile's per-unit FP16 and BF16 errors, combined
+as a root sum of squares over the low-precision units); its hyperparameters come from the
+marginal likelihood over a small grid. numpy only.
 """
 
 from __future__ import annotations
@@ -25,10 +26,24 @@ NOISES = (1e-3, 1e-2, 1e-1)
 MIN_VARIANCE = 0.3
 
 
-def prior_feature(rows: np.ndarray, unit_error: Sequence[float]) -> np.ndarray:
-    """log10 of the root sum of squares of the FP16 units' own errors (a deviation proxy)."""
+def prior_feature(
+    rows: np.ndarray,
+    unit_error: Sequence[float],
+    unit_error_bf16: Sequence[float] | None = None,
+) -> np.ndarray:
+    """log10 of the root sum of squares of the low-precision units' own errors (a proxy).
+
+    Rows are 0/1 (1 = FP16) or, with ``unit_error_bf16``, codes (1 = FP16, 2 = BF16): a BF16
+    unit contributes its own BF16 error.
+    """
     w = np.asarray(unit_error, dtype=np.float64) ** 2
-    rss = np.sqrt(np.asarray(rows, dtype=np.float64) @ w)
+    if unit_error_bf16 is None:
+        rss = np.sqrt(np.asarray(rows, dtype=np.float64) @ w)
+    else:
+        wb = np.asarray(unit_error_bf16, dtype=np.float64) ** 2
+        r = np.asarray(rows, dtype=np.uint8)
+        rss = np.sqrt((r == 1).astype(np.float64) @ w + (r == 2).astype(np.float64) @ wb)
+        w = np.maximum(w, wb)
     floor = max(float(np.sqrt(w.max())) * 1e-6, 1e-30) if w.size else 1e-30
     return np.asarray(np.log10(rss + floor))
 

@@ -12,6 +12,17 @@ Built once, by the process that creates and seeds the study, from what the searc
   the error of its inputs, ``sqrt(max(0, d_unit**2 - max(d_feeder)**2))``. None without that
   pass.
 
+With BF16 among the precisions (``--precisions fp16,bf16``) the guide also has
+
+- ``choices``: each unit's choices (:meth:`~amp_search.search.space.SearchSpace.choices`;
+  absent: FP32 and FP16 for every unit, as every guide before BF16);
+- ``unit_error_bf16``: each unit's own BF16 error, as ``unit_error`` from the profile's
+  all-BF16 pass where it ran, else a proxy: :data:`BF16_ERROR_RATIO` times the unit's own FP16
+  error (BF16 keeps 7 mantissa bits to FP16's 10: rounding errors 8 times as large), and
+  where FP16 overflows (no finite FP16 error) that ratio times the median finite one (BF16 has
+  FP32's range);
+- a three-way latency model (:class:`~.latency.LatencySurrogate` with ``three_way``).
+
 It is a study user attribute (:data:`GUIDE_ATTR`, plain JSON), so every worker that joins the
 study and every resumed run samples with the same guide, and a study made before guides
 existed simply has none (the guided sampler then falls back to TPE).
@@ -29,7 +40,9 @@ import numpy as np
 
 from amp_search.errors import AmpSearchError
 from amp_search.keys import GUIDE_ATTR
+from amp_search.search._guided.candidates import is_ternary
 from amp_search.search._guided.latency import LatencySurrogate
+from amp_search.search.space import CHOICES
 
 if TYPE_CHECKING:
     import optuna
@@ -38,7 +51,14 @@ if TYPE_CHECKING:
     from amp_search.search.space import SearchSpace
     from amp_search.types import PrecisionAssignment
 
-__all__ = ["GUIDE_VERSION", "build_guide", "load_guide", "own_errors"]
+__all__ = [
+    "BF16_ERROR_RATIO",
+    "GUIDE_VERSION",
+    "allowed_codes",
+    "build_guide",
+    "load_guide",
+    "own_errors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +67,21 @@ GUIDE_VERSION = 1
 MAX_ESTIMATES = 1000
 #: A unit whose FP16 output is non-finite gets this own error (relative L2 of a broken unit).
 NONFINITE_ERROR = 1.0
+#: A unit's own BF16 error over its own FP16 error, without a BF16 pass (2**(10 - 7)).
+BF16_ERROR_RATIO = 8.0
+#: The two choices of every unit of a guide without ``choices``.
+_DEFAULT_CHOICES = ("fp32", "fp16")
 
 
-def own_errors(risks: Sequence[UnitRisk], units: Sequence[str]) -> list[float] | None:
-    """Each unit's own FP16 error (see the module docstring), or None without deviations."""
-    measured = {r.unit.name: r.deviation for r in risks if r.deviation is not None}
+def own_errors(
+    risks: Sequence[UnitRisk], units: Sequence[str], attr: str = "deviation"
+) -> list[float] | None:
+    """Each unit's own FP16 error (see the module docstring), or None without deviations.
+
+    ``attr``: the risk's deviation to read (``"bf16_deviation"``: the all-BF16 pass's).
+    """
+    measured = {r.unit.name: getattr(r, attr, None) for r in risks}
+    measured = {k: v for k, v in measured.items() if v is not None}
     if not measured:
         return None
 
@@ -105,9 +135,40 @@ def build_guide(
         "unit_error": own_errors(risks, units),
         "latency": None,
     }
+    choices = [list(space.choices(u)) for u in units]
+    if any(tuple(c) != _DEFAULT_CHOICES for c in choices):
+        guide["choices"] = choices
+    if space.three_way:
+        guide["unit_error_bf16"] = _bf16_errors(risks, units, guide["unit_error"])
     if estimate is not None and units:
-        guide["latency"] = _latency_model(space, units, edges, estimate)
+        guide["latency"] = _latency_model(space, units, edges, estimate, allowed_codes(guide))
     return guide
+
+
+def allowed_codes(guide: dict[str, Any]) -> list[tuple[int, ...]]:
+    """Each unit's codes (indices in :data:`~amp_search.search.space.CHOICES`)."""
+    choices = guide.get("choices") or [_DEFAULT_CHOICES] * len(guide["units"])
+    return [tuple(CHOICES.index(c) for c in unit) for unit in choices]
+
+
+def _bf16_errors(
+    risks: Sequence[UnitRisk], units: list[str], fp16: list[float] | None
+) -> list[float] | None:
+    """Each unit's own BF16 error: measured where the all-BF16 pass ran, else the proxy."""
+    measured = own_errors(risks, units, "bf16_deviation")
+    if measured is not None:
+        return measured
+    if fp16 is None:
+        return None
+    overflow = {
+        r.unit.name for r in risks
+        if r.deviation is not None and (r.deviation.nonfinite or not math.isfinite(
+            r.deviation.rel_l2))
+    }  # fmt: skip
+    finite = [e for u, e in zip(units, fp16, strict=True) if u not in overflow]
+    typical = float(np.median(finite)) if finite else 0.0
+    return [BF16_ERROR_RATIO * (typical if u in overflow else e)
+            for u, e in zip(units, fp16, strict=True)]  # fmt: skip
 
 
 def _latency_model(
@@ -115,20 +176,20 @@ def _latency_model(
     units: list[str],
     edges: list[tuple[int, int]],
     estimate: Callable[[PrecisionAssignment], float],
+    allowed: list[tuple[int, ...]],
 ) -> dict[str, Any] | None:
     """The latency model's coefficients from the estimator's prices of its design rows."""
     t0 = time.perf_counter()
-    model = LatencySurrogate(len(units), edges)
-    rows = model.design()
+    three_way = is_ternary(allowed)
+    model = LatencySurrogate(len(units), edges, three_way=three_way)
+    rows = model.design(allowed if three_way else None)
     if len(rows) > MAX_ESTIMATES:
         logger.info("Guide: no latency model (%d estimates needed, limit %d)", len(rows),
                     MAX_ESTIMATES)  # fmt: skip
         return None
     try:
-        prices = np.array(
-            [estimate(space.assignment(space.params(
-                [u for u, b in zip(units, r, strict=True) if b]))) for r in rows]
-        )  # fmt: skip
+        prices = np.array([estimate(space.assignment(
+            {u: CHOICES[int(c)] for u, c in zip(units, r, strict=True)})) for r in rows])
     except (ValueError, AmpSearchError) as exc:
         logger.warning("Guide: no latency model, the estimator failed: %s", exc)
         return None

@@ -1,7 +1,8 @@
 """The guided sampler's proposal: the next assignment, from the trials as arrays.
 
-:func:`next_row` takes the study's trials as :class:`Observations` (0/1 rows over the free
-units, 1 = FP16, with their latency, deviation and feasibility) and the guide, and returns
+:func:`next_row` takes the study's trials as :class:`Observations` (rows of codes over the free
+units, 1 = FP16, 2 = BF16, with their latency, deviation and feasibility) and the guide, and
+returns
 the unevaluated row of largest expected hypervolume improvement of the (latency, log10
 deviation) front. Its steps:
 
@@ -32,8 +33,9 @@ import numpy as np
 
 from amp_search.results.pareto import front_order
 from amp_search.search._guided.acquisition import expected_hvi, nondominated
-from amp_search.search._guided.candidates import candidates
+from amp_search.search._guided.candidates import binary_features, candidates, is_ternary
 from amp_search.search._guided.gp import DeviationGP, prior_feature
+from amp_search.search._guided.guide import allowed_codes
 from amp_search.search._guided.latency import LatencySurrogate
 
 __all__ = [
@@ -86,23 +88,27 @@ class Observations:
 def next_row(
     obs: Observations, guide: dict[str, Any], rng: np.random.Generator
 ) -> np.ndarray | None:
-    """The next assignment (a 0/1 row over ``guide["units"]``), or None (see the docstring).
+    """The next assignment (a row of codes over ``guide["units"]``), or None (see the docstring).
 
     None also when every candidate is taken.
     """
     n = len(guide["units"])
+    allowed = allowed_codes(guide)
+    three_way = is_ternary(allowed)
     devs, rows, lats = obs.deviation, obs.rows, obs.latency
     finite = np.isfinite(devs)
     good = finite & (devs > 0)
     logdev = np.log10(np.where(good, devs, 1.0))
-    predict = deviation_predictor(rows, logdev, good, finite, guide.get("unit_error"))
+    errors = (guide.get("unit_error"), guide.get("unit_error_bf16") if three_way else None)
+    predict = deviation_predictor(rows, logdev, good, finite, *errors, three_way=three_way)
     if predict is None:
         return None
     edges = [(int(a), int(b)) for a, b in guide.get("edges", [])]
-    model = latency_predictor(n, edges, guide.get("latency"), rows, lats)
+    model = latency_predictor(n, edges, guide.get("latency"), rows, lats, three_way=three_way)
     ok = obs.feasible & finite
     pts_x, pts_y, exact = front_points(obs, model, predict, lats, logdev, ok)
-    cand = candidates(n, _front_rows(rows[ok], lats[ok], devs[ok]), edges, rng, obs.taken)
+    cand = candidates(n, _front_rows(rows[ok], lats[ok], devs[ok]), edges, rng, obs.taken,
+                      allowed=allowed)  # fmt: skip
     if not len(cand):
         return None
     return best_candidate(cand, model, predict, obs, lats, logdev, good, pts_x, pts_y, exact,
@@ -115,32 +121,41 @@ def deviation_predictor(
     good: np.ndarray,
     finite: np.ndarray,
     unit_error: list[float] | None,
+    unit_error_bf16: list[float] | None = None,
+    *,
+    three_way: bool = False,
 ) -> Predictor | None:
-    """Mean and spread of log10 deviation at rows: the GP, the profile's proxy, or None."""
+    """Mean and spread of log10 deviation at rows: the GP, the profile's proxy, or None.
+
+    ``three_way``: rows hold BF16 codes; the GP sees their
+    :func:`~.candidates.binary_features`, and BF16 units add ``unit_error_bf16`` to the proxy.
+    """
 
     def prior(r: np.ndarray) -> np.ndarray | None:
-        return None if unit_error is None else prior_feature(r, unit_error)
+        return None if unit_error is None else prior_feature(r, unit_error, unit_error_bf16)
+
+    def feats(r: np.ndarray) -> np.ndarray:
+        return binary_features(r) if three_way else r
 
     predict: Predictor
     if int(good.sum()) >= 2:
         # Non-finite outputs train the process as worse than anything finite.
         train = good | ~finite
         y = np.where(good, logdev, float(logdev[good].max()) + 1.0)[train]
-        gp = DeviationGP(rows[train], y, prior(rows[train]))
+        gp = DeviationGP(feats(rows[train]), y, prior(rows[train]))
 
         def predict(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return gp.predict(r, prior(r))
+            return gp.predict(feats(r), prior(r))
 
     elif unit_error is not None:
         # Too little to fit: the profile's proxy alone, offset to what was measured.
-        offset = (
-            float(np.mean(logdev[good] - prior_feature(rows[good], unit_error)))
-            if good.any()
-            else 0.0
-        )
+        base = prior(rows[good])
+        offset = float(np.mean(logdev[good] - base)) if base is not None and good.any() else 0.0
 
         def predict(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return prior_feature(r, unit_error) + offset, np.full(len(r), PRIOR_SD)
+            p = prior(r)
+            assert p is not None
+            return p + offset, np.full(len(r), PRIOR_SD)
 
     else:
         return None
@@ -153,9 +168,12 @@ def latency_predictor(
     latency: dict[str, Any] | None,
     rows: np.ndarray,
     lats: np.ndarray,
+    *,
+    three_way: bool = False,
 ) -> LatencySurrogate:
     """The guide's latency model (``latency``), or one fitted on the trials without it."""
-    model = LatencySurrogate(n, edges, None if latency is None else latency["coef"])
+    model = LatencySurrogate(n, edges, None if latency is None else latency["coef"],
+                             three_way=three_way)  # fmt: skip
     if latency is None:
         model.fit(rows, lats)
     return model
