@@ -9,11 +9,14 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from amp_search.errors import UserInputError
+
 __all__ = [
     "LatencyStats",
     "Precision",
     "PrecisionAssignment",
     "TensorRanges",
+    "parse_precisions",
 ]
 
 
@@ -26,6 +29,28 @@ class Precision(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: The low precisions a unit may take instead of FP32, in their canonical order.
+_LOW_PRECISIONS: tuple[Precision, ...] = (Precision.FP16, Precision.BF16)
+
+
+def parse_precisions(text: str) -> tuple[Precision, ...]:
+    """The low precisions of a ``--precisions`` value, in canonical (FP16, BF16) order.
+
+    Accepts ``fp16``, ``bf16`` and ``fp16,bf16`` in either order (case and spaces around the
+    names do not matter); anything else, an empty or repeated name included, is refused.
+
+    Raises:
+        UserInputError: ``text`` names anything but FP16 and BF16, each at most once.
+    """
+    names = [part.strip().lower() for part in text.split(",")]
+    valid = {p.value for p in _LOW_PRECISIONS}
+    if len(set(names)) != len(names) or not set(names) <= valid:
+        raise UserInputError(
+            f"--precisions must be fp16, bf16 or fp16,bf16 (either order), got {text!r}."
+        )
+    return tuple(p for p in _LOW_PRECISIONS if p.value in names)
 
 
 @dataclass(frozen=True)
