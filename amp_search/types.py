@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from amp_search.errors import UserInputError
+
 __all__ = [
     "LOW_PRECISIONS",
     "LatencyStats",
@@ -30,25 +32,24 @@ class Precision(str, Enum):
         return self.value
 
 
-#: The low precisions a unit may take besides FP32 (``--precisions``), in canonical order.
-LOW_PRECISIONS = (Precision.FP16, Precision.BF16)
+#: The low precisions a unit may take instead of FP32, in their canonical order.
+LOW_PRECISIONS: tuple[Precision, ...] = (Precision.FP16, Precision.BF16)
 
 
 def parse_precisions(text: str) -> tuple[Precision, ...]:
-    """``--precisions``: ``fp16``, ``bf16`` or ``fp16,bf16`` (any order) in canonical order.
+    """The low precisions of a ``--precisions`` value, in canonical (FP16, BF16) order.
+
+    Accepts ``fp16``, ``bf16`` and ``fp16,bf16`` in either order (case and spaces around the
+    names do not matter); anything else, an empty or repeated name included, is refused.
 
     Raises:
-        UserInputError: Anything else (one line naming the valid values).
+        UserInputError: ``text`` names anything but FP16 and BF16, each at most once.
     """
-    from amp_search.errors import UserInputError
-
-    names = [t.strip().lower() for t in str(text).split(",") if t.strip()]
-    valid = {p.value: p for p in LOW_PRECISIONS}
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
+    names = [part.strip().lower() for part in text.split(",")]
+    valid = {p.value for p in LOW_PRECISIONS}
+    if len(set(names)) != len(names) or not set(names) <= valid:
         raise UserInputError(
-            f"--precisions takes fp16, bf16 or fp16,bf16 (the formats a unit may take besides "
-            f"FP32), got {text!r}."
+            f"--precisions must be fp16, bf16 or fp16,bf16 (either order), got {text!r}."
         )
     return tuple(p for p in LOW_PRECISIONS if p.value in names)
 

@@ -1,4 +1,4 @@
-"""``amp-search inspect``: the per-unit FP16 risk report."""
+"""``amp-search inspect``: the per-unit FP16 (and BF16) risk report."""
 
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ class InspectCommand(Subcommand):
     One FP32 pass over the calibration data with every tensor exposed (max |x|, FP16
     subnormal / flush-to-zero fractions, overflow, NaN/Inf), then one pass of the all-FP16
     model comparing each unit's outputs with FP32 (relative L2, fraction more than 10% off).
-    Units are listed riskiest first. Batches run one at a time, so memory stays bounded by
-    one batch's activations.
+    With --precisions fp16,bf16 an all-BF16 pass too: each unit's BF16 deviation beside the
+    FP16 one ("withheld" where the model's opset has no bfloat16 for its ops), and the units
+    where BF16 stays finite while FP16 overflows are named. Units are listed riskiest first.
+    Batches run one at a time, so memory stays bounded by one batch's activations.
     """
 
     name = "inspect"
@@ -64,6 +66,13 @@ class InspectCommand(Subcommand):
             help="profile again even where an earlier run on the same model and data is cached",
         )
         parser.add_argument(
+            "--precisions",
+            default="fp16",
+            metavar="fp16[,bf16]",
+            help="low precisions to measure, each by an all-low pass: fp16 (default), bf16 or "
+            "fp16,bf16 (BF16 deviation column, and the units where BF16 rescues FP16)",
+        )
+        parser.add_argument(
             "--no-fp16-pass",
             action="store_true",
             help="skip the all-FP16 pass (ranges only; faster)",
@@ -73,7 +82,9 @@ class InspectCommand(Subcommand):
         from amp_search._atomic import check_writable
         from amp_search.calibration import parse_shapes
         from amp_search.profiling.inspection import inspect_model
+        from amp_search.types import parse_precisions
 
+        precisions = parse_precisions(args.precisions)
         if args.json:
             check_writable(args.json)  # before the profile, not after it
         with stage_progress() as progress:
@@ -87,6 +98,7 @@ class InspectCommand(Subcommand):
                 threads=args.threads,
                 progress=progress,
                 cache=not args.no_cache,
+                precisions=precisions,
             )
         report.render(console(), top=args.top)
         if report.extra.get("cached_profile"):

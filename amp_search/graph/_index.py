@@ -139,6 +139,19 @@ class GraphIndex:
         params = self.params(i)
         return _bf16_params(node.op_type, node.domain, self.opset, params)
 
+    def bf16_opset(self, i: int) -> int | None:
+        """The lowest opset, from the model's own on, at which node ``i`` would admit BF16.
+
+        What a user must upgrade the model to for BF16 here (the rewrite never upgrades it);
+        None where no opset this onnx knows admits it (ONNX Runtime's fused ops).
+        """
+        node = self.model.graph.node[i]
+        params = self.params(i)
+        for opset in range(max(self.opset, 13), onnx.defs.onnx_opset_version() + 1):
+            if _bf16_params(node.op_type, node.domain, opset, params) is not None:
+                return opset
+        return None
+
 
 @functools.lru_cache(maxsize=4096)
 def _bf16_params(op_type: str, domain: str, opset: int, params: NodeParams) -> NodeParams | None:

@@ -1,7 +1,10 @@
 """The FP16 risk report (``amp-search inspect``): pipeline, JSON form and table.
 
 :func:`inspect_model` runs load -> sanitize -> units -> calibration -> profile -> risk and
-returns an :class:`InspectReport`, which renders as a rich table or writes JSON.
+returns an :class:`InspectReport`, which renders as a rich table or writes JSON. The profile
+holds an all-FP16 pass, and with BF16 among the precisions an all-BF16 one too (each unit's
+BF16 deviation, or why BF16 is withheld from it); it is cached per model, data, units and
+passes run.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, san
 from amp_search.graph.units import NotSearched, not_searched
 from amp_search.profiling.ranges import Profile, profile_model
 from amp_search.profiling.sensitivity import DEFAULT_THRESHOLD, RiskLevel, UnitRisk, assess_units
+from amp_search.types import Precision
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
     from rich.console import Console
+    from rich.table import Table
 
-__all__ = ["CPU_NOTE", "InspectReport", "flops_by_node", "inspect_model"]
+__all__ = ["BF16_NOTE", "CPU_NOTE", "InspectReport", "flops_by_node", "inspect_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,17 @@ CPU_NOTE = (
     "boundary: an accuracy estimate. CPU arithmetic inside a node stays FP32, so it cannot "
     "show a GPU kernel's own FP16 failures; measure on the target backend before shipping."
 )
+BF16_NOTE = (
+    "BF16 figures likewise: one bfloat16 rounding of every BF16 tensor and weight, FP32 "
+    "arithmetic in between; 'withheld' units have ops the model's opset does not type "
+    "bfloat16 (the rewrite keeps them FP32 and never upgrades the opset)."
+)
+_STYLE = {
+    RiskLevel.CRITICAL: "bold red",
+    RiskLevel.HIGH: "red",
+    RiskLevel.MEDIUM: "yellow",
+    RiskLevel.LOW: "cyan",
+}
 
 
 @dataclass
@@ -54,6 +70,13 @@ class InspectReport:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Float computation no unit covers (:func:`amp_search.graph.units.not_searched`).
     not_searched: list[NotSearched] = field(default_factory=list)
+    #: The low precisions asked for (``--precisions``); BF16 adds its column and rule.
+    precisions: tuple[Precision, ...] = (Precision.FP16,)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether BF16 was asked for (the all-BF16 pass, its column and its rule)."""
+        return Precision.BF16 in self.precisions
 
     def counts(self) -> dict[str, int]:
         """Number of units per risk level."""
@@ -63,8 +86,8 @@ class InspectReport:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """Plain-data form (what ``--json`` writes)."""
-        return {
+        """Plain-data form (what ``--json`` writes); the BF16 keys only when BF16 was asked."""
+        out: dict[str, Any] = {
             "model": self.model,
             "nodes": self.n_nodes,
             "units": len(self.risks),
@@ -76,9 +99,15 @@ class InspectReport:
             "note": CPU_NOTE,
             "counts": self.counts(),
             "locked_fp32": [r.unit.name for r in self.risks if r.locked_fp32],
-            "units_by_risk": [r.to_json() for r in self.risks],
+            "units_by_risk": [r.to_json(bf16=self.bf16) for r in self.risks],
             "not_searched": [x.to_json() for x in self.not_searched],
         }
+        if self.bf16:
+            out["precisions"] = [p.value for p in self.precisions]
+            out["bf16_source"] = "onnxruntime-cpu (BF16 storage emulated)"
+            out["bf16_note"] = BF16_NOTE
+            out["bf16_rescued"] = [r.unit.name for r in self.risks if r.bf16_rescue]
+        return out
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Writes :meth:`to_json` atomically."""
@@ -86,49 +115,8 @@ class InspectReport:
 
     def render(self, console: Console, top: int | None = 30) -> None:
         """Prints the table (riskiest first) and a summary."""
-        from rich.table import Table
-
         shown = self.risks if not top else self.risks[:top]
-        table = Table(
-            title=f"FP16 risk by unit: {Path(self.model).name} "
-            f"({len(self.risks)} units, {self.n_nodes} nodes)",
-            title_justify="left",
-        )
-        for col, kw in [
-            ("#", {"justify": "right"}),
-            ("unit", {"overflow": "fold", "max_width": 36}),
-            ("ops", {"max_width": 24}),
-            ("max|x|", {"justify": "right"}),
-            ("act flush", {"justify": "right"}),
-            ("w flush/subn", {"justify": "right"}),
-            ("FP16 rel.L2", {"justify": "right"}),
-            ("off>10%", {"justify": "right"}),
-            ("risk", {}),
-            ("reason", {"overflow": "fold", "max_width": 60}),
-        ]:
-            table.add_column(col, **kw)  # type: ignore[arg-type]
-        style = {
-            RiskLevel.CRITICAL: "bold red",
-            RiskLevel.HIGH: "red",
-            RiskLevel.MEDIUM: "yellow",
-            RiskLevel.LOW: "cyan",
-        }
-        for i, r in enumerate(shown, 1):
-            d = r.deviation
-            table.add_row(
-                str(i),
-                r.unit.name,
-                "/".join(r.unit.op_types),
-                f"{r.max_abs:.4g}",
-                f"{r.act_flush_fraction:.1%}",
-                f"{r.weight_flush}/{r.weight_subnormal}" if r.weight_numel else "-",
-                f"{d.rel_l2:.2e}" if d and d.numel else "-",
-                f"{d.off_fraction:.1%}" if d and d.numel else "-",
-                str(r.level),
-                r.reason,
-                style=style.get(r.level),
-            )
-        console.print(table)
+        console.print(self._table(shown))
         if top and len(self.risks) > top:
             console.print(f"({len(self.risks) - top} more units; --top 0 shows all, --json all)")
         counts = ", ".join(f"{k} {v}" for k, v in self.counts().items() if v)
@@ -136,6 +124,8 @@ class InspectReport:
         locked = [r.unit.name for r in self.risks if r.locked_fp32]
         if locked:
             console.print(f"locked FP32 (weights overflow FP16): {', '.join(locked)}")
+        if self.bf16:
+            self._render_bf16(console)
         for x in self.not_searched:
             console.print(f"not searched, stays FP32: {x}", style="yellow")
         console.print(
@@ -144,6 +134,72 @@ class InspectReport:
         )
         if self.fp16_pass:
             console.print(f"Note: {CPU_NOTE}", style="dim")
+        if self.bf16:
+            console.print(f"Note: {BF16_NOTE}", style="dim")
+
+    def _table(self, shown: list[UnitRisk]) -> Table:
+        """The table of ``shown`` units; a BF16 column after the FP16 ones when asked."""
+        from rich.table import Table
+
+        table = Table(
+            title=f"FP16 risk by unit: {Path(self.model).name} "
+            f"({len(self.risks)} units, {self.n_nodes} nodes)",
+            title_justify="left",
+        )
+        columns: list[tuple[str, dict[str, Any]]] = [
+            ("#", {"justify": "right"}),
+            ("unit", {"overflow": "fold", "max_width": 36}),
+            ("ops", {"max_width": 24}),
+            ("max|x|", {"justify": "right"}),
+            ("act flush", {"justify": "right"}),
+            ("w flush/subn", {"justify": "right"}),
+            ("FP16 rel.L2", {"justify": "right"}),
+            ("off>10%", {"justify": "right"}),
+            *([("BF16 rel.L2", {"justify": "right"})] if self.bf16 else []),
+            ("risk", {}),
+            ("reason", {"overflow": "fold", "max_width": 60}),
+        ]
+        for col, kw in columns:
+            table.add_column(col, **kw)
+        for i, r in enumerate(shown, 1):
+            d = r.deviation
+            cells = [
+                str(i),
+                r.unit.name,
+                "/".join(r.unit.op_types),
+                f"{r.max_abs:.4g}",
+                f"{r.act_flush_fraction:.1%}",
+                f"{r.weight_flush}/{r.weight_subnormal}" if r.weight_numel else "-",
+                f"{d.rel_l2:.2e}" if d and d.numel else "-",
+                f"{d.off_fraction:.1%}" if d and d.numel else "-",
+                *([_bf16_cell(r)] if self.bf16 else []),
+                str(r.level),
+                r.reason,
+            ]
+            table.add_row(*cells, style=_STYLE.get(r.level))
+        return table
+
+    def _render_bf16(self, console: Console) -> None:
+        """The units BF16 rescues from an FP16 overflow, then those it is withheld from."""
+        for r in self.risks:
+            if r.bf16_rescue:
+                console.print(f"{r.unit.name}: {r.bf16_rescue}", style="green")
+        withheld: dict[str, list[str]] = {}
+        for r in self.risks:
+            if r.bf16_withheld:
+                withheld.setdefault(r.bf16_withheld, []).append(r.unit.name)
+        for reason, names in withheld.items():
+            listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            console.print(f"BF16 withheld, {reason}: {listed} ({len(names)} units)",
+                          style="yellow")  # fmt: skip
+
+
+def _bf16_cell(r: UnitRisk) -> str:
+    """The BF16 column: the measured rel. L2, ``withheld``, or ``-`` (not measured)."""
+    if r.bf16_withheld:
+        return "withheld"
+    b = r.bf16_deviation
+    return f"{b.rel_l2:.2e}" if b and b.numel else "-"
 
 
 def flops_by_node(
@@ -176,8 +232,9 @@ def inspect_model(
     threads: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
     cache: bool = True,
+    precisions: tuple[Precision, ...] = (Precision.FP16,),
 ) -> InspectReport:
-    """Runs the FP16 risk analysis of a model on calibration data.
+    """Runs the FP16 (and BF16) risk analysis of a model on calibration data.
 
     Args:
         model_path: The ONNX model.
@@ -185,11 +242,16 @@ def inspect_model(
         synthetic: Use random inputs (with a warning).
         shapes: Sizes of synthetic inputs with dynamic axes, by input name.
         threshold: |x| above which an activation is "near overflow".
-        fp16_pass: Also run the all-FP16 model and measure each unit's deviation.
+        fp16_pass: Also run the all-FP16 model and measure each unit's deviation (when FP16
+            is among ``precisions``).
         threads: ONNX Runtime CPU threads (0: default).
         progress: Called with (stage, done, total).
-        cache: Reuse the profile of an earlier run on the same model and data (and keep this
-            one for the next): only the risk rules run again (:func:`profile_cache_dir`).
+        cache: Reuse the profile of an earlier run on the same model, data and passes (and
+            keep this one for the next): only the risk rules run again
+            (:func:`profile_cache_dir`).
+        precisions: The low precisions to measure (:func:`amp_search.types.parse_precisions`);
+            with BF16, an all-BF16 pass gives each unit's BF16 deviation, or why the rewrite
+            withholds BF16 from it.
     """
     if threshold <= 0:
         raise UserInputError(f"--threshold must be positive, got {threshold}.")
@@ -202,14 +264,18 @@ def inspect_model(
             f"{Path(model_path).name} has no float computation that could run in FP16 "
             "(no float Conv/MatMul/Gemm/normalization/pointwise nodes): nothing to inspect."
         )
-    key = _profile_key(model, cal, units, fp16_pass) if cache and not cal.is_synthetic else None
+    precisions = tuple(p for p in (Precision.FP16, Precision.BF16) if p in precisions)
+    fp16_pass = fp16_pass and Precision.FP16 in precisions
+    bf16_pass = Precision.BF16 in precisions
+    passes = tuple(p.value for p in precisions if p is not Precision.FP16 or fp16_pass)
+    key = _profile_key(model, cal, units, passes) if cache and not cal.is_synthetic else None
     prof = _cached_profile(key)
     extra: dict[str, Any] = {}
     if prof is None:
         rewriter = MixedPrecisionRewriter(model, units)
         prof = profile_model(
-            model, units, cal, fp16_pass=fp16_pass, rewriter=rewriter, threads=threads,
-            progress=progress,
+            model, units, cal, fp16_pass=fp16_pass, bf16_pass=bf16_pass, rewriter=rewriter,
+            threads=threads, progress=progress,
         )  # fmt: skip
         _keep_profile(key, prof)
     else:
@@ -226,6 +292,7 @@ def inspect_model(
         fp16_pass=fp16_pass,
         extra=extra,
         not_searched=left_out,
+        precisions=precisions,
     )
 
 
@@ -239,8 +306,14 @@ def profile_cache_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "amp-search") / "inspect"
 
 
-def _profile_key(model: onnx.ModelProto, cal: Any, units: list[Any], fp16_pass: bool) -> str:
-    """What a profile depends on: the sanitized model, the data files, the units, this code."""
+def _profile_key(
+    model: onnx.ModelProto, cal: Any, units: list[Any], passes: tuple[str, ...]
+) -> str:
+    """What a profile depends on: the model, the data files, the units, the passes, this code.
+
+    The sanitized model is hashed weight by weight; ``passes`` are the low-precision passes
+    run (``("fp16", "bf16")``), so a BF16 run never reuses an FP16-only profile.
+    """
     from amp_search.graph.io import copy_without_initializers
 
     # The graph, then each weight: never the whole model in one buffer (models over 2 GiB).
@@ -250,7 +323,7 @@ def _profile_key(model: onnx.ModelProto, cal: Any, units: list[Any], fp16_pass: 
     for f in cal.files:
         h.update(Path(f).name.encode())
         h.update(Path(f).read_bytes())
-    h.update(repr(([u.name for u in units], fp16_pass)).encode())
+    h.update(repr(([u.name for u in units], passes)).encode())
     package = Path(__file__).resolve().parents[1]
     for source in _PROFILE_SOURCES:  # a change of the profiling code invalidates the cache
         h.update((package / source).read_bytes())
@@ -259,7 +332,7 @@ def _profile_key(model: onnx.ModelProto, cal: Any, units: list[Any], fp16_pass: 
 
 #: The code a profile depends on (relative to the package).
 _PROFILE_SOURCES = ("profiling/ranges.py", "graph/precision.py", "graph/emulate.py",
-                    "graph/units.py", "graph/sanitize.py")  # fmt: skip
+                    "graph/units.py", "graph/sanitize.py", "graph/_index.py")  # fmt: skip
 
 
 def _cached_profile(key: str | None) -> Profile | None:

@@ -1,4 +1,4 @@
-"""FP16 risk rules: from ranges and measured FP16 deviation to a risk level per unit.
+"""FP16 risk rules: from ranges and measured FP16 (BF16) deviation to a risk level per unit.
 
 Rules follow a ``NodeRuleBase`` shape: each looks at one unit's facts and may return a
 finding (level + reason). A unit's risk is its worst finding. The order of units by risk is
@@ -14,6 +14,10 @@ Built-in rules:
   measured FP16 deviation tells which.
 - ``fp16-nonfinite`` (critical): the all-FP16 model's output of this unit holds inf/NaN.
 - ``fp16-deviation`` (high/medium): its measured FP16 relative L2 error is above 1e-1/1e-2.
+- ``bf16-rescue`` (info): FP16 overflows here (a critical ``activation-range`` or
+  ``fp16-nonfinite`` finding) while the all-BF16 model's deviation here is finite: BF16
+  keeps FP32's range, so searching with ``--precisions fp16,bf16`` may keep the unit low.
+  Only with a BF16 pass (``inspect --precisions fp16,bf16``); it never raises the level.
 - ``weight-flush`` (medium): weights that flush to zero in FP16 (below 5.96e-8).
 - ``weight-subnormal`` (low): more than 1% of nonzero weights in the FP16 subnormal range.
 - ``activation-underflow`` (low): more than 5% of nonzero activations flush to zero.
@@ -30,10 +34,19 @@ from amp_search.graph.units import Unit
 from amp_search.profiling.ranges import Profile, UnitDeviation
 from amp_search.types import TensorRanges
 
-__all__ = ["DEFAULT_THRESHOLD", "RiskLevel", "UnitRisk", "assess_units", "default_rules"]
+__all__ = [
+    "BF16_RESCUE",
+    "DEFAULT_THRESHOLD",
+    "RiskLevel",
+    "UnitRisk",
+    "assess_units",
+    "default_rules",
+]
 
 DEFAULT_THRESHOLD = 10000.0
 SENTINEL = 1e30
+#: The name of the rule that finds units where BF16 rescues an FP16 overflow.
+BF16_RESCUE = "bf16-rescue"
 
 
 class RiskLevel(IntEnum):
@@ -61,6 +74,7 @@ class UnitFacts:
         deviation: Its outputs' deviation in the all-FP16 model.
         upstream: Deviations of the units that feed it (to tell an error it makes from one
             it inherits).
+        bf16_deviation: Its outputs' deviation in the all-BF16 model (None: not measured).
     """
 
     unit: Unit
@@ -68,11 +82,17 @@ class UnitFacts:
     weights: list[TensorRanges]
     deviation: UnitDeviation | None
     upstream: list[UnitDeviation] = field(default_factory=list)
+    bf16_deviation: UnitDeviation | None = None
 
 
 @dataclass
 class UnitRisk:
-    """A unit's risk: its worst finding, every finding, and the figures behind them."""
+    """A unit's risk: its worst finding, every finding, and the figures behind them.
+
+    ``deviation`` and ``bf16_deviation`` are the unit's measured deviations in the all-FP16
+    and all-BF16 models (None: that pass did not run); ``bf16_withheld`` says why the rewrite
+    withholds BF16 from the unit (None: it does not, or BF16 was not asked for).
+    """
 
     unit: Unit
     level: RiskLevel = RiskLevel.NONE
@@ -85,6 +105,8 @@ class UnitRisk:
     weight_flush: int = 0
     weight_numel: int = 0
     deviation: UnitDeviation | None = None
+    bf16_deviation: UnitDeviation | None = None
+    bf16_withheld: str | None = None
 
     @property
     def reason(self) -> str:
@@ -97,14 +119,19 @@ class UnitRisk:
         """Whether the unit can only stay FP32 (a weight overflows FP16)."""
         return any(rule == "weight-overflow" for _, rule, _ in self.findings)
 
+    @property
+    def bf16_rescue(self) -> str | None:
+        """The ``bf16-rescue`` finding's reason (None: it did not fire)."""
+        return next((r for _, rule, r in self.findings if rule == BF16_RESCUE), None)
+
     def sort_key(self) -> tuple[float, ...]:
         """Riskiest first: level, then measured deviation, then magnitude."""
         dev = self.deviation.rel_l2 if self.deviation else 0.0
         return (-int(self.level), -min(dev, 1e300), -self.max_abs)
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-data form."""
-        return {
+    def to_json(self, bf16: bool = False) -> dict[str, Any]:
+        """Plain-data form; with ``bf16``, the keys ``bf16`` and ``bf16_withheld`` too."""
+        out: dict[str, Any] = {
             "unit": self.unit.name,
             "nodes": list(self.unit.nodes),
             "op_types": list(self.unit.op_types),
@@ -123,6 +150,10 @@ class UnitRisk:
             "weight_flush_to_zero": self.weight_flush,
             "fp16": self.deviation.to_json() if self.deviation else None,
         }
+        if bf16:
+            out["bf16"] = self.bf16_deviation.to_json() if self.bf16_deviation else None
+            out["bf16_withheld"] = self.bf16_withheld
+        return out
 
 
 class NodeRuleBase(abc.ABC):
@@ -195,6 +226,25 @@ class MeasuredDeviationRule(NodeRuleBase):
         return None
 
 
+class Bf16RescueRule(NodeRuleBase):
+    """FP16 overflows here (the critical findings above) while BF16 stays finite."""
+
+    name = BF16_RESCUE
+
+    def check(self, facts: UnitFacts) -> tuple[RiskLevel, str] | None:
+        b = facts.bf16_deviation
+        if b is None or not b.numel or b.nonfinite:
+            return None
+        for rule in (ActivationRangeRule(), MeasuredDeviationRule()):
+            found = rule.check(facts)
+            if found is not None and found[0] == RiskLevel.CRITICAL:
+                return RiskLevel.INFO, (
+                    f"BF16 rescues the FP16 overflow: all-BF16 rel. L2 {b.rel_l2:.2g} here, "
+                    f"finite where FP16 fails ({found[1]}); search with --precisions fp16,bf16"
+                )
+        return None
+
+
 class WeightFlushRule(NodeRuleBase):
     name = "weight-flush"
 
@@ -232,6 +282,7 @@ def default_rules(threshold: float = DEFAULT_THRESHOLD) -> list[NodeRuleBase]:
         WeightOverflowRule(),
         ActivationRangeRule(threshold),
         MeasuredDeviationRule(),
+        Bf16RescueRule(),
         WeightFlushRule(),
         WeightSubnormalRule(),
         ActivationUnderflowRule(),
@@ -252,8 +303,11 @@ def assess_units(
         acts = [profile.tensors[n] for n in unit.tensors or unit.outputs if n in profile.tensors]
         weights = [profile.tensors[n] for n in unit.weights if n in profile.tensors]
         upstream = [profile.deviations[f] for f in unit.feeders if f in profile.deviations]
-        facts = UnitFacts(unit, acts, weights, profile.deviations.get(unit.name), upstream)
-        risk = UnitRisk(unit=unit, deviation=facts.deviation)
+        facts = UnitFacts(unit, acts, weights, profile.deviations.get(unit.name), upstream,
+                          profile.bf16_deviations.get(unit.name))  # fmt: skip
+        risk = UnitRisk(unit=unit, deviation=facts.deviation,
+                        bf16_deviation=facts.bf16_deviation,
+                        bf16_withheld=profile.bf16_withheld.get(unit.name))  # fmt: skip
         if acts:
             risk.max_abs = max(a.max_abs for a in acts)
             risk.act_subnormal_fraction = max(a.subnormal_fraction for a in acts)

@@ -189,7 +189,8 @@ def prepare(
                                  units, fitted, model_digest, validation))  # fmt: skip
 
     t0 = time.perf_counter()
-    prof, rewriter, stale = profile_units(model, units, data, fitted, stage)
+    bf16 = Precision.BF16 in parse_precisions(",".join(config.precisions))
+    prof, rewriter, stale = profile_units(model, units, data, fitted, stage, bf16=bf16)
     risks, left_out, everything_left_out = assess(config, model, units, data, prof, fitted,
                                                   store, t0)  # fmt: skip
     space, bf16_note = make_space(config.precisions, units, risks, rewriter)
@@ -350,8 +351,12 @@ def profile_units(
     data: CalibrationData,
     fitted: Fitted,
     stage: Callable[[str, int, int], None] | None = None,
+    *,
+    bf16: bool = False,
 ) -> tuple[Profile, MixedPrecisionRewriter, list[str]]:
     """One FP32 reference run with the all-FP16 pass; the rewriter; the reconciled shapes.
+
+    ``bf16``: the all-BF16 pass too (each unit's own BF16 error, for the guided sampler).
 
     The reference outputs, ranges and per-unit FP16 deviation come from one profile. Declared
     shapes the run contradicts are then relaxed or dropped in ``model`` (in place) before any
@@ -360,8 +365,8 @@ def profile_units(
     """
     rewriter = fitted.rewriter
     prof = profile_model(
-        model, units, data, fp16_pass=True, keep_reference=True, rewriter=rewriter,
-        progress=stage,
+        model, units, data, fp16_pass=True, bf16_pass=bf16, keep_reference=True,
+        rewriter=rewriter, progress=stage,
     )  # fmt: skip
     stale = reconcile_shapes(model, {n: t.shape for n, t in prof.tensors.items()
                                      if t.shape is not None})  # fmt: skip
@@ -398,7 +403,7 @@ def assess(
         model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
         data=data.describe(), threshold=config.threshold,
         seconds=time.perf_counter() - t0, fp16_pass=True,
-        not_searched=everything,
+        not_searched=everything, precisions=parse_precisions(",".join(config.precisions)),
     ).write_json(store.root / "inspect.json")  # fmt: skip
     return risks, left_out, everything
 

@@ -62,6 +62,35 @@ def test_inspect_demo_model_flags_overflow_and_writes_json(
     assert tiny["weight_flush_to_zero"] > 0
 
 
+def test_inspect_refuses_an_unknown_precision_in_one_line(demo_model_path, demo_data_path):
+    r = _cli("inspect", str(demo_model_path), "--data", str(demo_data_path),
+             "--precisions", "fp8")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        "amp-search inspect: error: --precisions must be fp16, bf16 or fp16,bf16 "
+        "(either order), got 'fp8'."
+    )
+
+
+@pytest.mark.slow
+def test_inspect_precisions_fp16_bf16_adds_the_bf16_column_and_rescue(demo_data_path, tmp_path):
+    """On the demo at opset 22 (BF16 Conv): a BF16 column, the rescue line, JSON keys."""
+    import onnx
+    from onnx import version_converter
+
+    from amp_search.demo import build_demo_model
+
+    model, out = tmp_path / "demo22.onnx", tmp_path / "r.json"
+    onnx.save(version_converter.convert_version(build_demo_model(), 22), model)
+    r = _cli("inspect", str(model), "--data", str(demo_data_path), "--precisions", "bf16,fp16",
+             "--json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "BF16 rel.L2" in r.stdout and "amp4/Conv: BF16 rescues the FP16 overflow" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["precisions"] == ["fp16", "bf16"] and report["bf16_rescued"] == ["amp4/Conv"]
+    assert all(u["bf16"]["nonfinite"] == 0 for u in report["units_by_risk"])
+
+
 @pytest.mark.parametrize(
     ("make", "code", "match"),
     [

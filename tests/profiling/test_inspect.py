@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,6 +14,9 @@ from amp_search.graph import find_units, sanitize
 from amp_search.profiling import profile_model
 from amp_search.profiling.inspection import inspect_model
 from amp_search.profiling.sensitivity import RiskLevel
+from amp_search.types import Precision
+
+FP16, BF16 = Precision.FP16, Precision.BF16
 
 
 def test_demo_overflow_and_flush_are_found(demo_model_path, demo_data_path):
@@ -132,3 +136,169 @@ def test_a_rerun_on_the_same_model_and_data_reuses_the_profile(
     stages.clear()
     inspect_model(demo_model_path, demo_data_path, progress=progress, cache=False)
     assert stages
+
+
+# --- BF16 (issue 11 item 3): the all-BF16 pass, its column, the rescue rule ------------------
+
+
+@pytest.fixture(scope="module")
+def demo22_path(tmp_path_factory):
+    """The demo at opset 22, where Conv and GlobalAveragePool admit bfloat16.
+
+    The demo itself is opset 17, where the rewrite withholds BF16 from its Conv units.
+    """
+    from onnx import version_converter
+
+    from amp_search.demo import build_demo_model
+
+    path = tmp_path_factory.mktemp("demo22") / "demo22.onnx"
+    onnx.save(version_converter.convert_version(build_demo_model(), 22), path)
+    return path
+
+
+def test_bf16_is_finite_where_fp16_overflows_and_the_rescue_rule_says_so(
+    demo22_path, demo_data_path
+):
+    from rich.console import Console
+
+    report = inspect_model(demo22_path, demo_data_path, precisions=(FP16, BF16), cache=False)
+    by_name = {r.unit.name: r for r in report.risks}
+    for r in report.risks:  # every unit measured in BF16, none withheld, all finite
+        b = r.bf16_deviation
+        assert b is not None and b.numel and r.bf16_withheld is None
+        assert b.nonfinite == 0 and 0 < b.rel_l2 < 0.05, r.unit.name
+    overflowing = [r for r in report.risks if r.deviation.nonfinite]
+    assert len(overflowing) >= 5  # amp4 and all it feeds
+    # The rule fires where FP16 itself overflows (critical), not where the inf is inherited.
+    rescued = {r.unit.name for r in report.risks if r.bf16_rescue}
+    assert rescued == {r.unit.name for r in report.risks if r.level == RiskLevel.CRITICAL}
+    amp4 = by_name["amp4/Conv"]
+    assert rescued == {"amp4/Conv"} and amp4.level == RiskLevel.CRITICAL
+    assert f"{amp4.bf16_deviation.rel_l2:.2g}" in amp4.bf16_rescue
+    assert "--precisions fp16,bf16" in amp4.bf16_rescue
+    data = report.to_json()
+    assert data["precisions"] == ["fp16", "bf16"] and data["bf16_rescued"] == ["amp4/Conv"]
+    unit = data["units_by_risk"][0]
+    assert unit["bf16"]["rel_l2"] == amp4.bf16_deviation.rel_l2 and unit["bf16_withheld"] is None
+    console = Console(width=250, record=True)
+    report.render(console, top=0)
+    text = console.export_text()
+    assert "BF16 rel.L2" in text and f"{amp4.bf16_deviation.rel_l2:.2e}" in text
+    assert "amp4/Conv: BF16 rescues the FP16 overflow" in text
+
+
+def test_fp16_only_report_is_as_before(demo_model_path, demo_data_path):
+    """The default: no BF16 pass, column, rule or JSON key."""
+    from rich.console import Console
+
+    report = inspect_model(demo_model_path, demo_data_path)
+    assert all(r.bf16_deviation is None and r.bf16_withheld is None for r in report.risks)
+    assert not any(r.bf16_rescue for r in report.risks)
+    data = report.to_json()
+    assert not {"precisions", "bf16_rescued"} & set(data)
+    assert not {"bf16", "bf16_withheld"} & set(data["units_by_risk"][0])
+    console = Console(width=250, record=True)
+    report.render(console)
+    assert "BF16" not in console.export_text()
+
+
+def _bf16(a):
+    return a.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def test_bf16_deviation_of_one_mul_matches_hand_rounding(tmp_path):
+    """y = x * w: the BF16 rel. L2 is that of bf16(bf16(x) * bf16(w)) against x * w."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal(16) * 300).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"], name="mul")], "one",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "mul.onnx")
+    x = (rng.standard_normal((3, 4, 16)) * 100).astype(np.float32)  # 3 batches
+    np.savez(tmp_path / "x.npz", x=x)
+    report = inspect_model(tmp_path / "mul.onnx", tmp_path / "x.npz", precisions=(FP16, BF16))
+    (risk,) = report.risks
+    ref = (x * w).astype(np.float64)
+    hand = _bf16(_bf16(x) * _bf16(w)).astype(np.float64)
+    rel_l2 = np.sqrt(np.sum((hand - ref) ** 2) / np.sum(ref**2))
+    assert np.abs(ref).max() > 65504  # FP16 overflows here ...
+    assert risk.deviation.nonfinite > 0 and risk.level == RiskLevel.CRITICAL
+    b = risk.bf16_deviation  # ... BF16 does not, by the hand figure
+    assert b.nonfinite == 0 and b.numel == x.size
+    assert b.rel_l2 == pytest.approx(rel_l2, rel=1e-6) and 1e-4 < rel_l2 < 1e-2
+    assert f"all-BF16 rel. L2 {rel_l2:.2g} here" in risk.bf16_rescue
+
+
+def _demo_at_opset(version: int, tmp_path) -> str:
+    """The demo declaring another opset: its ops (Conv, Relu, Mul, GlobalAveragePool,
+    Flatten, Gemm) mean the same from opset 11 to 17, and the checker agrees."""
+    from amp_search.demo import build_demo_model
+
+    model = build_demo_model()
+    model.opset_import[0].version = version
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / f"demo{version}.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_bf16_is_withheld_from_every_unit_at_opset_11(tmp_path, demo_data_path):
+    """Below opset 13 Cast has no bfloat16: every unit shows BF16 withheld, with the reason."""
+    from rich.console import Console
+
+    report = inspect_model(_demo_at_opset(11, tmp_path), demo_data_path,
+                           precisions=(FP16, BF16))  # fmt: skip
+    for r in report.risks:
+        assert r.bf16_deviation is None and not r.bf16_rescue
+        assert r.bf16_withheld.startswith("opset 11 has no bfloat16 Cast (from opset 13)")
+    by_name = {r.unit.name: r for r in report.risks}
+    assert "Conv (from opset 22)" in by_name["amp4/Conv"].bf16_withheld
+    assert by_name["amp4/Conv"].level == RiskLevel.CRITICAL  # FP16 findings unchanged
+    unit = report.to_json()["units_by_risk"][0]
+    assert unit["bf16"] is None and unit["bf16_withheld"].startswith("opset 11")
+    console = Console(width=250, record=True)
+    report.render(console, top=0)
+    text = console.export_text()
+    assert text.count("withheld") >= len(report.risks)
+    assert "BF16 withheld, opset 11 has no bfloat16 Cast" in text
+
+
+def test_bf16_is_withheld_from_the_demo_conv_units_at_its_own_opset(
+    demo_model_path, demo_data_path
+):
+    """Opset 17 (the demo's) types Conv bfloat16 only from 22: those units are withheld,
+    the Gemm is measured."""
+    report = inspect_model(demo_model_path, demo_data_path, precisions=(BF16,))
+    by_name = {r.unit.name: r for r in report.risks}
+    assert not report.fp16_pass and all(r.deviation is None for r in report.risks)
+    conv = [r for r in report.risks if "Conv" in r.unit.op_types]
+    assert conv and all(
+        r.bf16_withheld == "opset 17 has no bfloat16 Conv (from opset 22)" for r in conv
+    )
+    fc = by_name["fc/Gemm"]
+    assert fc.bf16_withheld is None and fc.bf16_deviation.numel and fc.bf16_deviation.rel_l2 < 0.05
+
+
+def test_a_bf16_run_does_not_reuse_an_fp16_only_profile(
+    demo_model_path, demo_data_path, tmp_path, monkeypatch
+):
+    """The precisions are part of the cache key: fp16 and fp16,bf16 profiles live apart."""
+    monkeypatch.setenv("AMP_SEARCH_CACHE", str(tmp_path / "cache"))
+
+    def units(**kw):
+        report = inspect_model(demo_model_path, demo_data_path, **kw)
+        return report.extra.get("cached_profile"), report.to_json()["units_by_risk"]
+
+    cached, fp16 = units()
+    assert cached is None
+    cached, both = units(precisions=(FP16, BF16))
+    assert cached is None and any(u["bf16_withheld"] for u in both)  # the BF16 pass ran
+    cached, again = units(precisions=(BF16, FP16))  # in any order: that profile
+    assert cached and again == both
+    cached, again = units()
+    assert cached and again == fp16

@@ -50,7 +50,7 @@ def test_parse_precisions():
     assert parse_precisions("bf16, FP16") == (Precision.FP16, Precision.BF16)
     assert parse_precisions("bf16") == (Precision.BF16,)
     for bad in ("fp8", "", "fp16,int8"):
-        with pytest.raises(UserInputError, match="--precisions takes fp16, bf16 or fp16,bf16"):
+        with pytest.raises(UserInputError, match="--precisions must be fp16, bf16 or fp16,bf16"):
             parse_precisions(bad)
 
 
