@@ -22,6 +22,8 @@ Contracts:
   (library versions, device, options); it is part of the cache key.
 - ``low_precision_gaps`` names the nodes the device has no FP16 kernel for; the search keeps
   them FP32 in every candidate (a node sent to the CPU costs more than FP16 gains).
+  ``bf16_gaps`` does the same for BF16 (``--precisions ...,bf16``): the search offers BF16 to
+  no unit holding such a node.
 """
 
 from __future__ import annotations
@@ -299,6 +301,20 @@ class Backend(abc.ABC):
         Returns node name -> a one-line reason; the search keeps them FP32 in every
         candidate. ``feeds`` is one calibration batch, for backends that find out by running.
         Default: none (a strongly typed builder takes FP16 wherever it takes FP32).
+        """
+        return {}
+
+    def bf16_gaps(
+        self,
+        rewriter: MixedPrecisionRewriter,
+        feeds: Mapping[str, np.ndarray],
+        config: BuildConfig,
+    ) -> dict[str, str]:
+        """Nodes of ``rewriter``'s BF16 units that ``config``'s device cannot run in BF16.
+
+        Returns node name -> a one-line reason; the search offers BF16 to no unit holding
+        one. Default: none (a strongly typed builder takes BF16 wherever its layers do, and a
+        candidate it cannot build fails as a trial).
         """
         return {}
 

@@ -36,16 +36,24 @@ float16 CUDA kernel: opset 11's Clip, say); the search keeps them FP32, since ea
 each way and the CUDA graph. (ONNX Runtime's kernel registry, ``get_all_opkernel_def``, would
 answer without a run, but on onnxruntime-gpu it loads every provider library and crashes where
 TensorRT's is missing.)
+
+:meth:`~OnnxRuntimeBackend.bf16_gaps` does the same for BF16 (the CUDA EP has BF16 kernels for
+some ops only, and for some none on any provider: BatchNormalization, MaxPool, Resize, LSTM
+in 1.31), by :func:`bf16_probe`: the model with every unit that admits BF16 in BF16, opened;
+a node no provider has a kernel for fails the session, so the units holding nodes of that op
+are taken back to FP32 and the probe repeats; once the session opens, the BF16 nodes placed on
+the CPU are named too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +175,20 @@ class OnnxRuntimeBackend(Backend):
             for name, n in nodes.items()
             if name in on_cpu
         }
+
+    def bf16_gaps(  # noqa: D102
+        self,
+        rewriter: MixedPrecisionRewriter,
+        feeds: Mapping[str, np.ndarray],
+        config: BuildConfig,
+    ) -> dict[str, str]:
+        if config.device_type != "cuda":  # the CPU backend emulates BF16 storage: no gaps
+            return {}
+        opts = {**self.resolve_options(config), "graph_optimization_level": "disable_all"}
+        return bf16_probe(
+            rewriter, feeds, lambda: self._session_options(opts),
+            self._providers(config, opts, graph=False), placement=True,
+        )  # fmt: skip
 
     def _session_options(self, opts: Mapping[str, Any]) -> onnxruntime.SessionOptions:
         ort = _ort()
@@ -403,6 +425,69 @@ def cpu_placed_nodes(
         for e in events
         if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider"
     }
+
+
+#: ONNX Runtime's "no kernel" errors name the node: "... for Conv(22) node with name 'x'".
+_NODE_NAMED = re.compile(r"node with name '([^']*)'")
+
+
+def bf16_probe(
+    rewriter: MixedPrecisionRewriter,
+    feeds: Mapping[str, np.ndarray],
+    options: Callable[[], onnxruntime.SessionOptions],
+    providers: Sequence[Any],
+    *,
+    placement: bool,
+) -> dict[str, str]:
+    """BF16 nodes ``providers`` cannot run (node -> reason), by opening the all-BF16 model.
+
+    Every unit that admits BF16 is BF16 in the probe. A session that fails on a node names
+    it: every unit holding a node of that op type (and version) goes back to FP32 and the probe
+    repeats (once per op type at most). With ``placement``, the BF16 nodes of the session that
+    opens and are placed on the CPU EP are named too (:func:`cpu_placed_nodes`). If a failure
+    names no node of a BF16 unit, the probe stops with what it found (the candidates that fail
+    then fail as trials).
+    """
+    from amp_search.types import Precision, PrecisionAssignment
+
+    nodes = {n.name: n for n in rewriter.model.graph.node}
+    kind = {name: (n.op_type, n.domain) for name, n in nodes.items()}
+    offered = {u.name: set(u.nodes) for u in rewriter.units if rewriter.admits_bf16_unit(u.name)}
+    gaps: dict[str, str] = {}
+    while offered:
+        assignment = PrecisionAssignment.uniform(offered, Precision.BF16)
+        probe, report = rewriter.apply(assignment)
+        del probe.graph.value_info[:]  # declared shapes are not what is asked here
+        for out in probe.graph.output:
+            out.type.tensor_type.ClearField("shape")
+        try:
+            if not placement:
+                _ort().InferenceSession(probe.SerializeToString(), options(),
+                                        providers=list(providers))  # fmt: skip
+                return gaps
+            on_cpu = cpu_placed_nodes(probe.SerializeToString(), options(), providers, feeds)
+        except Exception as exc:
+            found = _NODE_NAMED.search(str(exc))
+            name = found.group(1) if found else None
+            if name not in kind or not any(name in ns for ns in offered.values()):
+                logger.warning("BF16 probe stopped: %s", _first_line(exc))
+                return gaps
+            op = kind[name]
+            reason = f"{op[0]} has no bfloat16 kernel on {', '.join(map(_ep, providers))}"
+            for unit, ns in list(offered.items()):
+                hit = [n for n in ns if kind.get(n) == op]
+                if hit:
+                    gaps.update(dict.fromkeys(hit, reason))
+                    del offered[unit]
+            continue
+        for name in set(report.bf16_nodes) & on_cpu:
+            gaps[name] = f"{kind[name][0]} in BF16 runs on the CPU under the CUDA EP"
+        return gaps
+    return gaps
+
+
+def _ep(provider: Any) -> str:
+    return str(provider[0] if isinstance(provider, tuple) else provider)
 
 
 def _wants_graph(opts: Mapping[str, Any]) -> bool:

@@ -56,7 +56,7 @@ from amp_search.graph import (
 from amp_search.graph.io import model_to_bytes
 from amp_search.graph.units import NotSearched, not_searched
 from amp_search.profiling import assess_units, profile_model
-from amp_search.profiling.inspection import CPU_NOTE, InspectReport, flops_by_node
+from amp_search.profiling.inspection import BF16_NOTE, CPU_NOTE, InspectReport, flops_by_node
 from amp_search.results.pareto import check_max_deviation
 from amp_search.results.prune import KEEP_MODELS
 from amp_search.results.store import ResultsStore
@@ -193,7 +193,8 @@ def prepare(
     prof, rewriter, stale = profile_units(model, units, data, fitted, stage, bf16=bf16)
     risks, left_out, everything_left_out = assess(config, model, units, data, prof, fitted,
                                                   store, t0)  # fmt: skip
-    space, bf16_note = make_space(config.precisions, units, risks, rewriter)
+    gaps = backend.bf16_gaps(rewriter, data.first(), build_config) if bf16 else {}
+    space, bf16_note = make_space(config.precisions, units, risks, rewriter, gaps)
     estimator = None
     if latency_source == "estimated":
         estimator = make_estimator(model, data.first(), prof, config.target)
@@ -214,6 +215,8 @@ def prepare(
     notes = search_notes(fitted, left_out, stale, build_config, latency_source)
     if bf16_note:
         notes.append(bf16_note)
+    if bf16 and build_config.device_type == "cpu":
+        notes.append(BF16_NOTE)
     return Prepared(
         store=store, backend=backend, build_config=build_config, identity=identity,
         latency_source=latency_source, label=label, metric=metric, model=model, units=units,
@@ -413,12 +416,15 @@ def make_space(
     units: list[Unit],
     risks: list[UnitRisk],
     rewriter: MixedPrecisionRewriter,
+    gaps: dict[str, str] | None = None,
 ) -> tuple[SearchSpace, str | None]:
     """The search space for ``--precisions``, and a note on the units BF16 is withheld from.
 
     Units whose weights overflow FP16 are locked FP32 in an FP16 search; with BF16 they may
     still take BF16. A unit is offered BF16 when the model's opset types every one of its
-    nodes ``bfloat16`` (:meth:`~amp_search.graph.MixedPrecisionRewriter.admits_bf16_unit`).
+    nodes ``bfloat16`` (:meth:`~amp_search.graph.MixedPrecisionRewriter.admits_bf16_unit`)
+    and the target runs them in BF16 (``gaps``: node -> why not, from
+    :meth:`~amp_search.backends.base.Backend.bf16_gaps`).
 
     Raises:
         UserInputError: BF16 alone was asked for and no unit admits it.
@@ -428,7 +434,8 @@ def make_space(
     locked = [r.unit.name for r in risks if r.locked_fp32]
     if Precision.BF16 not in wanted:
         return SearchSpace(names, locked=locked), None
-    bf16 = [u for u in names if rewriter.admits_bf16_unit(u)]
+    typed = [u for u in units if rewriter.admits_bf16_unit(u.name)]
+    bf16 = [u.name for u in typed if not set(u.nodes) & set(gaps or {})]
     space = SearchSpace(names, precisions=wanted, no_fp16=locked, bf16_units=bf16)
     opset = next((o.version for o in rewriter.model.opset_import if o.domain in ("", "ai.onnx")),
                  None)  # fmt: skip
@@ -438,13 +445,21 @@ def make_space(
             "from opset 13, Conv from 22); search with --precisions fp16, or export the model "
             "at a newer opset."
         )
-    withheld = len(names) - len(bf16)
-    if not withheld:
-        return space, None
-    return space, (
-        f"BF16 withheld from {withheld} of {len(names)} units: opset {opset} does not type "
-        "bfloat16 for some of their ops (e.g. Conv below opset 22); they choose FP32 or FP16."
-    )
+    notes = []
+    if len(typed) < len(names):
+        notes.append(
+            f"BF16 withheld from {len(names) - len(typed)} of {len(names)} units: opset {opset} "
+            "does not type bfloat16 for some of their ops (e.g. Conv below opset 22); they "
+            "choose FP32 or FP16."
+        )
+    if gaps:
+        reasons = sorted(set(gaps.values()))
+        ran = sorted({op for u in units if u.name in bf16 for op in u.op_types})
+        notes.append(
+            f"BF16 withheld on the target from {len(typed) - len(bf16)} more unit(s): "
+            f"{'; '.join(reasons)}. BF16 runs there for {', '.join(ran) or 'no op'}."
+        )
+    return space, " ".join(notes) or None
 
 
 def make_estimator(

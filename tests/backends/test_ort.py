@@ -145,3 +145,45 @@ def test_a_model_that_refuses_a_cuda_graph_runs_without_one_and_says_why(tmp_pat
         assert r.execution["cuda_graph"] is False
         assert r.execution["cuda_graph_reason"]
         assert r.infer(feeds)["y"].shape == (2, 4, 8, 8)
+
+
+def _demo22_rewriter():
+    from amp_search.demo import build_demo_model, demo_data
+    from amp_search.graph import MixedPrecisionRewriter, sanitize
+
+    rewriter = MixedPrecisionRewriter(sanitize(build_demo_model(opset=22)))
+    return rewriter, {"image": demo_data(n_batches=1)["image"][0]}
+
+
+def test_bf16_probe_takes_back_each_op_without_a_bfloat16_kernel():
+    # ONNX Runtime's CPU EP has no bfloat16 Conv, GlobalAveragePool or Gemm: the probe opens
+    # the all-BF16 demo, and each failing op's units go back to FP32 until none is left
+    import onnxruntime as ort
+
+    from amp_search.backends.ort import bf16_probe
+
+    rewriter, feeds = _demo22_rewriter()
+    sessions = []
+
+    def options():
+        sessions.append(1)
+        return ort.SessionOptions()
+
+    gaps = bf16_probe(rewriter, feeds, options, ["CPUExecutionProvider"], placement=False)
+    ops = {n.name: n.op_type for n in rewriter.model.graph.node}
+    assert {ops[n] for n in gaps} == {"Conv", "GlobalAveragePool", "Gemm"}
+    assert all(r == f"{ops[n]} has no bfloat16 kernel on CPUExecutionProvider"
+               for n, r in gaps.items())  # fmt: skip
+    assert len(sessions) == 3  # one per op type, not one per unit (12)
+    # the CPU backend emulates BF16 storage: it has no gaps
+    assert OnnxRuntimeBackend().bf16_gaps(rewriter, feeds, BuildConfig("cpu")) == {}
+
+
+@pytest.mark.gpu
+def test_bf16_gaps_on_the_cuda_ep_name_what_has_no_bfloat16_kernel():
+    # measured in ../shared/gpu/README.md (1.31.1): Conv, Relu, Mul, Gemm run BF16 on the GPU;
+    # GlobalAveragePool has no BF16 kernel on any provider
+    rewriter, feeds = _demo22_rewriter()
+    gaps = OnnxRuntimeBackend().bf16_gaps(rewriter, feeds, BuildConfig("cuda"))
+    ops = {n.name: n.op_type for n in rewriter.model.graph.node}
+    assert "pool/GAP" in gaps and not any(ops[n] == "Conv" for n in gaps)
