@@ -53,9 +53,10 @@ ERROR_ATTR = "error"
 # --- seed labels ----------------------------------------------------------------------------
 ALL_FP32 = "all-fp32"
 ALL_FP16 = "all-fp16"
-#: The two ends of every front, seeded first.
-BASELINES = (ALL_FP32, ALL_FP16)
 #: With BF16 (``--precisions fp16,bf16``): every unit that admits BF16 in BF16, the rest FP32.
 ALL_BF16 = "all-bf16"
+#: The uniform assignments, seeded first (all-BF16 where BF16 is searched): shown beside the
+#: front, kept and refined with it.
+BASELINES = (ALL_FP32, ALL_FP16, ALL_BF16)
 #: With BF16: all FP16, with the units FP16 breaks in BF16 instead of FP32.
 BF16_RESCUE = "fp16-bf16-rescue"

@@ -223,7 +223,7 @@ def run_with_progress(config: Any, command: str) -> int:
 
 
 def baseline_lines(results: Any) -> list[tuple[str, str]]:
-    """all-FP32 / all-FP16: figures, and where they stand against the front, with why."""
+    """The uniform baselines: figures, and where they stand against the front, with why."""
     out = []
     for name in BASELINES:
         b = results.baselines.get(name)

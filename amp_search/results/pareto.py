@@ -289,7 +289,7 @@ def write_front(store: ResultsStore, front: list[FrontPoint], meta: dict[str, An
 
 
 def baselines(study: Any) -> dict[str, dict[str, Any]]:
-    """all-FP32 and all-FP16 figures from the seed trials (and why FP16 is off the front)."""
+    """all-FP32, all-FP16 (and all-BF16) figures from the seed trials."""
     from optuna.trial import TrialState
 
     out: dict[str, dict[str, Any]] = {}

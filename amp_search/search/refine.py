@@ -3,9 +3,10 @@
 During a search every candidate is built fast (TensorRT: a low builder optimization level if
 the search asked for one) and timed once, against the resident all-FP32 reference, until its
 interval is narrow enough. Before a point ships, :func:`refine_front` rebuilds the front points
-within the budget, plus all-FP32 and all-FP16, on the target device with the final options (a
-backend's build-speed options, :attr:`~amp_search.backends.base.Backend.refine_defaults`, go
-back to their defaults unless given again), measures each one's deviation there against the
+within the budget, plus all-FP32 and all-FP16 (and all-BF16), on the target device with the
+final options (a backend's build-speed options,
+:attr:`~amp_search.backends.base.Backend.refine_defaults`, go back to their defaults unless
+given again), measures each one's deviation there against the
 same strict FP32 reference, and times them all with the search's protocol
 (:mod:`amp_search.timing`: windows paired with a resident all-FP32 reference), in interleaved
 rounds so that drift and neighbours hit every point alike, then widens the figures whose
@@ -449,7 +450,7 @@ def _final_options(
 
 
 def _entries(results: Results, budget: float | None) -> list[FrontPoint]:
-    """Front points within ``budget``, then all-FP32 and all-FP16 (once each)."""
+    """Front points within ``budget``, then all-FP32, all-FP16 (and all-BF16), once each."""
     labels = {str(row.get("digest")): key for key, row in results.baselines.items()}
     chosen = [
         replace(p, metrics={**p.metrics, "label": labels.get(p.digest) or f"#{p.trial}"})
@@ -476,6 +477,7 @@ def _entries(results: Results, budget: float | None) -> list[FrontPoint]:
                 n_fp32=len(fp32),
                 n_units=n_units,
                 fp32_units=fp32,
+                bf16_units=sorted(u for u, v in prec.get("units", {}).items() if v == "bf16"),
                 feasible=bool(row.get("feasible", True)),
                 metrics={"label": key},
             )  # fmt: skip

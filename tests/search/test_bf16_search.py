@@ -176,6 +176,13 @@ def test_three_way_search_on_the_demo_finds_bf16_on_its_front(searched, capsys):
                  "--to", str(config.out.parent / "picked.onnx")]) == 0  # fmt: skip
     assert f"BF16 set ({len(bf16_points[0].bf16_units)} of" in " ".join(
         capsys.readouterr().out.split())
+    # all-BF16 is a baseline: refined beside all-FP32 and all-FP16 with its BF16 set
+    assert main(["refine", str(config.out), "--device", "cpu", "--pairs", "2",
+                 "--rounds", "1"]) == 0  # fmt: skip
+    refined = json.loads((config.out / "refined.json").read_text())["points"]
+    labels = {p["metrics"].get("label"): p for p in refined}
+    assert {"all-fp32", "all-fp16", ALL_BF16} <= set(labels)
+    assert len(labels[ALL_BF16]["bf16_units"]) == 12
 
 
 @pytest.mark.slow
