@@ -26,8 +26,9 @@ have unnamed nodes).
   ``InferenceSession`` creations in its process (``__init__`` is wrapped with a counter, for
   measurement only; the count includes the sessions it uses to find missing dtypes), printed
   to stderr as they happen so a run killed at the wall limit still reports its count.
-- ``autocast``: NVIDIA ModelOpt AutoCast ``convert_to_mixed_precision(onnx_path=...,
-  low_precision_type="fp16", keep_io_types=True, calibration_data=<npz>)``, run with the
+- ``autocast`` (``autocast_bf16``): NVIDIA ModelOpt AutoCast ``convert_to_mixed_precision(
+  onnx_path=..., low_precision_type="fp16" ("bf16"), keep_io_types=True,
+  calibration_data=<npz>)``, run with the
   interpreter of a separate venv so the project venv stays clean; its ``InferenceSession``
   creations and ``run`` calls are counted the same way.
 
@@ -63,8 +64,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = ("whole_fp16", "auto_mixed", "auto_mixed_shipped", "autocast")
-MODELS = ("ppocr_cls", "ppocr_rec", "ppocr_det", "minilm", "layout_picodet")
+PEERS = ("whole_fp16", "auto_mixed", "auto_mixed_shipped", "autocast", "autocast_bf16")
+#: AutoCast's peers, by their low_precision_type (all run in AutoCast's own venv).
+AUTOCAST = {"autocast": "fp16", "autocast_bf16": "bf16"}
+MODELS = ("ppocr_cls", "ppocr_rec", "ppocr_det", "minilm", "layout_picodet", "demo22")
 SPLIT_BYTES = 45_000_000
 PEER_CALLS = {
     "whole_fp16": "onnxconverter_common.float16.convert_float_to_float16(model, "
@@ -74,6 +77,8 @@ PEER_CALLS = {
     "auto_mixed_shipped": "the same call as auto_mixed, on the model as shipped (unnamed nodes)",
     "autocast": "modelopt.onnx.autocast.convert_to_mixed_precision(onnx_path=..., "
     "low_precision_type='fp16', keep_io_types=True, calibration_data=<npz>)",
+    "autocast_bf16": "modelopt.onnx.autocast.convert_to_mixed_precision(onnx_path=..., "
+    "low_precision_type='bf16', keep_io_types=True, calibration_data=<npz>)",
 }
 MARK = "[peers]"
 COUNT_RE = re.compile(r"^\[peers\] sessions=(\d+) runs=(\d+)", re.M)
@@ -171,7 +176,7 @@ def child(args: argparse.Namespace) -> int:
     status["onnx"] = onnx.__version__
     feeds = {k: v for k, v in np.load(args.npz).items()}
     model = None
-    if args.child != "autocast":
+    if args.child not in AUTOCAST:
         model = onnx.load(args.model)
     out_model = None
     log_out = open(args.stdout_log, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
@@ -192,13 +197,13 @@ def child(args: argparse.Namespace) -> int:
                 out_model = auto_mixed_precision.auto_convert_mixed_precision(
                     model, feeds, rtol=1e-2, atol=1e-3, keep_io_types=True
                 )
-            elif args.child == "autocast":
+            elif args.child in AUTOCAST:
                 from modelopt.onnx.autocast import convert_to_mixed_precision
 
                 status["tool_version"] = _version("nvidia-modelopt")
                 out_model = convert_to_mixed_precision(
                     onnx_path=args.model,
-                    low_precision_type="fp16",
+                    low_precision_type=AUTOCAST[args.child],
                     keep_io_types=True,
                     calibration_data=args.npz,
                 )
@@ -244,7 +249,7 @@ def run_peer(
     out_log = logs / f"{peer}_{name}.stdout"
     for p in (status_path, out):
         p.unlink(missing_ok=True)
-    python = args.autocast_python if peer == "autocast" else sys.executable
+    python = args.autocast_python if peer in AUTOCAST else sys.executable
     row: dict[str, Any] = {"peer": peer, "model": name, "call": PEER_CALLS[peer]}
     if not Path(python).exists():
         row.update(answer=False, error=f"interpreter {python} not found (install failed?)")
@@ -514,6 +519,18 @@ def summary_line(r: dict[str, Any]) -> str:
             f"err={str(r.get('error'))[:120]}")  # fmt: skip
 
 
+def _demo22(folder: Path) -> tuple[Path, Path]:
+    """The demo model at opset 22 and its data (what ``gpu_bf16.py`` builds on the device)."""
+    import onnx
+
+    from amp_search.demo import build_demo_model, demo_data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_demo_model(opset=22), folder / "demo22.onnx")
+    np.savez(folder / "demo22.npz", **demo_data())
+    return folder / "demo22.onnx", folder / "demo22.npz"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -573,8 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: list[dict[str, Any]] = []
     for name in args.models:
-        src = Path(realmodels.fetch(name))
-        npz = Path(args.data_dir) / f"{name}.npz"
+        if name == "demo22":  # the demo at opset 22 (benchmarks/gpu_bf16.py), built here
+            src, npz = _demo22(out_dir / "logs")
+        else:
+            src, npz = Path(realmodels.fetch(name)), Path(args.data_dir) / f"{name}.npz"
         unnamed = count_unnamed(src)
         named = src
         if unnamed and args.name_nodes != "none":
@@ -602,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("answer"):
                 row["output"] = str(out)
                 row["check"] = check_answer(out, feeds, ref)
-                if peer == "autocast":  # its venv's ONNX Runtime, default optimization level
+                if peer in AUTOCAST:  # its venv's ONNX Runtime, default optimization level
                     row["check"]["tool_env_ort_default"] = tool_env_check(
                         args.autocast_python, out, npz
                     )
