@@ -25,8 +25,9 @@ point holding BF16 units that dominates every FP32/FP16-only point). Per model:
 ``demo22`` is the demo model at opset 22 (ONNX types Conv ``bfloat16`` from there), built here
 when MODELS_DIR has no ``demo22.onnx``. The PP-OCR models are opset 11/12: no op there is typed
 ``bfloat16`` (Cast has it from 13), so their BF16 search holds no BF16 unit and says so.
-``--device cpu`` runs the same on ONNX Runtime CPU to try the script (figures say nothing about
-a GPU).
+``--device cpu --latency estimated`` runs both searches on ONNX Runtime CPU with the H100
+roofline estimate instead of timing (deviation from FP16/BF16 storage emulated) and judges the
+searches' own points, without refining: the estimate's answer, no GPU figure.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
         cfg = SearchConfig(
             model=model, data=npz, out=work / label.replace(",", "_"), device=args.device,
             n_trials=args.trials, storage=f"sqlite:///{work / (label.replace(',', '_') + '.db')}",
-            study_name=f"{name}-{label}", seed=0, latency="measured", precisions=precisions,
+            study_name=f"{name}-{label}", seed=0, latency=args.latency, precisions=precisions,
             timing_max_s=args.timing_max_s,
         )  # fmt: skip
         outcome = run_search(cfg)
@@ -111,8 +112,13 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
             "front_with_bf16": sum(1 for p in outcome.front if p.bf16_units),
         }  # fmt: skip
         save()
-    compare = []
     answer16 = _fastest(results["fp16"].front, budget)
+    if args.latency == "estimated":  # the searches' own points, on the roofline's scale
+        doc["rows"] = _estimated_rows(results["fp16,bf16"], answer16)
+        doc["verdict"] = verdict(doc["rows"], budget)
+        save()
+        return doc
+    compare = []
     if answer16 is not None:
         src = results["fp16"].store.candidate_dir(answer16.digest) / "model.onnx"
         dst = work / "compare" / "fp16search.onnx"
@@ -134,6 +140,28 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
     doc["verdict"] = verdict(rows, budget)
     save()
     return doc
+
+
+def _estimated_rows(results, answer16) -> list[dict]:
+    """The BF16 search's front and baselines, and the FP16-only answer, as estimated."""
+    fp32 = results.baselines.get("all-fp32", {}).get("latency_ms")
+    named = {b["digest"]: key for key, b in results.baselines.items()}
+    rows = [_row(named.get(p.digest, f"#{p.trial}"), p, fp32) for p in results.front]
+    for key, b in results.baselines.items():
+        if any(q.digest == b["digest"] for q in results.front):
+            continue
+        prec = results.store.read_json(results.store.candidate_dir(b["digest"]) / "precision.json")
+        units = (prec or {}).get("units", {})
+        rows.append({
+            "label": key, "latency_ms": b["latency_ms"], "interval_ms": None,
+            "speedup": None if not fp32 else [fp32 / b["latency_ms"]] * 3,
+            "deviation": b["deviation"], "digest": b["digest"], "n_units": len(units),
+            "bf16_units": sum(v == "bf16" for v in units.values()),
+            "fp32_units": sum(v == "fp32" for v in units.values()),
+        })  # fmt: skip
+    if answer16 is not None:
+        rows.append(_row("compare:fp16search.onnx", answer16, fp32))
+    return rows
 
 
 def verdict(rows: list[dict], budget: float) -> dict:
@@ -214,6 +242,7 @@ def main() -> int:
     ap.add_argument("--peers", help="folder of <peer>_<model>.onnx answers to compare")
     ap.add_argument("--work", default="/tmp/amp-gpu-bf16")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only to try the script)")
+    ap.add_argument("--latency", default="measured", choices=("measured", "estimated"))
     ap.add_argument("--report", action="store_true", help="print the table of OUT's JSONs")
     args = ap.parse_args()
     out = Path(args.out)
