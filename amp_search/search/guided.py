@@ -45,6 +45,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 from threadpoolctl import threadpool_limits
 
+from amp_search.results.pareto import front_order
 from amp_search.search._guided.candidates import ENUMERATE_MAX_UNITS, row_key
 from amp_search.search._guided.guide import allowed_codes, load_guide
 from amp_search.search._guided.proposal import Observations, next_row
@@ -212,11 +213,13 @@ def trials_since_front_moved(trials: Sequence[FrozenTrial]) -> int:
     for t in done:
         x, d = float(t.values[0]), float(t.values[1])
         feasible = all(c <= 0.0 for c in t.constraints.values())
-        if not (feasible and math.isfinite(d)) or any(a <= x and b <= d for a, b in front):
-            since += 1
-            continue
-        front = [(a, b) for a, b in front if not (x <= a and d <= b)] + [(x, d)]
-        since = 0
+        if feasible and math.isfinite(d):
+            grown = [*front, (x, d)]
+            keep = front_order([a for a, _ in grown], [b for _, b in grown])
+            if len(front) in keep:  # not matched or beaten by an earlier point
+                front, since = [grown[k] for k in keep], 0
+                continue
+        since += 1
     return since
 
 
