@@ -155,7 +155,7 @@ def _estimated_rows(results, answer16) -> list[dict]:
         rows.append({
             "label": key, "latency_ms": b["latency_ms"], "interval_ms": None,
             "speedup": None if not fp32 else [fp32 / b["latency_ms"]] * 3,
-            "deviation": b["deviation"], "digest": b["digest"], "n_units": len(units),
+            "deviation": float(b["deviation"]), "digest": b["digest"], "n_units": len(units),
             "bf16_units": sum(v == "bf16" for v in units.values()),
             "fp32_units": sum(v == "fp32" for v in units.values()),
         })  # fmt: skip
