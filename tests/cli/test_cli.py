@@ -72,6 +72,18 @@ def test_inspect_refuses_an_unknown_precision_in_one_line(demo_model_path, demo_
     )
 
 
+def test_search_refuses_an_unknown_precision_in_one_line(demo_model_path, demo_data_path,
+                                                         tmp_path):
+    r = _cli("search", str(demo_model_path), "--data", str(demo_data_path), "--out",
+             str(tmp_path / "o"), "--precisions", "fp16,int8")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        "amp-search search: error: --precisions must be fp16, bf16 or fp16,bf16 "
+        "(either order), got 'fp16,int8'."
+    )
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_inspect_precisions_fp16_bf16_adds_the_bf16_column_and_rescue(demo_data_path, tmp_path):
     """On the demo at opset 22 (BF16 Conv): a BF16 column, the rescue line, JSON keys."""
