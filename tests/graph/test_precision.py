@@ -308,3 +308,34 @@ def test_serialized_rewrite_is_the_same_model(name, real_model):
         assert sorted(map(key, back.graph.initializer)) == sorted(map(key, full.graph.initializer))
         assert not skeleton.graph.initializer and skeleton.graph.node == full.graph.node
         assert report2.fp16_nodes == report.fp16_nodes
+
+
+def test_twin_of_a_model_with_external_data_is_written_a_weight_at_a_time(tmp_path):
+    """Weights in external data: the FP32 twin is saved beside the model, its weights read
+    and written one at a time, and it computes exactly what the in-memory twin does."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n)
+              for n in ("w1", "w2"))  # fmt: skip
+    m = sanitize(
+        _model(
+            [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])],
+            [_vi("x", [2, 16])], [_vi("y", [2, 16])], [w1, w2],
+        )
+    )  # fmt: skip
+    first = find_units(m)[0].name  # w1 goes FP16, w2 stays FP32: both kinds of weight
+    out = apply_assignment(m, {first: "fp16"})
+    x = {"x": rng.standard_normal((2, 16)).astype(np.float32)}
+    (want,) = _run_twin(out, x)  # in memory (onnx.save_model below empties out's weights)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(out, path, save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)  # fmt: skip
+    twin = emulating_fp16_storage(path)
+    assert isinstance(twin, str) and Path(twin).parent.name.startswith(".emulated-")
+    saved = onnx.load(twin)
+    assert {t.name: t.data_type for t in saved.graph.initializer} == {
+        "w1__fp16": TensorProto.FLOAT,
+        "w2": TensorProto.FLOAT,
+    }
+    np.testing.assert_array_equal(_run(saved, x)[0], want)
