@@ -211,6 +211,7 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
             "onnx.checker.check_model on it and re-export."
         ) from exc
     out = ir.to_proto(irm)
+    _release_weights(irm)
     name_dynamic_dims(out)
     if out.ir_version > MAX_IR_VERSION:
         logger.debug("IR version %d lowered to %d", out.ir_version, MAX_IR_VERSION)
@@ -244,6 +245,18 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # onnx raises InferenceError and others
         logger.warning("ONNX shape inference failed (%s); element types may be missing", exc)
     return out
+
+
+def _release_weights(model: ir.Model) -> None:
+    """Drops the IR model's hold on the input's weights, now copied into the output.
+
+    Its graphs are reference cycles, freed only by the cyclic garbage collector, whenever
+    that runs; until then their initializers kept the whole input model alive (a second copy
+    of the weights, 2 GiB for a 2 GiB model).
+    """
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            value.const_value = None
 
 
 def _declared_shape_conflict(model: onnx.ModelProto) -> str | None:
