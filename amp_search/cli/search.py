@@ -199,9 +199,11 @@ class SearchCommand(Subcommand):
 def run_with_progress(config: Any, command: str) -> int:
     """Runs a search with its progress shown, prints the outcome; returns the exit code.
 
-    The last line says how it ended: ``PASSED``/``FAILED | runtime | command``, or, when
-    Ctrl-C stopped it, how many trials ran, where the front so far is and how to resume
-    (exit code 130, as for any interrupted command).
+    The last line says how it ended: ``search done: N trials (F failed) in S s; front of K
+    points in OUT`` (``search failed: ...`` and exit code 1 when no trial gave a front and
+    no --max-deviation explains an empty one), or, when Ctrl-C stopped it, how many trials
+    ran, where the front so far is and how to resume (exit code 130, as for any interrupted
+    command).
     """
     from amp_search.cli._progress import search_progress
     from amp_search.search import run_search
@@ -218,7 +220,13 @@ def run_with_progress(config: Any, command: str) -> int:
         )
         return 130
     passed = bool(outcome.front) or config.max_deviation is not None
-    lines.end(f"{'PASSED' if passed else 'FAILED'} | {seconds:.1f}s | {command}")
+    k = len(outcome.front)
+    lines.end(
+        f"search {'done' if passed else 'failed'}: {outcome.n_trials} trials "
+        f"({outcome.n_failed} failed) in {seconds:.0f} s; "
+        + (f"front of {k} point{'' if k == 1 else 's'}" if passed else "no front")
+        + f" in {outcome.out}"
+    )
     return 0 if passed else 1
 
 

@@ -16,13 +16,22 @@ deviation: one BF16 rounding of every BF16 tensor and weight, FP32 arithmetic in
 
 from __future__ import annotations
 
+import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from amp_search.graph.io import save_model, serialize_within_limit, typed_skeleton
+from amp_search.graph.io import (
+    NamedArray,
+    save_model,
+    serialize_within_limit,
+    tensor_nbytes,
+    typed_skeleton,
+    within_protobuf_limit,
+)
 from amp_search.graph.op_types import infer_shapes
 
 __all__ = ["emulating_fp16_storage"]
@@ -38,12 +47,14 @@ def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -
     zero happen at every node boundary, while each node computes in FP32 as ONNX Runtime CPU
     does anyway.
 
-    Returns the twin's bytes, or, when it is over the protobuf limit, the path of the twin
-    saved with external data in a new folder beside the model (the caller removes it).
+    Returns the twin's bytes, or, when it is over the protobuf limit or the model keeps its
+    weights in external data, the path of the twin saved with external data in a new folder
+    beside the model (the caller removes it). Such a twin is written one weight at a time:
+    neither the model's weights nor the twin's are ever held whole.
     ``model_bytes``, when given, is the model (its file may not be written yet).
     """
-    if model_bytes is None:
-        model = onnx.load(str(model_path))
+    if model_bytes is None:  # external weights are read one at a time, when written
+        model = onnx.load(str(model_path), load_external_data=False)
     else:
         model = onnx.load_from_string(model_bytes)
     f16, bf16, f32 = TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT
@@ -65,11 +76,6 @@ def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -
         for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]
     }
     g = model.graph
-    for i, t in enumerate(g.initializer):
-        if t.data_type in low:
-            g.initializer[i].CopyFrom(
-                numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name)
-            )
     fp16_graph_outputs = {o.name for o in g.output if o.type.tensor_type.elem_type in low}
 
     def round_pair(src: str, dst: str, to: int = f16) -> list[onnx.NodeProto]:
@@ -107,8 +113,44 @@ def emulating_fp16_storage(model_path: Path, model_bytes: bytes | None = None) -
         if o.name in fp16_graph_outputs:
             o.type.tensor_type.elem_type = f32
     # Graph outputs declared FP16 are produced FP32 (rounded): the runner reads them as is.
-    data = serialize_within_limit(model)
-    if data is None:
-        scratch = tempfile.mkdtemp(prefix=".emulated-", dir=model_path.parent)
-        return str(save_model(model, Path(scratch) / model_path.name))
-    return data
+    return _twin_weights(model, model_path)
+
+
+def _twin_weights(model: onnx.ModelProto, model_path: Path) -> str | bytes:
+    """The twin (``model``'s graph, rewritten) with its weights in FP32: bytes, or a path.
+
+    In memory when the model holds its weights and the twin fits one protobuf message;
+    else saved with external data, converting one weight at a time.
+    """
+    g, low = model.graph, (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    external = any(t.data_location == TensorProto.EXTERNAL for t in g.initializer)
+    twin_bytes = sum(
+        4 * math.prod(t.dims) if t.data_type in low else tensor_nbytes(t) for t in g.initializer
+    )
+    if not external and within_protobuf_limit(twin_bytes):
+        for i, t in enumerate(g.initializer):
+            if t.data_type in low:
+                g.initializer[i].CopyFrom(
+                    numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name)
+                )
+        data = serialize_within_limit(model)
+        if data is not None:
+            return data
+    scratch = tempfile.mkdtemp(prefix=".emulated-", dir=model_path.parent)
+    weights = _fp32_weights(model, model_path.parent)
+    return str(save_model(model, Path(scratch) / model_path.name, initializers=weights))
+
+
+def _fp32_weights(model: onnx.ModelProto, folder: Path) -> Iterator[onnx.TensorProto | NamedArray]:
+    """The twin's initializers, one at a time.
+
+    FP16/BF16 ones as FP32 arrays, external ones read from ``folder`` (the model's), the
+    others as they are.
+    """
+    low = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    for t in model.graph.initializer:
+        if t.data_type not in low and t.data_location != TensorProto.EXTERNAL:
+            yield t
+            continue
+        values = numpy_helper.to_array(t, str(folder))  # reads only this tensor's bytes
+        yield t.name, values.astype("float32", copy=False) if t.data_type in low else values

@@ -13,8 +13,10 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import numpy_helper
@@ -30,7 +32,9 @@ __all__ = [
     "model_to_bytes",
     "save_model",
     "serialize_within_limit",
+    "tensor_nbytes",
     "typed_skeleton",
+    "within_protobuf_limit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,6 +43,8 @@ logger = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2**31 - 2**26
 #: Initializers of at least this many bytes go to the external data file of a large model.
 _EXTERNAL_THRESHOLD = 1024
+#: An initializer as its name and values: written from the array, no TensorProto copy made.
+NamedArray = tuple[str, np.ndarray]
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -142,10 +148,15 @@ def serialize_within_limit(model: onnx.ModelProto) -> bytes | None:
     return data if len(data) <= PROTOBUF_LIMIT else None
 
 
+def within_protobuf_limit(nbytes: int) -> bool:
+    """Whether ``nbytes`` of weights fit one protobuf message (:data:`PROTOBUF_LIMIT`)."""
+    return nbytes <= PROTOBUF_LIMIT
+
+
 def _inline_weight_bytes(model: onnx.ModelProto) -> int:
     """The initializers' sizes from their shapes (no serialization)."""
     return sum(
-        _nbytes(t)
+        tensor_nbytes(t)
         for t in model.graph.initializer
         if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type in _ITEMSIZE
     )
@@ -211,7 +222,7 @@ def typed_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     out = copy_without_initializers(model)
     inputs = {i.name for i in out.graph.input}
     for t in model.graph.initializer:
-        if _nbytes(t) < _EXTERNAL_THRESHOLD:
+        if tensor_nbytes(t) < _EXTERNAL_THRESHOLD:
             out.graph.initializer.append(t)
         elif t.name not in inputs:
             out.graph.input.append(
@@ -220,7 +231,8 @@ def typed_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """A tensor's size in bytes from its shape and type (its data is not read)."""
     return int(math.prod(t.dims)) * _ITEMSIZE.get(t.data_type, 8)
 
 
@@ -237,7 +249,11 @@ def _copy_fields(src: object, dst: object, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    initializers: Iterable[onnx.TensorProto | NamedArray] | None = None,
+) -> Path:
     """Saves a model atomically; models above 2 GiB get an external data file beside them.
 
     The large-model branch writes ``<name>.data`` (every initializer of 1 KiB or more) and a
@@ -246,6 +262,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     Args:
         model: The model to save.
         path: Destination ``.onnx`` path; the parent folder is created.
+        initializers: Written in place of ``model``'s own, always with external data, one at
+            a time as they come (made as they are written, the weights are never held
+            whole): TensorProtos, or ``(name, array)`` pairs.
 
     Raises:
         UserInputError: The folder cannot be written (permissions, disk full, read-only).
@@ -257,12 +276,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         tmps.append(tmp)
         os.close(fd)
-        if exceeds_protobuf_limit(model):
+        if initializers is not None or exceeds_protobuf_limit(model):
             data_name = p.name + ".data"
             fd, data_tmp = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=p.parent)
             tmps.append(data_tmp)
             with os.fdopen(fd, "wb") as f:
-                skeleton = _externalize(model, f, data_name)
+                skeleton = _externalize(model, f, data_name, initializers)
                 f.flush()
                 os.fsync(f.fileno())
             with open(tmp, "wb") as f:
@@ -283,14 +302,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _externalize(model: onnx.ModelProto, f: object, data_name: str) -> onnx.ModelProto:
-    """Writes the large initializers to ``f``; returns the model referring to them."""
+def _externalize(
+    model: onnx.ModelProto,
+    f: object,
+    data_name: str,
+    initializers: Iterable[onnx.TensorProto | NamedArray] | None = None,
+) -> onnx.ModelProto:
+    """Writes the large initializers to ``f``; returns the model referring to them.
+
+    ``initializers`` are written instead of ``model``'s own (see :func:`save_model`).
+    """
     out = copy_without_initializers(model)
     offset = 0
-    for t in model.graph.initializer:
-        raw = t.raw_data if t.HasField("raw_data") else None
-        if raw is None and t.data_type != onnx.TensorProto.STRING:  # typed fields: re-encode
-            raw = numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+    for item in model.graph.initializer if initializers is None else initializers:
+        t, raw = _with_bytes(item)
         if raw is None or len(raw) < _EXTERNAL_THRESHOLD:
             out.graph.initializer.append(t)
             continue
@@ -306,3 +331,28 @@ def _externalize(model: onnx.ModelProto, f: object, data_name: str) -> onnx.Mode
         f.write(raw)  # type: ignore[attr-defined]
         offset += len(raw)
     return out
+
+
+def _with_bytes(
+    item: onnx.TensorProto | NamedArray,
+) -> tuple[onnx.TensorProto, bytes | memoryview | None]:
+    """An initializer and its data's little-endian bytes (None: strings).
+
+    A ``(name, array)`` pair becomes a TensorProto only when small (kept inline); a large
+    one gets a header without data, and its bytes are the array's own memory, not a copy.
+    """
+    if isinstance(item, onnx.TensorProto):
+        raw = item.raw_data if item.HasField("raw_data") else None
+        if raw is None and item.data_type != onnx.TensorProto.STRING:  # typed fields: re-encode
+            raw = numpy_helper.from_array(numpy_helper.to_array(item)).raw_data
+        return item, raw
+    name, values = item
+    if values.nbytes < _EXTERNAL_THRESHOLD:
+        return numpy_helper.from_array(values, name), None
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    header = onnx.TensorProto(
+        name=name,
+        data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype),
+        dims=values.shape,
+    )
+    return header, memoryview(values.reshape(-1).view(np.uint8))

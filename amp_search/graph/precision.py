@@ -50,7 +50,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from amp_search.graph._index import BFLOAT16, FLOAT, FLOAT16, GraphIndex, NodeParams
+from amp_search.graph._index import (
+    BFLOAT16,
+    FLOAT,
+    FLOAT16,
+    GraphIndex,
+    NodeParams,
+    subgraphs,
+)
 from amp_search.graph.io import copy_without_initializers
 from amp_search.graph.op_types import since_version
 from amp_search.graph.units import FOLLOWER_OPS, Unit, find_units
@@ -256,16 +263,7 @@ class MixedPrecisionRewriter:
         self._ops = [n.op_type for n in nodes]
         self._names = [n.name for n in nodes]
         self._is_init = {n for n in self.index.initializers if self.index.is_initializer(n)}
-        self._sub_refs = [
-            frozenset().union(
-                *(
-                    _all_refs(a)
-                    for a in n.attribute
-                    if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                )
-            )
-            for n in nodes
-        ]
+        self._sub_refs = [frozenset().union(*map(_all_refs, subgraphs(n))) for n in nodes]
         self._graph_input_names = {i.name for i in model.graph.input}
 
     def _fp16_initializer(self, name: str) -> tuple[onnx.TensorProto, InitializerLoss]:
@@ -642,15 +640,13 @@ def _field_header(number: int, size: int) -> bytes:
     return bytes([key]) + bytes(length)
 
 
-def _all_refs(attr: onnx.AttributeProto) -> set[str]:
-    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+def _all_refs(graph: onnx.GraphProto) -> set[str]:
+    """Every name a subgraph's nodes read, nested subgraphs' included."""
     refs: set[str] = set()
-    for g in graphs:
-        for n in g.node:
-            refs.update(n.input)
-            for a in n.attribute:
-                if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    refs |= _all_refs(a)
+    for n in graph.node:
+        refs.update(n.input)
+        for g in subgraphs(n):
+            refs |= _all_refs(g)
     return refs
 
 

@@ -39,6 +39,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass
 
 from amp_search.errors import UserInputError
+from amp_search.graph._index import subgraphs
 from amp_search.graph.io import exceeds_protobuf_limit, typed_skeleton
 from amp_search.graph.op_types import infer_shapes, op_typing
 
@@ -59,7 +60,6 @@ MIN_OPSET = 7
 MAX_OPSET = 23
 #: The IR version of ONNX 1.18, the release that introduced opset 23.
 MAX_IR_VERSION = 11
-_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -124,9 +124,7 @@ def name_dynamic_dims(model: onnx.ModelProto) -> None:
                 d.dim_param = "batch" if k == 0 else f"{vi.name}_dim{k}"
 
 
-def reconcile_shapes(
-    model: onnx.ModelProto, observed: Mapping[str, tuple[int, ...]]
-) -> list[str]:
+def reconcile_shapes(model: onnx.ModelProto, observed: Mapping[str, tuple[int, ...]]) -> list[str]:
     """Relaxes or drops, in place, declared shapes an FP32 run contradicts; one entry per change.
 
     A graph output keeps its element type and gets the rank that ran, every size a dimension
@@ -213,6 +211,7 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
             "onnx.checker.check_model on it and re-export."
         ) from exc
     out = ir.to_proto(irm)
+    _release_weights(irm)
     name_dynamic_dims(out)
     if out.ir_version > MAX_IR_VERSION:
         logger.debug("IR version %d lowered to %d", out.ir_version, MAX_IR_VERSION)
@@ -241,11 +240,23 @@ def sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
                 if found.type.HasField("tensor_type"):
                     mine.type.CopyFrom(found.type)
             for node, inferred in zip(out.graph.node, typed.graph.node, strict=True):
-                if any(a.type in _GRAPH_ATTRS for a in node.attribute):
+                if subgraphs(node):
                     node.CopyFrom(inferred)  # its bodies, with their inferred types
     except Exception as exc:  # onnx raises InferenceError and others
         logger.warning("ONNX shape inference failed (%s); element types may be missing", exc)
     return out
+
+
+def _release_weights(model: ir.Model) -> None:
+    """Drops the IR model's hold on the input's weights, now copied into the output.
+
+    Its graphs are reference cycles, freed only by the cyclic garbage collector, whenever
+    that runs; until then their initializers kept the whole input model alive (a second copy
+    of the weights, 2 GiB for a 2 GiB model).
+    """
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            value.const_value = None
 
 
 def _declared_shape_conflict(model: onnx.ModelProto) -> str | None:

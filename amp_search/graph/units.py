@@ -26,7 +26,7 @@ from typing import Any
 
 import onnx
 
-from amp_search.graph._index import FLOAT, GraphIndex
+from amp_search.graph._index import FLOAT, GraphIndex, subgraphs
 from amp_search.graph.op_types import OP_TYPING
 
 __all__ = [
@@ -45,7 +45,6 @@ _NOT_COMPUTE = frozenset({"Shape", "Size", "Cast", "CastLike", "Constant", "Cons
                           "NonZero", "Range", "EyeLike", "RandomNormalLike", "RandomUniformLike",
                           "IsNaN", "IsInf", "Equal", "Less", "Greater", "LessOrEqual",
                           "GreaterOrEqual", "ArgMax", "ArgMin", "TopK"})  # fmt: skip
-_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 #: A reader in :attr:`Unit.readers` that is no unit's (a non-unit node, a graph output).
 _NO_UNIT = ""
 
@@ -392,7 +391,7 @@ def not_searched(
     in_units = {n for u in units for n in u.nodes}
     sizes = {name: _numel(t) for name, t in idx.initializers.items() if t.data_type == FLOAT}
     total = sum(sizes.values()) + sum(
-        _body_weights(a) for n in model.graph.node for a in n.attribute if a.type in _GRAPH_ATTRS
+        _body_weights(g) for n in model.graph.node for g in subgraphs(n)
     )
     # (op, reason or owner op) -> [nodes, weights, flops, owners of the bodies]
     groups: dict[tuple[str, str], list[Any]] = {}
@@ -407,7 +406,7 @@ def not_searched(
 
     for node in model.graph.node:
         op = _op_name(node)
-        bodies = [a for a in node.attribute if a.type in _GRAPH_ATTRS]
+        bodies = subgraphs(node)
         floats = any(idx.is_float(x) for x in [*node.input, *node.output] if x)
         plain = node.op_type in FOLLOWER_OPS or op in _NOT_COMPUTE or not floats
         if node.name in pinned:
@@ -464,30 +463,27 @@ def _body_compute(
     (MatMul, Conv, ... on integers are rare).
     """
     found: list[tuple[onnx.NodeProto, int]] = []
-    for attr in owner.attribute:
-        if attr.type not in _GRAPH_ATTRS:
-            continue
-        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            types: dict[str, int] = dict(outer)
-            weights: dict[str, int] = dict(sizes)
-            for t in g.initializer:
-                types[t.name] = t.data_type
-                if t.data_type == FLOAT:
-                    weights[t.name] = _numel(t)
-            for vi in [*g.input, *g.output, *g.value_info]:
-                if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                    types[vi.name] = vi.type.tensor_type.elem_type
-            for node in g.node:
-                if any(a.type in _GRAPH_ATTRS for a in node.attribute):
-                    found.extend(_body_compute(node, types, weights))
-                    continue
-                tensors = [x for x in [*node.input, *node.output] if x]
-                known = [types[x] for x in tensors if x in types]
-                floats = FLOAT in known
-                compute = node.op_type in COMPUTE_OPS or node.op_type in POINTWISE_OPS
-                plain = node.op_type in FOLLOWER_OPS or _op_name(node) in _NOT_COMPUTE
-                if not plain and (floats or (compute and not known)):
-                    found.append((node, sum(weights.get(x, 0) for x in node.input)))
+    for g in subgraphs(owner):
+        types: dict[str, int] = dict(outer)
+        weights: dict[str, int] = dict(sizes)
+        for t in g.initializer:
+            types[t.name] = t.data_type
+            if t.data_type == FLOAT:
+                weights[t.name] = _numel(t)
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                types[vi.name] = vi.type.tensor_type.elem_type
+        for node in g.node:
+            if subgraphs(node):
+                found.extend(_body_compute(node, types, weights))
+                continue
+            tensors = [x for x in [*node.input, *node.output] if x]
+            known = [types[x] for x in tensors if x in types]
+            floats = FLOAT in known
+            compute = node.op_type in COMPUTE_OPS or node.op_type in POINTWISE_OPS
+            plain = node.op_type in FOLLOWER_OPS or _op_name(node) in _NOT_COMPUTE
+            if not plain and (floats or (compute and not known)):
+                found.append((node, sum(weights.get(x, 0) for x in node.input)))
     return found
 
 
@@ -498,11 +494,9 @@ def _numel(t: onnx.TensorProto) -> int:
     return n
 
 
-def _body_weights(attr: onnx.AttributeProto) -> int:
-    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-    total = 0
-    for g in graphs:
-        total += sum(_numel(t) for t in g.initializer if t.data_type == FLOAT)
-        for n in g.node:
-            total += sum(_body_weights(a) for a in n.attribute if a.type in _GRAPH_ATTRS)
+def _body_weights(graph: onnx.GraphProto) -> int:
+    """The FP32 weights a subgraph holds, nested subgraphs' included (element count)."""
+    total = sum(_numel(t) for t in graph.initializer if t.data_type == FLOAT)
+    for n in graph.node:
+        total += sum(_body_weights(g) for g in subgraphs(n))
     return total

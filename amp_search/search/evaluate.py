@@ -34,7 +34,7 @@ from amp_search.errors import (
     CandidateRunError,
     UserInputError,
 )
-from amp_search.graph.io import exceeds_protobuf_limit, save_model
+from amp_search.graph.io import copy_without_initializers, exceeds_protobuf_limit, save_model
 from amp_search.graph.precision import MixedPrecisionRewriter
 from amp_search.objective import EvalContext, Objective
 from amp_search.results.store import ResultsStore
@@ -330,6 +330,9 @@ class CandidateEvaluator:
         )  # fmt: skip
         if parts is None:
             path = save_model(model, folder / "model.onnx")
+            # Only the graph is read from here on (the latency estimate), as the small
+            # model's skeleton: the weights go before the backend loads its own copy.
+            model = copy_without_initializers(model)
         elif self.backend.builds_from_memory:
             # The backend builds from memory while the file is written beside it.
             writing = BackgroundWrite(folder / "model.onnx", parts)
@@ -488,8 +491,9 @@ def _from_cache(cached: dict[str, Any], digest: str, fp32_units: list[str]) -> E
         fp32_units=fp32_units,
         cached=True,
         seconds={},
-        extra={k: cached[k] for k in ("conversion", "build", "artifacts", "execution")
-               if k in cached},  # fmt: skip
+        extra={
+            k: cached[k] for k in ("conversion", "build", "artifacts", "execution") if k in cached
+        },  # fmt: skip
     )
 
 

@@ -49,7 +49,7 @@ from amp_search.results.refined import (
     load_refinement,
     summarize,
 )
-from amp_search.search.validation import ValidationRun, data_identity
+from amp_search.search.validation import ValidationRun, data_identity, output_deviation
 from amp_search.timing import PairedTiming
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ def refine_front(
 
     check_max_deviation(max_deviation)
     meta = results.meta
-    backend, config, device, base_options = _target(results, data, device, options)
+    run = results.store.read_json(results.store.root / "run.json") or {}
+    backend, config, device, base_options = _target(results, run, data, device, options)
     identity = backend.identity(config)
     if rounds < 1 or pairs < 2 * rounds:
         raise UserInputError(f"--pairs ({pairs}) must be at least twice --rounds ({rounds}).")
@@ -153,7 +154,6 @@ def refine_front(
         seconds=time.perf_counter() - t0, cpu=config.device_type == "cpu",
     )  # fmt: skip
     meta_out["notes"] += checks.notes if checks is not None else []
-    run = results.store.read_json(results.store.root / "run.json") or {}
     meta_out["validation"] = None if validation is None else validation.identity
     meta_out["data"] = _figure_data(run, data, validation)
     refinement = Refinement(
@@ -169,9 +169,15 @@ def refine_front(
 
 
 def _target(
-    results: Results, data: CalibrationData, device: str | None, options: dict[str, Any] | None
+    results: Results,
+    run: dict[str, Any],
+    data: CalibrationData,
+    device: str | None,
+    options: dict[str, Any] | None,
 ) -> tuple[Backend, BuildConfig, str, dict[str, Any]]:
     """The search's backend, usable here; the build config on ``device``; the device.
+
+    ``run`` is the search's ``run.json`` (its options).
 
     Also the options before they were fitted to the data (a validation set may have other
     shapes).
@@ -183,7 +189,6 @@ def _target(
     reason = backend.unavailable_reason()
     if reason:
         raise BackendUnavailableError(f"Backend '{backend.name}' is unavailable: {reason}")
-    run = results.store.read_json(results.store.root / "run.json") or {}
     device = device or str(meta.get("device", "cpu"))
     base_options = _final_options(backend, run, device, options)
     config = BuildConfig(device=device, options=base_options)
@@ -376,7 +381,6 @@ def _open_entries(
     checks: _ValidationChecks | None = None,
 ) -> tuple[list[_Opened], list[dict[str, Any]]]:  # fmt: skip
     """Builds each entry, measures its deviation and binds it; failures are entries too."""
-    from amp_search.objective import EvalContext
     from amp_search.search.evaluate import local_failure
 
     names = list(reference[0])
@@ -390,9 +394,7 @@ def _open_entries(
             runner = backend.open(candidate).__enter__()
             held.callback(runner.__exit__, None, None, None)
             outputs = [runner.infer(batch) for batch in data]
-            ctx = EvalContext(reference=reference, outputs=outputs, output_names=names)
-            finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
-            deviation = float(metric.evaluate(ctx)) if finite else math.inf
+            deviation = output_deviation(metric, reference, outputs, names)
             unseen = None if checks is None else checks.measure(point, path, runner)
             runner.bind(data.first())
         except Exception as exc:  # any stage, any error: this entry fails, the rest go on

@@ -59,6 +59,7 @@ __all__ = [
     "check_holdout_fraction",
     "data_identity",
     "measure_front",
+    "output_deviation",
     "prepare_validation",
     "run_identity",
 ]
@@ -199,6 +200,23 @@ def _digest(kind: str, identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
+def output_deviation(
+    metric: Objective,
+    reference: list[dict[str, np.ndarray]],
+    outputs: list[dict[str, np.ndarray]],
+    output_names: list[str],
+) -> float:
+    """``metric`` over a candidate's ``outputs`` against ``reference`` (one dict per batch).
+
+    inf when an output holds inf/NaN (the metric is not asked) or the metric gives NaN.
+    """
+    if not all(np.isfinite(v).all() for out in outputs for v in out.values()):
+        return math.inf
+    ctx = EvalContext(reference=reference, outputs=outputs, output_names=output_names)
+    value = float(metric.evaluate(ctx))
+    return math.inf if math.isnan(value) else value
+
+
 class ValidationRun:
     """The validation data with its FP32 reference outputs (computed once); measures candidates.
 
@@ -227,13 +245,7 @@ class ValidationRun:
 
     def deviation(self, outputs: list[dict[str, np.ndarray]]) -> float:
         """The metric over ``outputs`` (one dict per validation batch); inf if not finite."""
-        finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
-        if not finite:
-            return math.inf
-        ctx = EvalContext(reference=self.reference, outputs=outputs,
-                          output_names=self.output_names)  # fmt: skip
-        value = float(self.metric.evaluate(ctx))
-        return math.inf if math.isnan(value) else value
+        return output_deviation(self.metric, self.reference, outputs, self.output_names)
 
     def run(self, runner: Runner) -> float:
         """The deviation of an open candidate (built with :attr:`config`'s options)."""

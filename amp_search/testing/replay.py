@@ -549,7 +549,7 @@ class ModelEvaluator:
 
     def evaluate(self, mask: int) -> tuple[float, float]:
         """(estimated latency ms, deviation) of one assignment."""
-        from amp_search.objective import EvalContext
+        from amp_search.search.validation import output_deviation
 
         parts, skeleton, _ = self.rewriter.apply_serialized(self.assignment(mask))
         candidate = self.backend.build(self._scratch, self.config, model_bytes=parts)
@@ -558,13 +558,8 @@ class ModelEvaluator:
                 outputs = [runner.infer(batch) for batch in self.data]
         finally:
             self.backend.release(candidate)
-        finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
-        ctx = EvalContext(
-            reference=self.reference, outputs=outputs, output_names=self.output_names
-        )
-        dev = float(self.metric.evaluate(ctx))
-        latency = float(self.estimator.estimate(skeleton))
-        return latency, dev if finite and not math.isnan(dev) else math.inf
+        dev = output_deviation(self.metric, self.reference, outputs, self.output_names)
+        return float(self.estimator.estimate(skeleton)), dev
 
 
 def search_context(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import ml_dtypes
@@ -345,82 +344,7 @@ def test_demo_mixed_fp16_bf16_is_valid_and_runs():
     assert got.shape == _run(m, feeds)[0].shape
 
 
-# --- every real model: the rewrite property with BF16 ------------------------------------------
-
-REAL = ["ppocr_cls", "ppocr_det", "ppocr_rec", "minilm"]  # the last one must stay MiniLM
-
-
-def _real(name: str, real_model, opset: int | None):
-    path, feeds = real_model(name)
-    original = onnx.load(path)
-    if opset is not None:
-        original = version_converter.convert_version(original, opset)
-    if name == "ppocr_det":  # a smaller page keeps the runs quick; the model is the same
-        feeds = {k: v[:, :, :160, :160] for k, v in feeds.items()}
-    if name == "minilm":
-        feeds = {k: v[:1] for k, v in feeds.items()}
-    return original, feeds
-
-
-def _check_real(original, feeds, assignments) -> None:
-    model = sanitize(original)
-    rw = MixedPrecisionRewriter(model)
-    ref = _run(original, feeds)
-    names = [u.name for u in rw.units]
-    fp32 = PrecisionAssignment.uniform(names, FP32)
-    for k, make in enumerate([lambda _: fp32, *assignments]):
-        a = make(names)
-        out, report = rw.apply(a)
-        onnx.checker.check_model(out, full_check=True)
-        assert _io(out) == _io(original), f"assignment {k} changed graph inputs/outputs"
-        got = _run_twin(out, feeds)
-        assert [g.dtype for g in got] == [r.dtype for r in ref]
-        assert [g.shape for g in got] == [r.shape for r in ref]
-        if k == 0:
-            assert not report.low_precision_nodes
-            for g, r in zip(got, ref, strict=True):
-                assert np.array_equal(g, r), "all-FP32 must reproduce the original bit for bit"
-
-
-def _all_bf16(names):
-    return PrecisionAssignment.uniform(names, BF16)
-
-
-def _three_way(seed):
-    def make(names):
-        rng = random.Random(seed)
-        return PrecisionAssignment.from_mapping({n: rng.choice([FP32, FP16, BF16]) for n in names})
-
-    return make
-
-
-@pytest.mark.parametrize(
-    "name",
-    [*REAL[:-1], pytest.param("minilm", marks=pytest.mark.slow)],  # MiniLM: ~5 s
-)
-def test_bf16_rewrite_on_real_model_at_its_opset(name, real_model):
-    """Valid under full_check, IO kept, the twin runs on ORT CPU, all-FP32 bit-exact."""
-    original, feeds = _real(name, real_model, None)
-    _check_real(original, feeds, [_all_bf16, _three_way(0)])
-    rw = MixedPrecisionRewriter(sanitize(original))
-    _, report = rw.apply(_all_bf16([u.name for u in rw.units]))
-    if rw.index.opset < 13:  # PP-OCR (11, 12): Cast has no bfloat16 yet, BF16 withheld
-        assert not report.bf16_nodes and report.bf16_unsupported
-    else:  # MiniLM (14): every node the all-FP16 rewrite runs low runs BF16
-        _, r16 = rw.apply(rw.all_fp16())
-        assert sorted(report.bf16_nodes) == sorted(r16.fp16_nodes)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["ppocr_cls", "ppocr_det", "ppocr_rec"])
-def test_bf16_rewrite_on_real_model_at_opset_22(name, real_model):
-    """PP-OCR's opsets 11/12 type no op BF16; at 22 (converted here) its convolutions run BF16."""
-    original, feeds = _real(name, real_model, 22)
-    model = sanitize(original)
-    rw = MixedPrecisionRewriter(model)
-    _, report = rw.apply(_all_bf16([u.name for u in rw.units]))
-    assert not report.bf16_unsupported and report.bf16_nodes
-    _check_real(original, feeds, [_all_bf16, *(_three_way(s) for s in range(3))])
+# (Every real model with BF16: test_precision.py's real-model test, parametrized.)
 
 
 def test_bf16_pow_keeps_its_fp32_exponent_where_the_opset_types_it_so():

@@ -1,25 +1,38 @@
-"""The mixed-precision rewrite: validity, IO preservation, FP32 identity, FP16 effects."""
+"""The mixed-precision rewrite: validity, IO preservation, FP32 identity, FP16 effects.
+
+The real-model property runs with FP16 and with BF16 (the BF16 specifics: test_bf16.py).
+"""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from amp_search.graph import MixedPrecisionRewriter, apply_assignment, find_units, sanitize
+from amp_search.graph.emulate import emulating_fp16_storage
 from amp_search.types import Precision, PrecisionAssignment
 
 SO = ort.SessionOptions()
 SO.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), SO, providers=["CPUExecutionProvider"])
+def _run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    sess = ort.InferenceSession(model, SO, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+def _run_twin(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Runs the FP32 twin that emulates FP16/BF16 storage (what ORT CPU can run)."""
+    return _run(emulating_fp16_storage(Path("unused.onnx"), model.SerializeToString()), feeds)
 
 
 def _io(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
@@ -188,41 +201,94 @@ def test_if_subgraph_passes_through_and_reads_fp32_names():
 # --- every real model of ../shared/models: the rewrite property -------------------------------
 
 REAL = ["ppocr_cls", "ppocr_det", "ppocr_rec", "minilm"]
+PPOCR = REAL[:-1]
+FP16, BF16 = Precision.FP16, Precision.BF16
 
 
-@pytest.mark.parametrize("name", REAL)
-@pytest.mark.slow
-def test_rewrite_property_on_real_model(name, real_model):
-    """All-FP32, all-FP16 and 20 random assignments: valid, loadable, runnable, IO kept."""
+def _real_cases() -> list[Any]:
+    """(model, low precision, opset converted to or None): FP16 at the model's opset; BF16
+    there (PP-OCR's 11/12 type no op BF16) and, for PP-OCR, at 22, where its convolutions do."""
+    slow = pytest.mark.slow
+    return [
+        *(pytest.param(n, FP16, None, marks=slow, id=f"{n}-fp16") for n in REAL),
+        *(pytest.param(n, BF16, None, id=f"{n}-bf16") for n in PPOCR),
+        pytest.param("minilm", BF16, None, marks=slow, id="minilm-bf16"),  # MiniLM: ~5 s
+        *(pytest.param(n, BF16, 22, marks=slow, id=f"{n}-bf16-opset22") for n in PPOCR),
+    ]
+
+
+def _real(name: str, real_model, low: Precision, opset: int | None):
+    """The original model (converted to ``opset``) and feeds small enough for many runs."""
     path, feeds = real_model(name)
     original = onnx.load(path)
-    if name == "ppocr_det":  # one smaller page keeps 22 runs quick; the model is the same
-        feeds = {k: v[:, :, :320, :320] for k, v in feeds.items()}
-    (ref,) = [_run(original, feeds)]
-    model = sanitize(original)
-    rw = MixedPrecisionRewriter(model)
-    names = [u.name for u in rw.units]
-    rng = random.Random(0)
-    assignments = [
-        PrecisionAssignment.uniform(names, Precision.FP32),
-        PrecisionAssignment.uniform(names, Precision.FP16),
-    ] + [
-        PrecisionAssignment.with_fp16(names, [n for n in names if rng.random() < 0.5])
-        for _ in range(20)
-    ]
-    for k, a in enumerate(assignments):
+    if opset is not None:
+        original = version_converter.convert_version(original, opset)
+    if name == "ppocr_det":  # a smaller page keeps the runs quick; the model is the same
+        side = 320 if low is FP16 else 160  # the BF16 twin runs slower
+        feeds = {k: v[:, :, :side, :side] for k, v in feeds.items()}
+    if name == "minilm" and low is BF16:
+        feeds = {k: v[:1] for k, v in feeds.items()}
+    return original, feeds
+
+
+def _real_assignments(
+    names: list[str], low: Precision, opset: int | None
+) -> list[PrecisionAssignment]:
+    """All-FP32, all-``low``, then random mixes: FP32/FP16 (20), or FP32/FP16/BF16 (1; 3 at
+    a converted opset)."""
+    fixed = [PrecisionAssignment.uniform(names, Precision.FP32),
+             PrecisionAssignment.uniform(names, low)]  # fmt: skip
+    if low is FP16:
+        rng = random.Random(0)
+        return fixed + [
+            PrecisionAssignment.with_fp16(names, [n for n in names if rng.random() < 0.5])
+            for _ in range(20)
+        ]
+    mixes = []
+    for seed in range(1 if opset is None else 3):
+        three = random.Random(seed)
+        mixes.append(PrecisionAssignment.from_mapping(
+            {n: three.choice([Precision.FP32, FP16, BF16]) for n in names}
+        ))  # fmt: skip
+    return fixed + mixes
+
+
+@pytest.mark.parametrize(("name", "low", "opset"), _real_cases())
+def test_rewrite_property_on_real_model(name, low, opset, real_model):
+    """All-FP32, all-FP16/BF16 and random mixes: valid under full_check, IO kept, runnable
+    (BF16 through the FP32 twin ORT CPU runs), all-FP32 bit-exact."""
+    original, feeds = _real(name, real_model, low, opset)
+    ref = _run(original, feeds)
+    rw = MixedPrecisionRewriter(sanitize(original))
+    run = _run if low is FP16 else _run_twin
+    reports = []
+    for k, a in enumerate(_real_assignments([u.name for u in rw.units], low, opset)):
         out, report = rw.apply(a)
+        reports.append(report)
         onnx.checker.check_model(out, full_check=True)
         assert _io(out) == _io(original), f"assignment {k} changed graph inputs/outputs"
-        got = _run(out, feeds)
+        got = run(out, feeds)
         assert [g.dtype for g in got] == [r.dtype for r in ref]
         assert [g.shape for g in got] == [r.shape for r in ref]
         if k == 0:
-            assert not report.fp16_nodes
+            assert not report.low_precision_nodes
             for g, r in zip(got, ref, strict=True):
                 assert np.array_equal(g, r), "all-FP32 must reproduce the original bit for bit"
-        else:
+        elif low is FP16:
             assert report.fp16_nodes or not a.fp16_units
+    if low is BF16:
+        _check_bf16_coverage(rw, reports[1], opset)
+
+
+def _check_bf16_coverage(rw: MixedPrecisionRewriter, all_bf16: Any, opset: int | None) -> None:
+    """Which nodes the all-BF16 rewrite ran BF16: none below opset 13, as FP16's otherwise."""
+    if opset is not None:  # PP-OCR at 22: its convolutions run BF16
+        assert not all_bf16.bf16_unsupported and all_bf16.bf16_nodes
+    elif rw.index.opset < 13:  # PP-OCR (11, 12): Cast has no bfloat16 yet, BF16 withheld
+        assert not all_bf16.bf16_nodes and all_bf16.bf16_unsupported
+    else:  # MiniLM (14): every node the all-FP16 rewrite runs low runs BF16
+        _, r16 = rw.apply(rw.all_fp16())
+        assert sorted(all_bf16.bf16_nodes) == sorted(r16.fp16_nodes)
 
 
 @pytest.mark.parametrize("name", ["ppocr_cls", "minilm"])
@@ -242,3 +308,34 @@ def test_serialized_rewrite_is_the_same_model(name, real_model):
         assert sorted(map(key, back.graph.initializer)) == sorted(map(key, full.graph.initializer))
         assert not skeleton.graph.initializer and skeleton.graph.node == full.graph.node
         assert report2.fp16_nodes == report.fp16_nodes
+
+
+def test_twin_of_a_model_with_external_data_is_written_a_weight_at_a_time(tmp_path):
+    """Weights in external data: the FP32 twin is saved beside the model, its weights read
+    and written one at a time, and it computes exactly what the in-memory twin does."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n)
+              for n in ("w1", "w2"))  # fmt: skip
+    m = sanitize(
+        _model(
+            [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])],
+            [_vi("x", [2, 16])], [_vi("y", [2, 16])], [w1, w2],
+        )
+    )  # fmt: skip
+    first = find_units(m)[0].name  # w1 goes FP16, w2 stays FP32: both kinds of weight
+    out = apply_assignment(m, {first: "fp16"})
+    x = {"x": rng.standard_normal((2, 16)).astype(np.float32)}
+    (want,) = _run_twin(out, x)  # in memory (onnx.save_model below empties out's weights)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(out, path, save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)  # fmt: skip
+    twin = emulating_fp16_storage(path)
+    assert isinstance(twin, str) and Path(twin).parent.name.startswith(".emulated-")
+    saved = onnx.load(twin)
+    assert {t.name: t.data_type for t in saved.graph.initializer} == {
+        "w1__fp16": TensorProto.FLOAT,
+        "w2": TensorProto.FLOAT,
+    }
+    np.testing.assert_array_equal(_run(saved, x)[0], want)
