@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from amp_search.errors import UserInputError
+from amp_search.record import encode_float
 
 __all__ = [
     "BackgroundWrite",
@@ -169,14 +170,17 @@ def disk_full_message(exc: BaseException) -> str | None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, sync: bool = True) -> Path:
-    """Writes ``obj`` as indented JSON atomically (non-finite floats become strings)."""
+    """Writes ``obj`` as indented JSON atomically (non-finite floats as :func:`encode_float`'s).
+
+    :func:`~amp_search.record.decode_float` reads them back.
+    """
     text = json.dumps(_finite(obj), indent=2, sort_keys=False)
     return write_bytes_atomic(path, text.encode() + b"\n", sync=sync)
 
 
 def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return str(obj)
+    if isinstance(obj, float):
+        return encode_float(obj)
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

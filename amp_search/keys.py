@@ -39,7 +39,7 @@ GUIDE_ATTR = "amp_search:guide"
 SEEDED_ATTR = "amp_search:seeded"
 
 # --- trial user attributes ------------------------------------------------------------------
-#: The trial's figures (one dict: one storage write).
+#: The trial's figures (one dict: one storage write), as :class:`amp_search.record.TrialRecord`.
 RECORD_ATTR = "amp_search"
 #: A seed trial's label (one of :data:`BASELINES`, or a ladder step).
 SEED_ATTR = "seed"

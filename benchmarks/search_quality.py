@@ -178,7 +178,7 @@ def run_seed(
     from optuna.trial import TrialState
 
     from amp_search.keys import GUIDE_ATTR
-    from amp_search.results.pareto import record_of
+    from amp_search.record import TrialRecord
     from amp_search.search.run import SearchConfig, run_search
     from amp_search.search.sampler import DEFAULT_SAMPLER
 
@@ -208,12 +208,12 @@ def run_seed(
     curve: list[float] = []
     mismatch = 0.0
     for t in done:
-        digest = str(record_of(t)["digest"])
+        digest = TrialRecord.from_trial(t).digest
         if digest in seen:
             continue
         lat, dev = float(t.values[0]), float(t.values[1])
         seen[digest] = (lat, dev)
-        m = setup.mask_of_fp32(set(record_of(t)["fp32_units"]))
+        m = setup.mask_of_fp32(set(TrialRecord.from_trial(t).fp32_units))
         if math.isfinite(dev):
             mismatch = max(
                 mismatch,
@@ -229,7 +229,7 @@ def run_seed(
     for t in done:
         label = t.user_attrs.get("seed")
         if label:
-            fp32 = sorted(record_of(t)["fp32_units"])
+            fp32 = sorted(TrialRecord.from_trial(t).fp32_units)
             lat, dev = float(t.values[0]), float(t.values[1])
             seed_trials.append(
                 {
@@ -758,7 +758,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
     from optuna.trial import TrialState
 
     from amp_search.graph import find_units, load_model, sanitize
-    from amp_search.results.pareto import record_of
+    from amp_search.record import TrialRecord
     from amp_search.search.run import SearchConfig, run_search
     from amp_search.search.sampler import DEFAULT_SAMPLER
     from amp_search.testing import realmodels
@@ -792,7 +792,7 @@ def overhead(name: str, trials: int, workdir: Path, storage_kind: str) -> dict[s
     every = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     rows = []
     for k, t in enumerate(every):
-        secs = (record_of(t).get("metrics") or {}).get("seconds") or {}
+        secs = TrialRecord.from_trial(t).seconds
         if t.state != TrialState.COMPLETE or "build" not in secs:
             continue  # failed, or answered from the cache
         total = (t.datetime_complete - t.datetime_start).total_seconds()

@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amp_search.keys import OWNER_ATTR  # noqa: E402
-from amp_search.results.pareto import record_of  # noqa: E402
+from amp_search.record import TrialRecord  # noqa: E402
 from amp_search.search.study import open_or_create_study  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,8 +71,9 @@ def run_once(args: argparse.Namespace, k: int, work: Path, storage: str) -> dict
     trials = open_or_create_study(storage, study, must_exist=True)[0].get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    digests = {record_of(t)["digest"] for t in complete}
-    built = Counter(record_of(t)["digest"] for t in complete if not record_of(t)["cached"])
+    records = [TrialRecord.from_trial(t) for t in complete]
+    digests = {r.digest for r in records}
+    built = Counter(r.digest for r in records if not r.cached)
     seeds = Counter(t.user_attrs["seed"] for t in trials
                     if "seed" in t.user_attrs and t.state.name != "FAIL")  # fmt: skip
     starts = [t.datetime_start for t in complete if t.datetime_start]
@@ -80,7 +81,7 @@ def run_once(args: argparse.Namespace, k: int, work: Path, storage: str) -> dict
     steady = (max(ends) - min(starts)).total_seconds() if starts else float("nan")
     rows = []
     for t in complete:
-        secs = (record_of(t).get("metrics") or {}).get("seconds") or {}
+        secs = TrialRecord.from_trial(t).seconds
         if "build" not in secs:
             continue  # answered from the cache
         total = (t.datetime_complete - t.datetime_start).total_seconds()

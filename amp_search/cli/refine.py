@@ -176,7 +176,7 @@ def render(refinement: Refinement, con: Any) -> None:
             p.latency_text(),
             "-" if compared else f"{float(mx['search_latency_ms']):.4g}",
             f"{p.deviation:.3g}",
-            "-" if compared else f"{float(mx['search_deviation']):.3g}",  # "inf" read back
+            "-" if compared else f"{float(mx['search_deviation']):.3g}",
             *((_figure(p.validation_deviation),) if validated else ()),
             "-" if compared else f"{p.n_fp32}/{p.n_units}",
             "-" if speed is None else f"{speed[0]:.2f}x [{speed[1]:.2f}, {speed[2]:.2f}]",

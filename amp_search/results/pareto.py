@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from amp_search._atomic import write_bytes_atomic, write_json_atomic
 from amp_search.errors import UserInputError
-from amp_search.keys import ALL_FP32, BASELINES, RECORD_ATTR, SEED_ATTR
+from amp_search.keys import ALL_FP32, BASELINES, SEED_ATTR
+from amp_search.record import TrialRecord, decode_float, decode_metrics
 from amp_search.results.store import ResultsStore
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ __all__ = [
     "latency_tie",
     "nondominated_points",
     "point_from_trial",
-    "record_of",
     "write_front",
 ]
 
@@ -47,12 +47,6 @@ def check_max_deviation(max_deviation: float | None) -> None:
     """Refuses a ``--max-deviation`` budget that is not positive (None: no budget)."""
     if max_deviation is not None and not max_deviation > 0:
         raise UserInputError(f"--max-deviation must be positive, got {max_deviation:g}.")
-
-
-def record_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """A trial's recorded figures (digest, latency source, fallback set, ...)."""
-    found = trial.user_attrs.get(RECORD_ATTR)
-    return dict(found) if isinstance(found, dict) else {}
 
 
 @dataclass
@@ -90,6 +84,20 @@ class FrontPoint:
     feasible: bool = True
     metrics: dict[str, Any] = field(default_factory=dict)
     validation_deviation: float | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> FrontPoint:
+        """A point as ``front.json`` or ``refined.json`` holds it (figures decoded to floats).
+
+        Columns that are not fields (the derived ones ``write_front`` adds) are left out.
+        """
+        fields = cls.__dataclass_fields__
+        kept = {k: v for k, v in row.items() if k in fields}
+        for key in ("latency_ms", "deviation"):
+            kept[key] = decode_float(kept[key])
+        kept["validation_deviation"] = decode_float(kept.get("validation_deviation"))
+        kept["metrics"] = decode_metrics(kept.get("metrics") or {})
+        return cls(**kept)
 
     @property
     def latency_interval(self) -> tuple[float, float] | None:
@@ -168,21 +176,21 @@ def point_from_trial(trial: optuna.trial.FrozenTrial) -> FrontPoint | None:
     """A :class:`FrontPoint` from a completed trial (None for trials without values)."""
     if trial.values is None or len(trial.values) != 2:
         return None
-    attrs = record_of(trial)
+    record = TrialRecord.from_trial(trial)
     constraints = getattr(trial, "constraints", {}) or {}
     return FrontPoint(
         trial=trial.number,
-        digest=str(attrs.get("digest", "")),
+        digest=record.digest,
         latency_ms=float(trial.values[0]),
-        latency_source=str(attrs.get("latency_source", "")),
+        latency_source=record.latency_source,
         deviation=float(trial.values[1]),
-        metric=str(attrs.get("metric", "")),
-        n_fp32=int(attrs.get("n_fp32", 0)),
-        n_units=int(attrs.get("n_units", 0)),
-        fp32_units=list(attrs.get("fp32_units", [])),
-        bf16_units=list(attrs.get("bf16_units", [])),
+        metric=record.metric,
+        n_fp32=record.n_fp32,
+        n_units=record.n_units,
+        fp32_units=list(record.fp32_units),
+        bf16_units=list(record.bf16_units),
         feasible=all(v <= 0 for v in constraints.values()),
-        metrics=dict(attrs.get("metrics", {})),
+        metrics=record.metrics,
     )
 
 

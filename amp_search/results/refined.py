@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from amp_search.errors import UserInputError
 from amp_search.keys import ALL_FP32
 from amp_search.results.pareto import FrontPoint
-from amp_search.results.validation import decisive_deviation, holds, read_figure
+from amp_search.record import decode_float
+from amp_search.results.validation import decisive_deviation, holds
 
 if TYPE_CHECKING:
     from amp_search.results.report import Results
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 REFINED_FILE = "refined.json"
+#: The search's figures a refined point keeps in its ``metrics`` (non-finite: strings in JSON).
+_SEARCH_FIGURES = ("search_latency_ms", "search_deviation", "search_validation_deviation")
 
 @dataclass
 class Refinement:
@@ -82,13 +85,11 @@ def load_refinement(root: str | Path) -> Refinement | None:
         ) from exc
 
     def points(rows: list[dict[str, Any]]) -> list[FrontPoint]:
-        out = []
-        for row in rows:
-            row = dict(row)
-            for key in ("latency_ms", "deviation"):
-                row[key] = float(row[key]) if not isinstance(row[key], str) else math.inf
-            row["validation_deviation"] = read_figure(row.get("validation_deviation"))
-            out.append(FrontPoint(**row))
+        out = [FrontPoint.from_row(row) for row in rows]
+        for p in out:  # the search's figures, kept beside the refined ones
+            for key in _SEARCH_FIGURES:
+                if key in p.metrics:
+                    p.metrics[key] = decode_float(p.metrics[key])
         return out
 
     lists = ("points", "front", "compared", "failed")

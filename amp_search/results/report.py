@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
 from amp_search.keys import ALL_FP32
+from amp_search.record import decode_float
 from amp_search.results.pareto import FrontPoint, check_max_deviation, latency_tie
 from amp_search.results.store import ResultsStore
 from amp_search.results.validation import (
     decisive_deviation,
     holds,
-    read_figure,
     refusal,
     unmeasured_note,
     validation_label,
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = ["Choice", "Results", "choose", "copy_candidate", "load_results", "pick_point"]
+
+#: The figures of a baseline (``front.json``'s ``baselines``) that may be non-finite.
+_FIGURES = ("latency_ms", "deviation")
 
 
 @dataclass
@@ -38,8 +41,14 @@ class Results:
 
     @property
     def baselines(self) -> dict[str, dict[str, Any]]:
-        """all-FP32 / all-FP16 figures (from their candidate folders), if evaluated."""
-        return dict(self.meta.get("baselines", {}))
+        """all-FP32 / all-FP16 (/ all-BF16) figures, if evaluated; latency and deviation floats.
+
+        ``front.json`` holds a non-finite figure as a string (``"inf"``): decoded here.
+        """
+        return {
+            name: {k: decode_float(v) if k in _FIGURES else v for k, v in row.items()}
+            for name, row in dict(self.meta.get("baselines") or {}).items()
+        }
 
     def render(self, console: Console) -> None:
         """Prints the front as a table, fastest first."""
@@ -107,14 +116,7 @@ def load_results(path: str | os.PathLike[str]) -> Results:
         raise UserInputError(
             f"{path} has no front.json: run 'amp-search search ... --out {path}' first."
         )
-    front = []
-    fields = set(FrontPoint.__dataclass_fields__)
-    for row in data.get("front", []):
-        row = {k: v for k, v in row.items() if k in fields}  # derived columns are recomputed
-        for key in ("latency_ms", "deviation"):
-            row[key] = float(row[key]) if not isinstance(row[key], str) else math.inf
-        row["validation_deviation"] = read_figure(row.get("validation_deviation"))
-        front.append(FrontPoint(**row))
+    front = [FrontPoint.from_row(row) for row in data.get("front", [])]
     meta = {k: v for k, v in data.items() if k != "front"}
     return Results(store, meta, front)
 

@@ -25,7 +25,6 @@ __all__ = [
     "VALIDATION_FILE",
     "decisive_deviation",
     "holds",
-    "read_figure",
     "refusal",
     "unmeasured_note",
     "validation_label",
@@ -33,13 +32,6 @@ __all__ = [
 
 #: A candidate's deviation on the validation data, cached in its folder (``candidates/<d>/``).
 VALIDATION_FILE = "validation.json"
-
-
-def read_figure(value: Any) -> float | None:
-    """A deviation as written to JSON (``"inf"``/``"nan"`` are strings there; None stays)."""
-    if value is None:
-        return None
-    return float(value)
 
 
 def decisive_deviation(point: FrontPoint) -> float:

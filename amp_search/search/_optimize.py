@@ -27,12 +27,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import CandidateBuildError, CandidateRunError, UserInputError
 from amp_search.keys import ERROR_ATTR, RECORD_ATTR, SEED_ATTR, SEED_PARAMS_ATTR
+from amp_search.record import TrialRecord
 from amp_search.results.outputs import save_front
-from amp_search.results.pareto import compute_front, record_of
+from amp_search.results.pareto import compute_front
 from amp_search.results.prune import prune_dominated
 from amp_search.search.evaluate import Evaluation
 from amp_search.search.study import (
@@ -309,17 +311,16 @@ def _evaluated_trials(study: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        digest = record_of(t).get("digest")
-        if digest is not None and str(digest) not in out:
-            out[str(digest)] = t
+        digest = TrialRecord.from_trial(t).digest
+        if digest and digest not in out:
+            out[digest] = t
     return out
 
 
 def _answer_from_trial(trial: Any, prior: Any) -> tuple[float, float]:
     """A re-proposed assignment answered from the trial that evaluated it."""
-    record = dict(record_of(prior))
-    record["cached"] = True
-    trial.set_user_attr(RECORD_ATTR, record)
+    record = replace(TrialRecord.from_trial(prior), cached=True)
+    trial.set_user_attr(RECORD_ATTR, record.to_attr())
     for name, value in prior.constraints.items():
         trial.set_constraint(name, value)
     return float(prior.values[0]), float(prior.values[1])
@@ -399,33 +400,23 @@ class _quiet_heartbeat_errors:  # noqa: N801 - used as a context manager
 def _record(
     trial: Any, ev: Evaluation, metric: str, n_units: int, bf16_units: list[str]
 ) -> None:
-    """Stores the trial's figures as ONE user attribute (one storage write, not eight).
-
-    ``bf16_units`` (the units in BF16) are recorded only when there are any: records of
-    FP32/FP16 searches stay as they were.
-    """
-    deviations = {k: (v if v != float("inf") else "inf") for k, v in ev.deviations.items()}
-    bf16 = {"bf16_units": bf16_units} if bf16_units else {}
-    trial.set_user_attr(
-        RECORD_ATTR,
-        {
-            **bf16,
-            "digest": ev.digest,
-            "latency_source": ev.latency.source,
-            "metric": metric,
-            "n_fp32": len(ev.fp32_units),
-            "n_units": n_units,
-            "fp32_units": ev.fp32_units,
-            "cached": ev.cached,
-            "metrics": {
-                "p90_ms": ev.latency.p90_ms,
-                "deviations": deviations,
-                "seconds": ev.seconds,
-                "casts": ev.extra.get("conversion", {}).get("casts_inserted"),
-                **_timing_record(ev),
-            },
-        },
+    """Stores the trial's figures as ONE user attribute (one storage write, not eight)."""
+    record = TrialRecord(
+        digest=ev.digest,
+        latency_source=ev.latency.source,
+        metric=metric,
+        n_fp32=len(ev.fp32_units),
+        n_units=n_units,
+        fp32_units=tuple(ev.fp32_units),
+        cached=ev.cached,
+        p90_ms=ev.latency.p90_ms,
+        deviations=ev.deviations,
+        seconds=ev.seconds,
+        casts=ev.extra.get("conversion", {}).get("casts_inserted"),
+        timing=_timing_record(ev),
+        bf16_units=tuple(bf16_units),
     )
+    trial.set_user_attr(RECORD_ATTR, record.to_attr())
 
 
 def _timing_record(ev: Evaluation) -> dict[str, Any]:

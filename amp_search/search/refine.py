@@ -474,7 +474,7 @@ def _entries(results: Results, budget: float | None) -> list[FrontPoint]:
                 digest=digest,
                 latency_ms=float(row.get("latency_ms", math.nan)),
                 latency_source=str(results.meta.get("latency_source", "")),
-                deviation=float(row.get("deviation", "inf")),  # "inf"/"nan" as written
+                deviation=float(row.get("deviation", math.inf)),
                 metric=str(results.meta.get("metric", "")),
                 n_fp32=len(fp32),
                 n_units=n_units,

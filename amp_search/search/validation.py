@@ -43,7 +43,8 @@ from amp_search.backends.base import BuildConfig
 from amp_search.calibration import CalibrationData, InputSpec, load_calibration
 from amp_search.errors import UserInputError
 from amp_search.objective import EvalContext
-from amp_search.results.validation import VALIDATION_FILE, read_figure
+from amp_search.record import decode_float
+from amp_search.results.validation import VALIDATION_FILE
 
 if TYPE_CHECKING:
     import onnx
@@ -305,7 +306,7 @@ def measure_front(
             folder = store.candidate_dir(p.digest)
             cached = store.read_json(folder / VALIDATION_FILE)
             if isinstance(cached, dict) and all(cached.get(k) == v for k, v in key.items()):
-                out.append(replace(p, validation_deviation=read_figure(cached["deviation"])))
+                out.append(replace(p, validation_deviation=decode_float(cached["deviation"])))
                 continue
             if run is None:
                 logger.info("Measuring the front on the validation data (%s)",

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from amp_search.record import TrialRecord, decode_float, encode_float
 from amp_search.results.pareto import front_order, hypervolume
 
 if TYPE_CHECKING:
@@ -251,15 +252,14 @@ class Table:
 
 
 def _enc(v: float) -> float | str | None:
-    if math.isnan(v):
-        return None
-    return "inf" if math.isinf(v) else float(v)
+    """A table figure as stored: NaN (not computed) as None, inf as ``"inf"``."""
+    return None if math.isnan(v) else encode_float(float(v))
 
 
 def _dec(v: float | str | None) -> float:
-    if v is None:
-        return math.nan
-    return float(v)
+    """A stored table figure (None: not computed, NaN)."""
+    got = decode_float(v)
+    return math.nan if got is None else got
 
 
 # ------------------------------------------------------------------------------------------
@@ -574,7 +574,6 @@ def search_context(
     from optuna.trial import TrialState
 
     from amp_search.keys import GUIDE_ATTR
-    from amp_search.results.pareto import record_of
     from amp_search.search.run import SearchConfig, run_search
 
     outcome = run_search(
@@ -599,7 +598,7 @@ def search_context(
     risks = inspect["units_by_risk"]
     checks = [
         {
-            "fp32_units": sorted(record_of(t)["fp32_units"]),
+            "fp32_units": sorted(TrialRecord.from_trial(t).fp32_units),
             "latency_ms": float(t.values[0]),
             "deviation": _enc(float(t.values[1])),
         }

@@ -6,7 +6,7 @@ import pytest
 from optuna.trial import TrialState
 
 from amp_search.errors import UserInputError
-from amp_search.results.pareto import record_of
+from amp_search.record import TrialRecord
 from amp_search.results.prune import dominated_digests
 from amp_search.results.report import copy_candidate, load_results, pick_point
 from amp_search.search import SearchConfig, run_search
@@ -44,13 +44,13 @@ def test_front_keeps_the_models_anyone_would_pick(tmp_path, demo_model_path, dem
     # Resumed, a pruned assignment proposed again is answered from its trial: not rebuilt,
     # and its folder stays pruned.
     beaten = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                  if record_of(t)["digest"] in dominated)  # fmt: skip
+                  if TrialRecord.from_trial(t).digest in dominated)  # fmt: skip
     study.enqueue_trial(dict(beaten.params))
     again = run_search(_config(tmp_path, demo_model_path, demo_data_path))
     last = again.study.get_trials(deepcopy=False)[-1]
     assert last.params == beaten.params and last.user_attrs.get("duplicate") is True
-    assert record_of(last)["cached"] is True and last.values == beaten.values
-    folder = outcome.out / "candidates" / record_of(beaten)["digest"]
+    assert TrialRecord.from_trial(last).cached is True and last.values == beaten.values
+    folder = outcome.out / "candidates" / TrialRecord.from_trial(beaten).digest
     assert {p.name for p in folder.iterdir()} == {"precision.json"}
 
 

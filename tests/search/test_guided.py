@@ -310,7 +310,7 @@ def test_an_enqueued_trial_is_evaluated_as_enqueued(
 ):
     """A trial someone enqueued (fixed parameters, no seed label) differs from the sampler's
     proposal, which the search starts evaluating early: the enqueued assignment still wins."""
-    from amp_search.results.pareto import record_of
+    from amp_search.record import TrialRecord
     from amp_search.search.space import SearchSpace
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
@@ -323,7 +323,7 @@ def test_an_enqueued_trial_is_evaluated_as_enqueued(
     space = SearchSpace(study.user_attrs[GUIDE_ATTR]["units"])
     want = space.params([u for u in space.free if u not in ("amp4/Conv", "tiny/Conv", "fc/Gemm")])
     assert space.assignment(want).digest() not in {
-        record_of(t)["digest"] for t in study.trials if t.state.name == "COMPLETE"
+        TrialRecord.from_trial(t).digest for t in study.trials if t.state.name == "COMPLETE"
     }
     study.enqueue_trial(want)
     with caplog.at_level("DEBUG", logger="amp_search.search._optimize"):
@@ -332,7 +332,7 @@ def test_an_enqueued_trial_is_evaluated_as_enqueued(
     study = optuna.load_study(study_name="e", storage=storage)
     (trial,) = [t for t in study.trials if t.params == want]
     assert trial.state.name == "COMPLETE"
-    assert record_of(trial)["digest"] == space.assignment(want).digest()
+    assert TrialRecord.from_trial(trial).digest == space.assignment(want).digest()
     metrics = json.loads(
         (tmp_path / "out" / "candidates" / space.assignment(want).digest() / "metrics.json")
         .read_text()

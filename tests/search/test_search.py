@@ -221,13 +221,14 @@ def test_front_is_optunas_best_trials(tmp_path, demo_model_path, demo_data_path)
     """compute_front (no deep copies) holds exactly the assignments of study.best_trials."""
     import optuna
 
-    from amp_search.results.pareto import compute_front, record_of
+    from amp_search.record import TrialRecord
+    from amp_search.results.pareto import compute_front
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
     run_search(_config(tmp_path, demo_model_path, demo_data_path, n_trials=20, storage=storage,
                        latency="estimated", max_deviation=1e-3))  # fmt: skip
     study = optuna.load_study(study_name="t", storage=storage)
-    want = {record_of(t)["digest"] for t in study.best_trials}
+    want = {TrialRecord.from_trial(t).digest for t in study.best_trials}
     front = compute_front(study)
     assert {p.digest for p in front} == want and len(front) == len(want) >= 2
     assert all(p.deviation <= 1e-3 for p in front)  # the budget is a constraint

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from amp_search.errors import UserInputError
 from amp_search.keys import OWNER_ATTR
-from amp_search.results.pareto import compute_front, record_of
+from amp_search.record import TrialRecord
+from amp_search.results.pareto import compute_front
 from amp_search.search import SearchConfig, run_search
 from amp_search.search.study import open_or_create_study
 
@@ -98,8 +99,9 @@ def _check_accounting(trials, target):
     states = Counter(t.state for t in trials)
     assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    digests = Counter(record_of(t)["digest"] for t in complete)
-    built = Counter(record_of(t)["digest"] for t in complete if not record_of(t)["cached"])
+    records = [TrialRecord.from_trial(t) for t in complete]
+    digests = Counter(r.digest for r in records)
+    built = Counter(r.digest for r in records if not r.cached)
     assert len(digests) >= target
     assert all(n == 1 for n in built.values()), built.most_common(3)  # never evaluated twice
     # A seed is enqueued once, not once per worker (a seed whose worker died is enqueued
@@ -144,15 +146,15 @@ def test_three_workers_share_one_study(kind, request, tmp_path, cls_files):
     owners = {t.user_attrs[OWNER_ATTR]["pid"] for t in complete}
     assert len(owners) >= 2  # the work was shared
     metrics = list((out / "candidates").glob("*/metrics.json"))
-    assert len(metrics) == len({record_of(t)["digest"] for t in complete})
+    assert len(metrics) == len({TrialRecord.from_trial(t).digest for t in complete})
     assert not list((out / "candidates").glob("*/.claim"))  # every claim released
 
     # The same assignments run by one worker give the same front.
     solo, _ = open_or_create_study(str(tmp_path / "one.journal"), "solo")
     seen = set()
     for t in complete:
-        if record_of(t)["digest"] not in seen:
-            seen.add(record_of(t)["digest"])
+        if TrialRecord.from_trial(t).digest not in seen:
+            seen.add(TrialRecord.from_trial(t).digest)
             solo.enqueue_trial(dict(t.params))
     model, data, _ = cls_files
     outcome = run_search(SearchConfig(
