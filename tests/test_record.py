@@ -78,8 +78,10 @@ def test_nan_is_the_string_nan_and_reads_back_as_nan() -> None:
     assert got is not None and math.isnan(got)
 
 
-@pytest.mark.parametrize(("text", "want"), [("Infinity", math.inf), ("-Infinity", -math.inf),
-                                            ("inf", math.inf), ("2.5", 2.5), (7, 7.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("Infinity", math.inf), ("-Infinity", -math.inf), ("inf", math.inf), ("2.5", 2.5), (7, 7.0)],
+)
 def test_decode_reads_python_json_and_earlier_versions(text: Any, want: float) -> None:
     assert decode_float(text) == want
     assert decode_float(json.loads(json.dumps(float(want)))) == want  # NaN/Infinity tokens

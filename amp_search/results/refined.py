@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from amp_search.errors import UserInputError
 from amp_search.keys import ALL_FP32
-from amp_search.results.pareto import FrontPoint
 from amp_search.record import decode_float
+from amp_search.results.pareto import FrontPoint
 from amp_search.results.validation import decisive_deviation, holds
 
 if TYPE_CHECKING:

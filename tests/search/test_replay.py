@@ -24,10 +24,11 @@ TABLES = Path(__file__).resolve().parents[2] / "benchmarks" / "tables"
 #: evaluations (issue 13's target is 0.98 on every table).
 EXHAUSTIVE = {"ppocr_cls": 0.98, "ppocr_det": 0.98, "ppocr_rec": 0.98, "minilm": 0.98}
 #: Where the default does not meet the target yet (issue 13 stays open): what it holds now, so
-#: that a change that makes it worse fails; below the target the test reports an xfail, and it
-#: passes once a change meets the target. The recognizer: the sampler harvests a dense cluster at the fast edge
-#: of a gap in the front (0.72 -> 0.85 ms) while the points that fill the gap (units 0, 2 and
-#: 5 FP32, an interaction no trial has shown the GP) stay unvisited (benchmarks/RESULTS.md).
+#: that a change that makes it worse fails; below the target the test reports an xfail, and
+#: it passes once a change meets the target. The recognizer: the sampler harvests a dense
+#: cluster at the fast edge of a gap in the front (0.72 -> 0.85 ms) while the points that fill
+#: the gap (units 0, 2 and 5 FP32, an interaction no trial has shown the GP) stay unvisited
+#: (benchmarks/RESULTS.md).
 NOT_YET = {"ppocr_rec": 0.93}
 #: The recorded answers of the ungrouped classifier (99 units: the candidate-pool path).
 RECORDED = "ppocr_cls-ungrouped"
