@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import onnx
 
+from amp_search.errors import UserInputError
 from amp_search.graph._index import FLOAT, GraphIndex, subgraphs
 from amp_search.graph.op_types import OP_TYPING
 
@@ -37,6 +39,7 @@ __all__ = [
     "Unit",
     "find_units",
     "group_units",
+    "load_units",
     "not_searched",
 ]
 
@@ -500,3 +503,29 @@ def _body_weights(graph: onnx.GraphProto) -> int:
     for n in graph.node:
         total += sum(_body_weights(g) for g in subgraphs(n))
     return total
+
+
+def load_units(
+    path: Path, max_units: int | None = None, *, purpose: str = "search"
+) -> tuple[onnx.ModelProto, list[Unit]]:
+    """The model as the search sees it: loaded, sanitized, its units (grouped to ``max_units``).
+
+    The one way ``search``, ``inspect`` and the benchmarks prepare a model, before any data is
+    read.
+
+    Raises:
+        UserInputError: The model has no unit (no float computation to run in FP16); the
+            message ends "nothing to ``purpose``".
+    """
+    from amp_search.graph.io import load_model
+    from amp_search.graph.sanitize import sanitize
+
+    model = sanitize(load_model(path))
+    units = find_units(model)
+    if not units:
+        raise UserInputError(
+            f"{path.name} has no float computation that could run in FP16: nothing to {purpose}."
+        )
+    if max_units:
+        units = group_units(units, max_units)
+    return model, units

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from amp_search._atomic import write_json_atomic
 from amp_search.calibration import load_calibration, model_inputs
 from amp_search.errors import UserInputError
-from amp_search.graph import MixedPrecisionRewriter, find_units, load_model, sanitize
-from amp_search.graph.units import NotSearched, not_searched
+from amp_search.graph import MixedPrecisionRewriter
+from amp_search.graph.units import NotSearched, load_units, not_searched
 from amp_search.profiling.ranges import Profile, profile_model
 from amp_search.profiling.sensitivity import DEFAULT_THRESHOLD, RiskLevel, UnitRisk, assess_units
 from amp_search.types import Precision
@@ -256,14 +256,8 @@ def inspect_model(
     if threshold <= 0:
         raise UserInputError(f"--threshold must be positive, got {threshold}.")
     t0 = time.perf_counter()
-    model = sanitize(load_model(model_path))
+    model, units = load_units(Path(model_path), purpose="inspect")  # as the search does
     cal = load_calibration(data, model_inputs(model), synthetic=synthetic, shapes=shapes)
-    units = find_units(model)
-    if not units:
-        raise UserInputError(
-            f"{Path(model_path).name} has no float computation that could run in FP16 "
-            "(no float Conv/MatMul/Gemm/normalization/pointwise nodes): nothing to inspect."
-        )
     precisions = tuple(p for p in (Precision.FP16, Precision.BF16) if p in precisions)
     fp16_pass = fp16_pass and Precision.FP16 in precisions
     bf16_pass = Precision.BF16 in precisions

@@ -8,7 +8,8 @@ refine, inspect and the benchmarks prepare a model as the search does):
    then the deviation metric and the metrics recorded beside it;
 2. :func:`open_backend`: the backend, usable here, on a device it has, and the latency source
    (measured, or estimated: the default on the CPU);
-3. :func:`load_units`: the model loaded and sanitized, its units (grouped to ``max_units``);
+3. :func:`~amp_search.graph.units.load_units`: the model loaded and sanitized, its units
+   (grouped to ``max_units``);
    then the calibration data, checked against the model's inputs, and the validation data
    the search never optimizes on (:mod:`amp_search.search.validation`: ``--validation-data``,
    or the batches ``--holdout-fraction`` holds out);
@@ -47,14 +48,10 @@ from amp_search.calibration import load_calibration, model_inputs
 from amp_search.errors import BackendUnavailableError, UserInputError
 from amp_search.graph import (
     MixedPrecisionRewriter,
-    find_units,
-    group_units,
-    load_model,
     reconcile_shapes,
-    sanitize,
 )
 from amp_search.graph.io import model_to_bytes
-from amp_search.graph.units import NotSearched, not_searched
+from amp_search.graph.units import NotSearched, load_units, not_searched
 from amp_search.profiling import assess_units, profile_model
 from amp_search.profiling.inspection import BF16_NOTE, CPU_NOTE, InspectReport, flops_by_node
 from amp_search.results.pareto import check_max_deviation
@@ -86,7 +83,6 @@ __all__ = [
     "check_flags",
     "describe_run",
     "fit_backend",
-    "load_units",
     "make_estimator",
     "make_space",
     "open_backend",
@@ -268,23 +264,6 @@ def open_backend(config: SearchConfig) -> tuple[Backend, BuildConfig, str]:
     if latency_source not in ("measured", "estimated"):
         raise UserInputError(f"--latency must be measured or estimated, got {latency_source!r}.")
     return backend, build_config, latency_source
-
-
-def load_units(path: Path, max_units: int | None) -> tuple[onnx.ModelProto, list[Unit]]:
-    """The sanitized model and its units, grouped to ``max_units`` if given.
-
-    Raises:
-        UserInputError: The model has no unit (no float computation to run in FP16).
-    """
-    model = sanitize(load_model(path))
-    units = find_units(model)
-    if not units:
-        raise UserInputError(
-            f"{path.name} has no float computation that could run in FP16: nothing to search."
-        )
-    if max_units:
-        units = group_units(units, max_units)
-    return model, units
 
 
 def fit_backend(
