@@ -8,9 +8,10 @@ between calls) never mutates its input. For the nodes of FP16 units it:
   LayerNormalization's FP32-only statistics, index inputs); ONNX Runtime's fused ops
   (``com.microsoft`` Attention, SkipLayerNormalization, ...) by the table in
   ``graph/op_types.py``;
-- reads FP16 copies of its float initializers (converted once and cached; the conversion
-  reports values that overflow, fall in the subnormal range, or flush to zero; a node whose
-  weights overflow FP16 stays FP32);
+- reads FP16 copies of its float initializers (converted once and cached, unless the
+  model's float weights exceed :data:`WEIGHT_CACHE_LIMIT`: then converted again per rewrite;
+  the conversion reports values that overflow, fall in the subnormal range, or flush to
+  zero; a node whose weights overflow FP16 stays FP32);
 - renames each FP16 output ``<name>__fp16``; the original name is materialized by a Cast
   back to FP32 only where an FP32 reader, a graph output or a subgraph needs it, and FP16
   readers use the FP16 tensor directly, so no Cast pair round-trips;
@@ -43,6 +44,7 @@ unchanged copy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +60,7 @@ from amp_search.graph._index import (
     NodeParams,
     subgraphs,
 )
-from amp_search.graph.io import copy_without_initializers
+from amp_search.graph.io import copy_without_initializers, tensor_nbytes
 from amp_search.graph.op_types import since_version
 from amp_search.graph.units import FOLLOWER_OPS, Unit, find_units
 from amp_search.types import Precision, PrecisionAssignment
@@ -77,6 +79,7 @@ __all__ = [
     "InitializerLoss",
     "LowPrecisionNode",
     "MixedPrecisionRewriter",
+    "WEIGHT_CACHE_LIMIT",
     "apply_assignment",
 ]
 
@@ -98,7 +101,12 @@ _ELEM = {Precision.FP16: FLOAT16, Precision.BF16: BFLOAT16}
 CAST_PREFIX = "amp_cast/"
 CAST_SUFFIX: dict[int, str] = {FLOAT16: "/to_fp16", BFLOAT16: "/to_bf16", FLOAT: "/to_fp32"}
 _SUFFIX = {_ELEM[p]: suffix for p, suffix in LOW_PRECISION_SUFFIX.items()}  # by element type
+_PRECISION = {elem: p for p, elem in _ELEM.items()}
 _TYPE_AGNOSTIC_READERS = frozenset({"Shape", "Size", "Cast"})
+#: A rewriter keeps its FP16/BF16 copies of the weights between rewrites (a measured speed
+#: win) unless the model's float weights exceed this many bytes: then the copies, half as
+#: large again, would stay resident for the whole search (issue 10).
+WEIGHT_CACHE_LIMIT = 2**30
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,9 @@ class MixedPrecisionRewriter:
         units: Its units; found with :func:`find_units` when omitted.
         pinned: Node name -> why it stays FP32 in every assignment (a unit's node or a
             follower the target cannot run in FP16).
+        cache_weights: Keep the FP16/BF16 copies of the weights (and their encodings)
+            between rewrites; by default, unless the float weights exceed
+            :data:`WEIGHT_CACHE_LIMIT`. The rewrites are the same either way.
     """
 
     def __init__(
@@ -234,6 +245,7 @@ class MixedPrecisionRewriter:
         model: onnx.ModelProto,
         units: list[Unit] | None = None,
         pinned: dict[str, str] | None = None,
+        cache_weights: bool | None = None,
     ) -> None:
         self.model = model
         self.index = GraphIndex.build(model)
@@ -246,7 +258,11 @@ class MixedPrecisionRewriter:
             raise KeyError(f"Pinned node(s) not in the model: {', '.join(unknown[:5])}")
         self._pinned_pos = frozenset(self._pos[n] for n in self.pinned)
         self._params = [self.index.params(i) for i in range(len(model.graph.node))]
-        self._low_init: dict[tuple[str, int], tuple[onnx.TensorProto, InitializerLoss]] = {}
+        if cache_weights is None:
+            cache_weights = _float_weight_bytes(model) <= WEIGHT_CACHE_LIMIT
+        self.cache_weights = cache_weights
+        self._low_init: dict[tuple[str, int], onnx.TensorProto] = {}  # when cache_weights
+        self._loss: dict[tuple[str, int], InitializerLoss] = {}  # always: small
         self._bf16_params: dict[int, NodeParams | None] = {}
         # Never a full copy: upb keeps deleted weights in the copy's arena (2x memory at 2 GiB).
         template = copy_without_initializers(model)
@@ -254,8 +270,7 @@ class MixedPrecisionRewriter:
         del template.graph.value_info[:]
         self._template = template
         self._value_info = {vi.name: vi for vi in model.graph.value_info}
-        self._encoded_inits: dict[str, bytes] = {}
-        self._last_inits: list[str] = []
+        self._encoded_inits: dict[str, bytes] = {}  # when cache_weights
         # Plain-Python copies of what the per-trial loop reads (protobuf field access is slow).
         nodes = model.graph.node
         self._ins = [tuple(n.input) for n in nodes]
@@ -266,27 +281,46 @@ class MixedPrecisionRewriter:
         self._sub_refs = [frozenset().union(*map(_all_refs, subgraphs(n))) for n in nodes]
         self._graph_input_names = {i.name for i in model.graph.input}
 
-    def _fp16_initializer(self, name: str) -> tuple[onnx.TensorProto, InitializerLoss]:
-        return self._low_initializer(name, FLOAT16)
-
-    def _low_initializer(self, name: str, elem: int) -> tuple[onnx.TensorProto, InitializerLoss]:
-        """The FP16 or BF16 (``elem``) copy of float initializer ``name``, and its loss."""
-        cached = self._low_init.get((name, elem))
-        if cached is None:
+    def _low_initializer(self, name: str, elem: int) -> onnx.TensorProto:
+        """The FP16 or BF16 (``elem``) copy of float initializer ``name`` (its loss noted)."""
+        key = (name, elem)
+        tensor = self._low_init.get(key)
+        if tensor is None:
             values = numpy_helper.to_array(self.index.initializers[name])
+            if key not in self._loss:  # one read of the values for both
+                self._loss[key] = initializer_loss(name, values, _PRECISION[elem])
             if elem == BFLOAT16:
                 import ml_dtypes  # onnx's own dependency: numpy's bfloat16
 
-                loss = initializer_loss(name, values, Precision.BF16)
                 with np.errstate(over="ignore"):
                     low = values.astype(ml_dtypes.bfloat16)
             else:
-                loss = initializer_loss(name, values)
                 with np.errstate(over="ignore"):
                     low = values.astype(np.float16)
-            cached = (numpy_helper.from_array(low, name + _SUFFIX[elem]), loss)
-            self._low_init[(name, elem)] = cached
-        return cached
+            del values
+            tensor = numpy_helper.from_array(low, name + _SUFFIX[elem])
+            if self.cache_weights:
+                self._low_init[key] = tensor
+        return tensor
+
+    def _low_loss(self, name: str, elem: int) -> InitializerLoss:
+        """What converting float initializer ``name`` to ``elem`` loses (computed once)."""
+        key = (name, elem)
+        if key not in self._loss:
+            if self.cache_weights:  # the copy is wanted soon: made with it
+                self._low_initializer(name, elem)
+            else:
+                values = numpy_helper.to_array(self.index.initializers[name])
+                self._loss[key] = initializer_loss(name, values, _PRECISION[elem])
+        return self._loss[key]
+
+    def _weight(self, name: str) -> onnx.TensorProto:
+        """Initializer ``name`` of a rewrite: the model's own, or a weight's FP16/BF16 copy."""
+        tensor = self.index.initializers.get(name)
+        if tensor is None:
+            elem, suffix = next((e, s) for e, s in _SUFFIX.items() if name.endswith(s))
+            tensor = self._low_initializer(name[: -len(suffix)], elem)
+        return tensor
 
     def admits_bf16(self, i: int) -> bool:
         """Whether node ``i`` may run BF16 at the model's opset (its schema's type sets)."""
@@ -309,7 +343,7 @@ class MixedPrecisionRewriter:
 
     def weight_loss(self, name: str) -> InitializerLoss:
         """The FP16 conversion loss of float initializer ``name``."""
-        return self._fp16_initializer(name)[1]
+        return self._low_loss(name, FLOAT16)
 
     def all_fp16(self) -> PrecisionAssignment:
         """The assignment that puts every unit in FP16."""
@@ -317,7 +351,7 @@ class MixedPrecisionRewriter:
 
     def low_precision_nodes(self) -> list[LowPrecisionNode]:
         """Every node the all-FP16 assignment runs in FP16 (pinned ones excluded)."""
-        _, report = self.apply(_Skeletal(self.all_fp16()))
+        _, report = self.apply_skeleton(self.all_fp16())
         out = []
         for name in report.fp16_nodes:
             node = self.model.graph.node[self._pos[name]]
@@ -366,6 +400,36 @@ class MixedPrecisionRewriter:
            initializers the new graph reads (their FP16 copies included); an unchanged copy
            when no node runs FP16.
         """
+        model, report, _ = self._rewrite(assignment, weights=True)
+        return model, report
+
+    def apply_skeleton(
+        self, assignment: PrecisionAssignment
+    ) -> tuple[onnx.ModelProto, ConversionReport]:
+        """Like :meth:`apply`, without the initializers: for what reads only the graph.
+
+        The skeleton has every node and value_info of the rewrite; no weight is copied or
+        converted for it (only their conversion losses are computed, once).
+        """
+        model, report, _ = self._rewrite(assignment, weights=False)
+        return model, report
+
+    def apply_streamed(
+        self, assignment: PrecisionAssignment
+    ) -> tuple[onnx.ModelProto, Iterator[onnx.TensorProto], ConversionReport]:
+        """Like :meth:`apply`, as the skeleton and its initializers made one at a time.
+
+        For :func:`~amp_search.graph.save_model`'s ``initializers``: the rewrite is written
+        without ever being held whole (the same file as ``save_model`` of :meth:`apply`'s
+        model when that goes to external data, as models over 2 GiB do).
+        """
+        model, report, names = self._rewrite(assignment, weights=False)
+        return model, (self._weight(n) for n in names), report
+
+    def _rewrite(
+        self, assignment: PrecisionAssignment, *, weights: bool
+    ) -> tuple[onnx.ModelProto, ConversionReport, list[str]]:
+        """:meth:`apply`'s pipeline; also the names of the rewrite's initializers, in order."""
         report = ConversionReport()
         low_pos = self._low_positions(assignment, report)
         rw = _Rewrite(self, report)
@@ -377,7 +441,7 @@ class MixedPrecisionRewriter:
                 self._write_fp32_node(i, node, rw)
         for name in self.index.graph_outputs:
             rw.need_fp32(name)
-        return self._assemble(assignment, rw)
+        return self._assemble(rw, weights)
 
     def _low_positions(
         self, assignment: PrecisionAssignment, report: ConversionReport
@@ -404,7 +468,7 @@ class MixedPrecisionRewriter:
             # Weights that overflow the node's type keep it FP32.
             for k in params.inputs:
                 name = node.input[k]
-                if idx.is_initializer(name) and self._low_initializer(name, elem)[1].n_overflow:
+                if idx.is_initializer(name) and self._low_loss(name, elem).n_overflow:
                     del low_pos[i]
                     report.forced_fp32.append(node.name)
                     break
@@ -496,23 +560,25 @@ class MixedPrecisionRewriter:
                 rw.new_vi.append(self._value_info[name])
 
     def _assemble(
-        self, assignment: PrecisionAssignment, rw: _Rewrite
-    ) -> tuple[onnx.ModelProto, ConversionReport]:
-        """The new model and the report (:meth:`apply_serialized`: a skeleton, no weights)."""
+        self, rw: _Rewrite, weights: bool
+    ) -> tuple[onnx.ModelProto, ConversionReport, list[str]]:
+        """The new model (without ``weights``: a skeleton), the report, the initializers' names."""
         report, graph = rw.report, self.model.graph
         if not report.fp16_nodes and not report.bf16_nodes:
+            names = [t.name for t in graph.initializer]
+            if not weights:
+                return copy_without_initializers(self.model), report, names
             out = onnx.ModelProto()
             out.CopyFrom(self.model)
-            return out, report
+            return out, report, names
 
         out = self._skeleton(rw.new_nodes, rw.new_vi)
-        kept = [t.name for t in graph.initializer if t.name in rw.read]
-        if isinstance(assignment, _Skeletal):
-            self._last_inits = [*kept, *rw.new_inits]
-            return out, report
-        out.graph.initializer.extend(t for t in graph.initializer if t.name in rw.read)
-        out.graph.initializer.extend(rw.new_inits.values())
-        return out, report
+        names = [*(t.name for t in graph.initializer if t.name in rw.read), *rw.new_inits]
+        if weights:
+            out.graph.initializer.extend(t for t in graph.initializer if t.name in rw.read)
+            out.graph.initializer.extend(self._low_initializer(*rw.new_inits[n])
+                                         for n in rw.new_inits)  # fmt: skip
+        return out, report, names
 
     def apply_serialized(
         self, assignment: PrecisionAssignment
@@ -522,27 +588,24 @@ class MixedPrecisionRewriter:
         Joined (or written one after the other), the chunks are the serialized model. They
         reuse cached encodings of the initializers (protobuf merges a repeated ``graph``
         field), so no weight is copied per trial: for MiniLM's 90 MB of weights the graph
-        work stays ~15 ms instead of ~60 ms of message copies. The skeleton has every node
-        and value_info but no initializers; it serves what reads only the graph (the
-        latency estimate). Models above 2 GiB cannot be serialized this way: use
-        :meth:`apply` and :func:`~amp_search.graph.save_model` (external data).
+        work stays ~15 ms instead of ~60 ms of message copies (without ``cache_weights``,
+        each is encoded again). The skeleton is :meth:`apply_skeleton`'s. Models above
+        2 GiB cannot be serialized this way: use :meth:`apply_streamed` and
+        :func:`~amp_search.graph.save_model` (external data).
         """
-        model, report = self.apply(_Skeletal(assignment))
+        model, report, names = self._rewrite(assignment, weights=False)
         if not report.fp16_nodes and not report.bf16_nodes:
             return [self.model.SerializeToString()], model, report
-        body = [self._encoded(n) for n in self._last_inits]
+        body = [self._encoded(n) for n in names]
         header = _field_header(7, sum(len(b) for b in body))
         return [model.SerializeToString(), header, *body], model, report
 
     def _encoded(self, name: str) -> bytes:
         enc = self._encoded_inits.get(name)
         if enc is None:
-            tensor = self.index.initializers.get(name)
-            if tensor is None:
-                elem, suffix = next((e, s) for e, s in _SUFFIX.items() if name.endswith(s))
-                tensor = self._low_initializer(name[: -len(suffix)], elem)[0]
-            enc = _field(5, tensor.SerializeToString())
-            self._encoded_inits[name] = enc
+            enc = _field(5, self._weight(name).SerializeToString())
+            if self.cache_weights:
+                self._encoded_inits[name] = enc
         return enc
 
     def _skeleton(
@@ -571,7 +634,7 @@ class _Rewrite:
         self.fp16_name = self.low_name[FLOAT16]
         self.native: dict[str, int] = {}  # tensor -> the low type an FP16/BF16 node made it in
         self.materialized: set[str] = set()  # low-produced tensors whose FP32 name exists again
-        self.new_inits: dict[str, onnx.TensorProto] = {}
+        self.new_inits: dict[str, tuple[str, int]] = {}  # weight copy -> (weight, type)
         self.new_vi: list[onnx.ValueInfoProto] = []
         self.read: set[str] = set(rewriter._graph_input_names)  # names the new graph reads
 
@@ -596,27 +659,20 @@ class _Rewrite:
         names = self.low_name[elem]
         if name in names:
             return names[name]
-        if self.rewriter.index.is_initializer(name):
-            tensor, loss = self.rewriter._low_initializer(name, elem)
-            self.new_inits[tensor.name] = tensor
+        low = name + _SUFFIX[elem]
+        if self.rewriter.index.is_initializer(name):  # the copy is made when assembled
+            loss = self.rewriter._low_loss(name, elem)
+            self.new_inits[low] = (name, elem)
             if elem == FLOAT16:
                 self.report.initializers.append(loss)
             else:
                 self.report.bf16_initializers.append(loss)
-            names[name] = tensor.name
-            return tensor.name
-        low = name + _SUFFIX[elem]
+            names[name] = low
+            return low
         self.new_nodes.append(_cast(self.need_fp32(name), low, elem))
         self.report.casts_inserted += 1
         names[name] = low
         return low
-
-
-class _Skeletal(PrecisionAssignment):
-    """Marks an assignment whose rewrite should leave the initializers out (internal)."""
-
-    def __init__(self, inner: PrecisionAssignment) -> None:
-        object.__setattr__(self, "_items", inner._items)
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -668,3 +724,8 @@ def apply_assignment(
     if not isinstance(assignment, PrecisionAssignment):
         assignment = PrecisionAssignment.from_mapping(assignment)
     return MixedPrecisionRewriter(model).apply(assignment)[0]
+
+
+def _float_weight_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of ``model``'s FP32 initializers, from their shapes (no data read)."""
+    return sum(tensor_nbytes(t) for t in model.graph.initializer if t.data_type == FLOAT)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from amp_search.backends.base import BuildConfig
 from amp_search.backends.ort import OnnxRuntimeBackend
 from amp_search.calibration import CalibrationData
 from amp_search.graph._index import FLOAT, GraphIndex
-from amp_search.graph.io import save_model
+from amp_search.graph.io import copy_without_initializers, save_model
 from amp_search.graph.precision import (
     FP16_MAX,
     FP16_MIN_NORMAL,
@@ -172,8 +172,33 @@ def mark_outputs(
     return out
 
 
-def _session(model: onnx.ModelProto, tmp: Path, tag: str, threads: int) -> Any:
-    path = save_model(model, tmp / f"{tag}.onnx")
+def _session(
+    model: onnx.ModelProto,
+    outputs: list[str],
+    types: dict[str, int],
+    tmp: Path,
+    tag: str,
+    threads: int,
+    initializers: Iterable[onnx.TensorProto] | None = None,
+) -> Any:
+    """A CPU session of ``model`` with ``outputs`` (of ``types``) marked as graph outputs.
+
+    The outputs are marked on a weightless copy, and the weights are written from ``model``
+    (or from ``initializers``, a rewrite's made one at a time) with external data: no second
+    copy of them is held while the session is built.
+
+    Args:
+        model: The model (or a rewrite's skeleton, with ``initializers``).
+        outputs: Tensors to expose.
+        types: Their element types.
+        tmp: The temporary folder it is written to.
+        tag: The file's stem.
+        threads: ONNX Runtime intra-op threads (0: default).
+        initializers: The weights, when not ``model``'s own.
+    """
+    marked = mark_outputs(copy_without_initializers(model), outputs, types)
+    weights = model.graph.initializer if initializers is None else initializers
+    path = save_model(marked, tmp / f"{tag}.onnx", initializers=weights)
     backend = OnnxRuntimeBackend()
     opts = {"graph_optimization_level": "disable_all", "intra_op_num_threads": threads}
     cand = backend.build(path, BuildConfig(device="cpu", options=opts))
@@ -205,6 +230,7 @@ class _LowPass:
 
 def _low_pass(
     low: onnx.ModelProto,
+    weights: Iterable[onnx.TensorProto],
     units: list[Unit],
     precision: Precision,
     deviations: dict[str, UnitDeviation],
@@ -212,6 +238,9 @@ def _low_pass(
     threads: int,
 ) -> _LowPass:
     """The session of the all-``precision`` rewrite ``low`` with ``units``' outputs exposed.
+
+    ``low`` is the rewrite's skeleton and ``weights`` its initializers
+    (:meth:`~MixedPrecisionRewriter.apply_streamed`): the rewrite is never held whole.
 
     A unit output the rewrite produced low is read under its low name (``<name>__fp16``,
     ``<name>__bf16``); the emulating twin (:mod:`amp_search.graph.emulate`) rounds it.
@@ -227,8 +256,8 @@ def _low_pass(
             pick = alt if alt in produced else name
             names[name] = pick
             types[pick] = elem if pick == alt else FLOAT
-    runner = _session(mark_outputs(low, list(names.values()), types), tmp, str(precision),
-                      threads)  # fmt: skip
+    runner = _session(low, list(names.values()), types, tmp, str(precision), threads,
+                      weights)  # fmt: skip
     for u in units:
         deviations[u.name] = UnitDeviation(unit=u.name)
     return _LowPass(runner, names, outputs, deviations)
@@ -264,19 +293,22 @@ def bf16_withheld(
 def _fp16_pass(rw: MixedPrecisionRewriter, units: list[Unit], prof: Profile, tmp: Path,
                threads: int) -> _LowPass:  # fmt: skip
     """The all-FP16 pass: every unit measured."""
-    half, _ = rw.apply(PrecisionAssignment.uniform([u.name for u in units], Precision.FP16))
-    return _low_pass(half, units, Precision.FP16, prof.deviations, tmp, threads)
+    all_fp16 = PrecisionAssignment.uniform([u.name for u in units], Precision.FP16)
+    half, weights, _ = rw.apply_streamed(all_fp16)
+    return _low_pass(half, weights, units, Precision.FP16, prof.deviations, tmp, threads)
 
 
 def _bf16_pass(rw: MixedPrecisionRewriter, units: list[Unit], prof: Profile, tmp: Path,
                threads: int) -> _LowPass | None:  # fmt: skip
     """The all-BF16 pass: the units BF16 is not withheld from (None: it is from every one)."""
-    low, report = rw.apply(PrecisionAssignment.uniform([u.name for u in units], Precision.BF16))
+    all_bf16 = PrecisionAssignment.uniform([u.name for u in units], Precision.BF16)
+    low, weights, report = rw.apply_streamed(all_bf16)
     prof.bf16_withheld = bf16_withheld(rw, units, report.bf16_unsupported)
     measured = [u for u in units if u.name not in prof.bf16_withheld]
     if not measured or not report.bf16_nodes:
         return None
-    return _low_pass(low, measured, Precision.BF16, prof.bf16_deviations, tmp, threads)
+    return _low_pass(low, weights, measured, Precision.BF16, prof.bf16_deviations, tmp,
+                     threads)  # fmt: skip
 
 
 def _init_ranges(model: onnx.ModelProto, idx: GraphIndex, prof: Profile) -> list[str]:
@@ -343,9 +375,8 @@ def profile_model(
             if bf16_pass:
                 passes.append(_bf16_pass(rw, units, prof, tmp, threads))
         low_passes = [p for p in passes if p is not None]
-        # The marked copy lives only while saved (a second copy of the weights otherwise).
         fp32_runner = stack.enter_context(
-            _session(mark_outputs(model, activations, idx.elem_type), tmp, "fp32", threads)
+            _session(model, activations, idx.elem_type, tmp, "fp32", threads)
         )
         for p in low_passes:
             stack.enter_context(p.runner)
