@@ -37,6 +37,7 @@ from amp_search.errors import (
 from amp_search.graph.io import copy_without_initializers, exceeds_protobuf_limit, save_model
 from amp_search.graph.precision import MixedPrecisionRewriter
 from amp_search.objective import EvalContext, Objective
+from amp_search.record import decode_float
 from amp_search.results.store import ResultsStore
 from amp_search.timing import DEFAULT_PLAN, Clock, PairedTiming, Step, TimingPlan, nvml_clock
 from amp_search.types import LatencyStats, PrecisionAssignment
@@ -476,17 +477,20 @@ def _score(metrics: list[Objective], ctx: EvalContext, *, latency: bool) -> dict
     return out
 
 
+def _figure(value: Any) -> float:
+    """A deviation as ``metrics.json`` holds it (:func:`~amp_search.record.decode_float`)."""
+    out = decode_float(value)
+    return math.inf if out is None else out
+
+
 def _from_cache(cached: dict[str, Any], digest: str, fp32_units: list[str]) -> Evaluation:
     lat = cached["latency"]
     deviation = cached["deviation"]
     return Evaluation(
         digest=digest,
         latency=LatencyStats.from_json(lat),
-        deviation=float(deviation) if not isinstance(deviation, str) else float("inf"),
-        deviations={
-            k: float(v) if not isinstance(v, str) else float("inf")
-            for k, v in cached["deviations"].items()
-        },
+        deviation=_figure(deviation),
+        deviations={k: _figure(v) for k, v in cached["deviations"].items()},
         finite=bool(cached["finite"]),
         fp32_units=fp32_units,
         cached=True,
