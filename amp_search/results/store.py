@@ -32,13 +32,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from amp_search._atomic import write_json_atomic
+from amp_search._owner import owner_is_dead, this_owner
 from amp_search.errors import UserInputError
 
 __all__ = ["ResultsStore", "removed_if_left_empty"]
@@ -132,7 +132,7 @@ class ResultsStore:
         folder = self.candidate_dir(digest)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / ".claim"
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        me = this_owner()
         while True:
             if self.cached_metrics(digest) is not None or self.cached_error(digest, since):
                 yield False
@@ -183,15 +183,7 @@ def _claim_is_dead(path: Path) -> bool:
             return time.time() - path.stat().st_mtime > 10
         except FileNotFoundError:
             return True
-    if owner.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return False
-    return False
+    return owner_is_dead(owner)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from amp_search._owner import owner_is_dead, this_owner
 from amp_search.errors import UserInputError
 from amp_search.keys import ERROR_ATTR, OWNER_ATTR, SEED_ATTR, SEED_PARAMS_ATTR
 from amp_search.search.sampler import make_sampler
@@ -285,17 +286,8 @@ def open_or_create_study(
 
 def mark_trial_owner(trial: optuna.Trial) -> None:
     """Records which host/process runs the trial (for :func:`recover_dead_trials`)."""
-    trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
+    trial.set_user_attr(OWNER_ATTR, this_owner())
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _requeue_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -384,7 +376,9 @@ def recover_dead_trials(
             started = t.datetime_start or now
             if not alone and (now - started).total_seconds() < UNOWNED_STALE_S:
                 continue
-        elif owner_host != host or pid is None or _alive(int(pid)) and int(pid) != os.getpid():
+        elif owner_host != host or pid is None or (
+            not owner_is_dead(owner) and int(pid) != os.getpid()
+        ):
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "worker died during this trial")  # noqa: SLF001
