@@ -53,9 +53,7 @@ def decode_float(value: Any) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"Expected a number, 'inf', '-inf' or 'nan'; got {value!r}."
-        ) from None
+        raise ValueError(f"Expected a number, 'inf', '-inf' or 'nan'; got {value!r}.") from None
 
 
 def decode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -243,8 +243,11 @@ class PairedTiming:
         if self.reference is not None:
             assert self.reference.settled is not None
             n_ref = plan.window_runs(self.reference.settled.ms_per_run)
-        if until_sure and lo_n == 0 and self.pairs >= 2 and (
-            self._relative_halfwidth() <= plan.target
+        if (
+            until_sure
+            and lo_n == 0
+            and self.pairs >= 2
+            and (self._relative_halfwidth() <= plan.target)
         ):
             return  # already sure: nothing to add
         start = time.monotonic()

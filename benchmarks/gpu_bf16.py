@@ -176,8 +176,11 @@ def verdict(rows: list[dict], budget: float) -> dict:
     """
 
     def ok(r: dict) -> bool:
-        return r["deviation"] is not None and math.isfinite(r["deviation"]) and (
-            r["deviation"] <= budget)
+        return (
+            r["deviation"] is not None
+            and math.isfinite(r["deviation"])
+            and (r["deviation"] <= budget)
+        )
 
     ours = [r for r in rows if not r["label"].startswith("compare:")]
     fp16_search = [r for r in rows if r["label"] == "compare:fp16search.onnx"]

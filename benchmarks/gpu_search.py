@@ -143,7 +143,7 @@ def retime(name: str, cfg: SearchConfig, outcome, peers: Path, runs: int) -> lis
         label = str(p.metrics["label"])
         peer = label.startswith("compare:")
         if peer:
-            label = label[len("compare:"): -len(f"_{name}.onnx")]
+            label = label[len("compare:") : -len(f"_{name}.onnx")]
         rows.append({"label": label, "kind": "peer" if peer else "ours",
                      "trial": None if peer else p.trial, "n_fp32": None if peer else p.n_fp32,
                      "latency_ms": p.latency_ms, "p90_ms": p.metrics["p90_ms"],

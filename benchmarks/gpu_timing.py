@@ -120,7 +120,8 @@ def run_one(name: str, times: int, args: argparse.Namespace, out: Path) -> dict:
 
     def save() -> None:
         (out / f"gpu_timing_{name}_x{times}.json").write_text(
-            json.dumps(doc, indent=2, default=str))
+            json.dumps(doc, indent=2, default=str)
+        )
 
     save()
     runs = [("graph on", None), ("graph on, again", None)]
@@ -221,7 +222,10 @@ def report(out: Path) -> str:
         answer = ("same" if c.get("c_same_answer")
                   else "tied" if c.get("c_inside_interval") else "differs")  # fmt: skip
         cells = [
-            d["model"], d["batch"], f"{d['trials']} ({d['failed']})", "on" if graph else "off",
+            d["model"],
+            d["batch"],
+            f"{d['trials']} ({d['failed']})",
+            "on" if graph else "off",
             f"{c.get('fp32_ms') or math.nan:.4g}",
             f"{sa.get('label', '-')} {sp(sa.get('speedup'))} ({'-' if a is None else f'{a:.3f}'})",
             "-" if b is None else f"{b:.1%} ({b_graph:.1%}; worst: {b_label})",

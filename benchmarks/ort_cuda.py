@@ -37,8 +37,12 @@ def run(backend, path: Path, config: BuildConfig, data, runs: int) -> tuple[list
     with backend.open(cand) as runner:
         outs = [runner.infer(b) for b in data]
         runner.bind(data.first())
-        stats = measure(runner.run_once, source=runner.source, timer=runner.timer(),
-                        plan=TimingPlan(max_pairs=max(2, runs // 10)))
+        stats = measure(
+            runner.run_once,
+            source=runner.source,
+            timer=runner.timer(),
+            plan=TimingPlan(max_pairs=max(2, runs // 10)),
+        )
     return outs, stats, build_s
 
 

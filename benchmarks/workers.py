@@ -98,8 +98,11 @@ def run_once(args: argparse.Namespace, k: int, work: Path, storage: str) -> dict
         "trials_per_hour": 3600 * len(digests) / wall,
         "trials_per_hour_steady": 3600 * len(digests) / steady if steady > 0 else None,
         "median_trial_s": statistics.median(r["total_s"] for r in rows) if rows else None,
-        "median_overhead_pct": statistics.median(100 * r["overhead_s"] / r["total_s"]
-                                                 for r in rows) if rows else None,  # fmt: skip
+        "median_overhead_pct": statistics.median(
+            100 * r["overhead_s"] / r["total_s"] for r in rows
+        )
+        if rows
+        else None,  # fmt: skip
         "states": dict(states),
         "lost": states.get("RUNNING", 0) + states.get("WAITING", 0),
         "failed": states.get("FAIL", 0),
@@ -163,8 +166,10 @@ def main() -> int:
         if server is not None:
             server.stop(remove=True)
     one = rows[0]["trials_per_hour_steady"] if rows else None
-    print("\n| workers | candidates | wall s | trials/h | trials/h steady | speedup (steady) "
-          "| overhead % | lost | failed | duplicated builds |")
+    print(
+        "\n| workers | candidates | wall s | trials/h | trials/h steady | speedup (steady) "
+        "| overhead % | lost | failed | duplicated builds |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         sp = r["trials_per_hour_steady"] / one if one else float("nan")

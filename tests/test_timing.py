@@ -55,8 +55,9 @@ def test_settle_is_bounded_in_time():
 
 def test_paired_ratio_is_a_median_over_windows_so_a_burst_hits_one_window():
     plan = TimingPlan(window_ms=3.0, min_window_runs=3, min_pairs=8, max_pairs=8)
-    cand = Step(lambda: None, _timer(itertools.chain([2.0] * 10, [9.0] * 3,
-                                                     itertools.repeat(2.0))))
+    cand = Step(
+        lambda: None, _timer(itertools.chain([2.0] * 10, [9.0] * 3, itertools.repeat(2.0)))
+    )
     ref = Step(lambda: None, _timer(itertools.repeat(1.0)))
     timing = PairedTiming(cand, ref, plan)
     timing.run()

@@ -17,6 +17,7 @@ def add_study_storage(parser: argparse.ArgumentParser) -> None:
         "that one's password is hidden)",
     )
 
+
 #: Unit names 'pick' prints of a fallback set (the rest are counted; all are in the files).
 FALLBACK_NAMES = 8
 
@@ -165,7 +166,8 @@ class PickCommand(Subcommand):
         if point.bf16_units:
             con.print(
                 f"BF16 set ({len(point.bf16_units)} of {point.n_units} units): "
-                + point.bf16_text(FALLBACK_NAMES) + "; the other units run FP16"
+                + point.bf16_text(FALLBACK_NAMES)
+                + "; the other units run FP16"
             )
         for path in written:
             con.print(f"wrote {path}")

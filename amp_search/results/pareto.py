@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 
-
 def check_max_deviation(max_deviation: float | None) -> None:
     """Refuses a ``--max-deviation`` budget that is not positive (None: no budget)."""
     if max_deviation is not None and not max_deviation > 0:

@@ -336,10 +336,13 @@ def write_html(data: PlotData, path: str | os.PathLike[str]) -> Path:
                 x=[p.latency_ms for p in pts],
                 y=[p.deviation if math.isfinite(p.deviation) else ceiling for p in pts],
                 error_x=dict(
-                    type="data", symmetric=False,
+                    type="data",
+                    symmetric=False,
                     array=[p.interval[1] - p.latency_ms for p in pts if p.interval],
                     arrayminus=[p.latency_ms - p.interval[0] for p in pts if p.interval],
-                ) if bars else None,
+                )
+                if bars
+                else None,
                 mode="markers+lines" if name == "Pareto front" else "markers",
                 line=dict(shape="hv") if name == "Pareto front" else None,
                 marker=marker,

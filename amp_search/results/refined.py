@@ -34,6 +34,7 @@ REFINED_FILE = "refined.json"
 #: The search's figures a refined point keeps in its ``metrics`` (non-finite: strings in JSON).
 _SEARCH_FIGURES = ("search_latency_ms", "search_deviation", "search_validation_deviation")
 
+
 @dataclass
 class Refinement:
     """What :func:`refine_front` measured.
@@ -127,7 +128,8 @@ def summarize(refinement: Refinement, budget: float | None) -> Sequence[str]:
         lines.append(
             f"fastest {'refined point' if budget is None else f'within {budget:g}'}: "
             f"{refinement.label(best)} {best.latency_ms:.4g} ms at {best.deviation:.3g}"
-            + ("" if v is None else f" ({v:.3g} on the validation data)") + speed
+            + ("" if v is None else f" ({v:.3g} on the validation data)")
+            + speed
         )
     else:
         best = None

@@ -397,9 +397,7 @@ class _quiet_heartbeat_errors:  # noqa: N801 - used as a context manager
         threading.excepthook = self._previous
 
 
-def _record(
-    trial: Any, ev: Evaluation, metric: str, n_units: int, bf16_units: list[str]
-) -> None:
+def _record(trial: Any, ev: Evaluation, metric: str, n_units: int, bf16_units: list[str]) -> None:
     """Stores the trial's figures as ONE user attribute (one storage write, not eight)."""
     record = TrialRecord(
         digest=ev.digest,

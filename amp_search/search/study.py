@@ -289,7 +289,6 @@ def mark_trial_owner(trial: optuna.Trial) -> None:
     trial.set_user_attr(OWNER_ATTR, this_owner())
 
 
-
 def _requeue_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A failed seed trial is enqueued again (seeds are the front's anchors)."""
     if SEED_ATTR in trial.user_attrs:
@@ -376,8 +375,10 @@ def recover_dead_trials(
             started = t.datetime_start or now
             if not alone and (now - started).total_seconds() < UNOWNED_STALE_S:
                 continue
-        elif owner_host != host or pid is None or (
-            not owner_is_dead(owner) and int(pid) != os.getpid()
+        elif (
+            owner_host != host
+            or pid is None
+            or (not owner_is_dead(owner) and int(pid) != os.getpid())
         ):
             continue
         try:

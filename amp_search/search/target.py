@@ -128,8 +128,9 @@ def _upgrade(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> onnx.Mo
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         runs = [
-            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            .run(None, dict(feeds))
+            ort.InferenceSession(
+                m.SerializeToString(), so, providers=["CPUExecutionProvider"]
+            ).run(None, dict(feeds))
             for m in (model, upgraded)
         ]
     except Exception as exc:  # the converter or a session: keep the model as it is

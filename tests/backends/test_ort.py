@@ -95,8 +95,9 @@ def _maxpool22(tmp_path):
     g = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-            helper.make_node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[2, 2],
-                             strides=[2, 2]),  # fmt: skip
+            helper.make_node(
+                "MaxPool", ["c"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2]
+            ),  # fmt: skip
         ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16, 16])],

@@ -75,8 +75,9 @@ def test_inspect_refuses_an_unknown_precision_in_one_line(demo_model_path, demo_
     )
 
 
-def test_search_refuses_an_unknown_precision_in_one_line(demo_model_path, demo_data_path,
-                                                         tmp_path):
+def test_search_refuses_an_unknown_precision_in_one_line(
+    demo_model_path, demo_data_path, tmp_path
+):
     r = _cli("search", str(demo_model_path), "--data", str(demo_data_path), "--out",
              str(tmp_path / "o"), "--precisions", "fp16,int8")  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -75,9 +75,7 @@ def test_the_cpu_backend_pins_nothing_since_it_emulates_fp16(cls_model):
 
 
 @pytest.mark.gpu
-def test_on_the_cuda_ep_the_pinned_all_fp16_model_keeps_every_node_on_the_gpu(
-    cls_model, tmp_path
-):
+def test_on_the_cuda_ep_the_pinned_all_fp16_model_keeps_every_node_on_the_gpu(cls_model, tmp_path):
     model, feeds = cls_model
     backend = OnnxRuntimeBackend()
     config = BuildConfig("cuda")

@@ -49,9 +49,7 @@ def test_uncached_rewrites_are_byte_identical(demo):
         got, got_report = uncached.apply(a)
         assert got.SerializeToString() == want.SerializeToString()
         assert got_report.to_json() == want_report.to_json()
-        assert b"".join(uncached.apply_serialized(a)[0]) == b"".join(
-            cached.apply_serialized(a)[0]
-        )
+        assert b"".join(uncached.apply_serialized(a)[0]) == b"".join(cached.apply_serialized(a)[0])
     assert not uncached._low_init and not uncached._encoded_inits
     assert cached._low_init
 

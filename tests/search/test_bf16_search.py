@@ -63,7 +63,10 @@ def test_space_offers_bf16_where_fp16_cannot_go():
     # b's weights overflow FP16: BF16 (FP32's range) is still open to it; c's ops are not
     # typed bfloat16 at the model's opset.
     assert [space.choices(u) for u in "abc"] == [
-        ("fp32", "fp16", "bf16"), ("fp32", "bf16"), ("fp32", "fp16")]
+        ("fp32", "fp16", "bf16"),
+        ("fp32", "bf16"),
+        ("fp32", "fp16"),
+    ]
     assert space.free == ["a", "b", "c"] and space.three_way
     assert space.params(["a", "b", "c"]) == {"a": "fp16", "b": "fp32", "c": "fp16"}
     assert space.params([], bf16=["a", "b", "c"]) == {"a": "bf16", "b": "bf16", "c": "fp32"}
@@ -114,7 +117,8 @@ def test_three_way_latency_model_is_exact_on_an_additive_price():
         out = 10 - low @ saving + bf @ bf_extra
         for k, (a, b) in enumerate(edges):
             out += cast[k] * (low[:, a] != low[:, b]) + mix[k] * (low[:, a] * low[:, b]) * (
-                bf[:, a] != bf[:, b])
+                bf[:, a] != bf[:, b]
+            )
         return out
 
     model = LatencySurrogate(n, edges, three_way=True)
@@ -175,7 +179,8 @@ def test_three_way_search_on_the_demo_finds_bf16_on_its_front(searched, capsys):
     assert main(["pick", str(config.out), "--trial", str(bf16_points[0].trial),
                  "--to", str(config.out.parent / "picked.onnx")]) == 0  # fmt: skip
     assert f"BF16 set ({len(bf16_points[0].bf16_units)} of" in " ".join(
-        capsys.readouterr().out.split())
+        capsys.readouterr().out.split()
+    )
     # all-BF16 is a baseline: refined beside all-FP32 and all-FP16 with its BF16 set
     assert main(["refine", str(config.out), "--device", "cpu", "--pairs", "2",
                  "--rounds", "1"]) == 0  # fmt: skip
@@ -195,8 +200,7 @@ def test_a_rerun_with_other_precisions_is_refused(searched, capsys):
 
 
 @pytest.mark.slow
-def test_bf16_withheld_by_the_opset_is_said_or_refused(demo_model_path, demo_data_path,
-                                                       tmp_path):
+def test_bf16_withheld_by_the_opset_is_said_or_refused(demo_model_path, demo_data_path, tmp_path):
     # opset 12: Cast has no bfloat16 (13), so no unit admits BF16; BF16 alone is refused
     onnx.save(build_demo_model(opset=12), tmp_path / "demo12.onnx")
     config = SearchConfig(model=tmp_path / "demo12.onnx", data=demo_data_path,

@@ -188,8 +188,14 @@ def _latency_model(
                     MAX_ESTIMATES)  # fmt: skip
         return None
     try:
-        prices = np.array([estimate(space.assignment(
-            {u: CHOICES[int(c)] for u, c in zip(units, r, strict=True)})) for r in rows])
+        prices = np.array(
+            [
+                estimate(
+                    space.assignment({u: CHOICES[int(c)] for u, c in zip(units, r, strict=True)})
+                )
+                for r in rows
+            ]
+        )
     except (ValueError, AmpSearchError) as exc:
         logger.warning("Guide: no latency model, the estimator failed: %s", exc)
         return None
