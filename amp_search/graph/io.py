@@ -355,4 +355,4 @@ def _with_bytes(
         data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype),
         dims=values.shape,
     )
-    return header, memoryview(values.reshape(-1).view(np.uint8))
+    return header, values.reshape(-1).view(np.uint8).data

@@ -95,13 +95,15 @@ BF16_MIN_SUBNORMAL = 9.183549615799121e-41
 
 #: The suffix of a tensor's low-precision version (``<name>__fp16``, ``<name>__bf16``).
 LOW_PRECISION_SUFFIX: dict[Precision, str] = {Precision.FP16: "__fp16", Precision.BF16: "__bf16"}
-_ELEM = {Precision.FP16: FLOAT16, Precision.BF16: BFLOAT16}
+_ELEM: dict[Precision, int] = {Precision.FP16: FLOAT16, Precision.BF16: BFLOAT16}
 #: Inserted Casts are named ``<CAST_PREFIX><source tensor><CAST_SUFFIX[to]>`` (the latency
 #: estimator reads a mixed model by these names and the suffixes above, without protos).
 CAST_PREFIX = "amp_cast/"
 CAST_SUFFIX: dict[int, str] = {FLOAT16: "/to_fp16", BFLOAT16: "/to_bf16", FLOAT: "/to_fp32"}
-_SUFFIX = {_ELEM[p]: suffix for p, suffix in LOW_PRECISION_SUFFIX.items()}  # by element type
-_PRECISION = {elem: p for p, elem in _ELEM.items()}
+_SUFFIX: dict[int, str] = {
+    _ELEM[p]: suffix for p, suffix in LOW_PRECISION_SUFFIX.items()
+}  # by element type
+_PRECISION: dict[int, Precision] = {elem: p for p, elem in _ELEM.items()}
 _TYPE_AGNOSTIC_READERS = frozenset({"Shape", "Size", "Cast"})
 #: A rewriter keeps its FP16/BF16 copies of the weights between rewrites (a measured speed
 #: win) unless the model's float weights exceed this many bytes: then the copies, half as
@@ -451,7 +453,9 @@ class MixedPrecisionRewriter:
         BF16 is withheld from nodes whose op the opset does not type BF16; weights that
         overflow the node's type keep it FP32.
         """
-        low_pos = dict.fromkeys(self.node_positions(assignment, Precision.FP16), FLOAT16)
+        low_pos: dict[int, int] = dict.fromkeys(
+            self.node_positions(assignment, Precision.FP16), FLOAT16
+        )
         if assignment.bf16_units:
             for i in self.node_positions(assignment, Precision.BF16):
                 low_pos.setdefault(i, BFLOAT16)
