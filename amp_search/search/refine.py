@@ -6,8 +6,8 @@ interval is narrow enough. Before a point ships, :func:`refine_front` rebuilds t
 within the budget, plus all-FP32 and all-FP16 (and all-BF16), on the target device with the
 final options (a backend's build-speed options,
 :attr:`~amp_search.backends.base.Backend.refine_defaults`, go back to their defaults unless
-given again), measures each one's deviation there against the
-same strict FP32 reference, and times them all with the search's protocol
+given again), measures each one's deviation there against the same strict FP32 reference,
+and times them all with the search's protocol
 (:mod:`amp_search.timing`: windows paired with a resident all-FP32 reference), in interleaved
 rounds so that drift and neighbours hit every point alike, then widens the figures whose
 interval is still wider than the target. A point or compared model that fails at any stage
