@@ -2,60 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from amp_search.demo import build_demo_model, demo_data
 from amp_search.graph import MixedPrecisionRewriter, find_units, sanitize
-from amp_search.graph.emulate import emulating_fp16_storage
 from amp_search.graph.precision import LOW_PRECISION_SUFFIX
+from amp_search.testing.graphs import io_types as _io
+from amp_search.testing.graphs import run_cpu as _run
+from amp_search.testing.graphs import run_twin as _run_twin
+from amp_search.testing.graphs import tiny_model as _model
+from amp_search.testing.graphs import value_info as _vi
 from amp_search.types import Precision, PrecisionAssignment
 
-SO = ort.SessionOptions()
-SO.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 BF16, FP16, FP32 = Precision.BF16, Precision.FP16, Precision.FP32
-
-
-def _session(model: onnx.ModelProto | bytes | str) -> ort.InferenceSession:
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    return ort.InferenceSession(model, SO, providers=["CPUExecutionProvider"])
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return _session(model).run(None, feeds)
-
-
-def _run_twin(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Runs the FP32 twin that emulates FP16/BF16 storage (what ORT CPU can run)."""
-    twin = emulating_fp16_storage(Path("unused.onnx"), model.SerializeToString())
-    return _session(twin).run(None, feeds)
-
-
-def _model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "t", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8 if opset < 21 else 10
-    return m
-
-
-def _vi(name, shape, t=TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, t, shape)
-
-
-def _io(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    inits = {i.name for i in model.graph.initializer}
-    ins = [
-        (i.name, i.type.tensor_type.elem_type) for i in model.graph.input if i.name not in inits
-    ]
-    outs = [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output]
-    return ins, outs
 
 
 def _casts(model: onnx.ModelProto) -> list[tuple[str, str, int]]:

@@ -11,48 +11,17 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from amp_search.graph import MixedPrecisionRewriter, apply_assignment, find_units, sanitize
 from amp_search.graph.emulate import emulating_fp16_storage
+from amp_search.testing.graphs import io_types as _io
+from amp_search.testing.graphs import run_cpu as _run
+from amp_search.testing.graphs import run_twin as _run_twin
+from amp_search.testing.graphs import tiny_model as _model
+from amp_search.testing.graphs import value_info as _vi
 from amp_search.types import Precision, PrecisionAssignment
-
-SO = ort.SessionOptions()
-SO.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-
-
-def _run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    sess = ort.InferenceSession(model, SO, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
-def _run_twin(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Runs the FP32 twin that emulates FP16/BF16 storage (what ORT CPU can run)."""
-    return _run(emulating_fp16_storage(Path("unused.onnx"), model.SerializeToString()), feeds)
-
-
-def _io(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    inits = {i.name for i in model.graph.initializer}
-    ins = [
-        (i.name, i.type.tensor_type.elem_type) for i in model.graph.input if i.name not in inits
-    ]
-    outs = [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output]
-    return ins, outs
-
-
-def _model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "t", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
-
-
-def _vi(name, shape, t=TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, t, shape)
 
 
 def test_all_fp16_conv_relu_switches_types_and_keeps_io():
