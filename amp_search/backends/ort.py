@@ -66,7 +66,8 @@ from amp_search.errors import BackendUnavailableError, CandidateBuildError, User
 if TYPE_CHECKING:
     import onnxruntime
 
-    from amp_search.graph.precision import MixedPrecisionRewriter
+    from amp_search.graph.precision import ConversionReport, MixedPrecisionRewriter
+    from amp_search.types import PrecisionAssignment
 
 __all__ = ["CPU_DEFAULTS", "CUDA_DEFAULTS", "OnnxRuntimeBackend", "OnnxRuntimeRunner"]
 
@@ -155,12 +156,9 @@ class OnnxRuntimeBackend(Backend):
         nodes = {n.name: n for n in rewriter.low_precision_nodes()}
         opts = {**self.resolve_options(config), "graph_optimization_level": "disable_all"}
         try:
-            probe, _ = rewriter.apply(rewriter.all_fp16())
-            del probe.graph.value_info[:]  # declared shapes are not what is asked here
-            for out in probe.graph.output:
-                out.type.tensor_type.ClearField("shape")
+            probe, _ = _probe(rewriter, rewriter.all_fp16())
             on_cpu = cpu_placed_nodes(
-                probe.SerializeToString(), self._session_options(opts),
+                probe, self._session_options(opts),
                 self._providers(config, opts, graph=False), feeds,
             )  # fmt: skip
         except Exception as exc:  # a check, not a requirement: the search goes on without it
@@ -456,16 +454,12 @@ def bf16_probe(
     gaps: dict[str, str] = {}
     while offered:
         assignment = PrecisionAssignment.uniform(offered, Precision.BF16)
-        probe, report = rewriter.apply(assignment)
-        del probe.graph.value_info[:]  # declared shapes are not what is asked here
-        for out in probe.graph.output:
-            out.type.tensor_type.ClearField("shape")
+        probe, report = _probe(rewriter, assignment)
         try:
             if not placement:
-                _ort().InferenceSession(probe.SerializeToString(), options(),
-                                        providers=list(providers))  # fmt: skip
+                _ort().InferenceSession(probe, options(), providers=list(providers))
                 return gaps
-            on_cpu = cpu_placed_nodes(probe.SerializeToString(), options(), providers, feeds)
+            on_cpu = cpu_placed_nodes(probe, options(), providers, feeds)
         except Exception as exc:
             found = _NODE_NAMED.search(str(exc))
             name = found.group(1) if found else None
@@ -484,6 +478,21 @@ def bf16_probe(
             gaps[name] = f"{kind[name][0]} in BF16 runs on the CPU under the CUDA EP"
         return gaps
     return gaps
+
+
+def _probe(
+    rewriter: MixedPrecisionRewriter, assignment: PrecisionAssignment
+) -> tuple[bytes, ConversionReport]:
+    """The rewrite of ``assignment`` as a placement probe opens it: no declared shapes.
+
+    Declared intermediate and output shapes are not what a probe asks about, and a stale one
+    would fail the session for another reason than a missing kernel.
+    """
+    probe, report = rewriter.apply(assignment)
+    del probe.graph.value_info[:]
+    for out in probe.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    return probe.SerializeToString(), report
 
 
 def _ep(provider: Any) -> str:
