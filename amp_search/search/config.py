@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from amp_search.search.sampler import DEFAULT_SAMPLER
+from amp_search.types import Precision, parse_precisions
 
 __all__ = ["SearchConfig"]
 
@@ -59,6 +60,15 @@ class SearchConfig:
     validation_data: Path | None = None
     #: Without ``validation_data``: hold out the last ceil(f * n) calibration batches (0: off).
     holdout_fraction: float = 0.0
+
+    @property
+    def low_precisions(self) -> tuple[Precision, ...]:
+        """``precisions`` checked, in canonical order (:func:`~amp_search.types.parse_precisions`).
+
+        Raises:
+            UserInputError: A precision that is neither FP16 nor BF16.
+        """
+        return parse_precisions(",".join(self.precisions))
 
     def to_json(self) -> dict[str, Any]:
         """The settings a worker needs to join this search (paths made absolute)."""

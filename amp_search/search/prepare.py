@@ -62,7 +62,7 @@ from amp_search.search.space import SearchSpace
 from amp_search.search.target import Fitted, fit_to_target
 from amp_search.search.validation import ValidationSet, prepare_validation, run_identity
 from amp_search.timing import TimingPlan, nvml_clock
-from amp_search.types import Precision, parse_precisions
+from amp_search.types import Precision
 
 if TYPE_CHECKING:
     import numpy as np
@@ -185,12 +185,12 @@ def prepare(
                                  units, fitted, model_digest, validation))  # fmt: skip
 
     t0 = time.perf_counter()
-    bf16 = Precision.BF16 in parse_precisions(",".join(config.precisions))
+    bf16 = Precision.BF16 in config.low_precisions
     prof, rewriter, stale = profile_units(model, units, data, fitted, stage, bf16=bf16)
     risks, left_out, everything_left_out = assess(config, model, units, data, prof, fitted,
                                                   store, t0)  # fmt: skip
     gaps = backend.bf16_gaps(rewriter, data.first(), build_config) if bf16 else {}
-    space, bf16_note = make_space(config.precisions, units, risks, rewriter, gaps)
+    space, bf16_note = make_space(config.low_precisions, units, risks, rewriter, gaps)
     estimator = None
     if latency_source == "estimated":
         estimator = make_estimator(model, data.first(), prof, config.target)
@@ -227,7 +227,7 @@ def check_flags(config: SearchConfig) -> None:
     if config.n_trials is not None and config.n_trials < 1:
         raise UserInputError(f"--n-trials must be at least 1, got {config.n_trials}.")
     check_max_deviation(config.max_deviation)
-    parse_precisions(",".join(config.precisions))
+    config.low_precisions  # noqa: B018 - reading it refuses anything but fp16 and bf16
     if not 0 < config.timing_target < 1 or not config.timing_max_s > 0:
         raise UserInputError(
             f"--timing-target must be in (0, 1) and --timing-max-s positive; got "
@@ -385,13 +385,13 @@ def assess(
         model=str(config.model), n_nodes=len(model.graph.node), risks=risks,
         data=data.describe(), threshold=config.threshold,
         seconds=time.perf_counter() - t0, fp16_pass=True,
-        not_searched=everything, precisions=parse_precisions(",".join(config.precisions)),
+        not_searched=everything, precisions=config.low_precisions,
     ).write_json(store.root / "inspect.json")  # fmt: skip
     return risks, left_out, everything
 
 
 def make_space(
-    precisions: tuple[str, ...],
+    wanted: tuple[Precision, ...],
     units: list[Unit],
     risks: list[UnitRisk],
     rewriter: MixedPrecisionRewriter,
@@ -408,7 +408,6 @@ def make_space(
     Raises:
         UserInputError: BF16 alone was asked for and no unit admits it.
     """
-    wanted = parse_precisions(",".join(precisions))
     names = [u.name for u in units]
     locked = [r.unit.name for r in risks if r.locked_fp32]
     if Precision.BF16 not in wanted:

@@ -91,9 +91,10 @@ class SearchSpace:
 
     def assignment(self, params: Mapping[str, str]) -> PrecisionAssignment:
         """The assignment of a parameter dict (locked and missing units FP32)."""
+        free = set(self.free)
         return PrecisionAssignment.from_mapping(
-            {u: Precision(params.get(u, "fp32")) if u in self._choices and len(
-                self._choices[u]) > 1 else Precision.FP32 for u in self.units}
+            {u: Precision(params.get(u, "fp32")) if u in free else Precision.FP32
+             for u in self.units}
         )  # fmt: skip
 
     def params(self, fp16: Iterable[str], bf16: Iterable[str] = ()) -> dict[str, str]:
