@@ -137,6 +137,7 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
     rows = [_row(ref.label(p), p, fp32_ms) for p in ref.points]
     rows += [_row(str(c.metrics.get("label")), c, fp32_ms) for c in ref.compared]
     doc["rows"] = rows
+    doc["failed"] = [{"label": f["label"], "error": f["error"][:400]} for f in ref.failed]
     doc["verdict"] = verdict(rows, budget)
     save()
     return doc
@@ -206,6 +207,17 @@ def verdict(rows: list[dict], budget: float) -> dict:
     }
 
 
+def _why(error: str) -> str:
+    """A failure's reason in a table cell: ONNX Runtime's "Provider type ... not set" as the
+    op without a kernel, else the first line, short."""
+    import re
+
+    found = re.search(r"Provider type for (\w+) node", error)
+    if found:
+        return f"no BF16 {found.group(1)} kernel"
+    return error.splitlines()[0][:120] if error else "?"
+
+
 def report(out: Path) -> str:
     """The RESULTS.md table from every ``gpu_bf16_*.json`` in ``out``."""
 
@@ -226,12 +238,19 @@ def report(out: Path) -> str:
         v = d.get("verdict") or {}
         rows = {r["label"]: r for r in d.get("rows", [])}
         autocast = next((r for k, r in rows.items() if "autocast_bf16" in k), None)
+        failed = {f["label"]: f["error"] for f in d.get("failed", [])}
+
+        def absent(label: str, failed: dict[str, str] = failed) -> str:
+            why = next((e for k, e in failed.items() if label in k), None)
+            return "not run" if why is None else f"failed: {_why(why)}"
+
         notes = [n for n in d["searches"].get("fp16,bf16", {}).get("notes", [])
                  if n.startswith("BF16 withheld")]  # fmt: skip
         lines.append("| " + " | ".join([
             d["model"], f"{d['budget']:g}", cell(v.get("fastest_with_bf16")),
             cell(v.get("fastest_fp32_fp16_only")),
-            *(cell(r) if r else "not run" for r in (rows.get("all-bf16"), autocast)),
+            cell(rows["all-bf16"]) if "all-bf16" in rows else absent("all-bf16"),
+            cell(autocast) if autocast else absent("autocast_bf16"),
             (f"yes: {', '.join(v['bf16_unbeaten'])} unbeaten; fastest within budget "
              f"{v['speed_at_budget']:.3f}x" if v.get("bought") else "no"),
             " ".join(notes) or "-",

@@ -376,7 +376,8 @@ def _identity_model(name: str, a: np.ndarray, opset: int) -> onnx.ModelProto:
     vo = helper.make_tensor_value_info("y", _NP_TYPES[a.dtype], list(a.shape))
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="floor")],
                           f"floor_{name}", [vi], [vo])  # fmt: skip
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    # IR 8 (opset 17's): a newer onnx stamps its own IR version, which ONNX Runtime may refuse
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
 def _ratio(stats: Any) -> list[float] | None:

@@ -80,7 +80,10 @@ def main() -> int:
         cands = sorted((res / "candidates").glob("*/model.onnx"))
         if args.limit:
             cands = cands[: args.limit]
-        jobs += [(res.name, str(p), shapes, args.level) for p in cands]
+        label = (
+            res.name if res.name not in ("fp16", "fp16_bf16") else f"{res.parent.name}/{res.name}"
+        )
+        jobs += [(label, str(p), shapes, args.level) for p in cands]
     rows = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for row in pool.map(build_one, jobs):

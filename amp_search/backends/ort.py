@@ -41,8 +41,9 @@ TensorRT's is missing.)
 some ops only, and for some none on any provider: BatchNormalization, MaxPool, Resize, LSTM
 in 1.31), by :func:`bf16_probe`: the model with every unit that admits BF16 in BF16, opened;
 a node no provider has a kernel for fails the session, so the units holding nodes of that op
-are taken back to FP32 and the probe repeats; once the session opens, the BF16 nodes placed on
-the CPU are named too.
+are taken back to FP32 and the probe repeats (an op ONNX Runtime expands into its function body
+fails on a tensor, or a nameless node: it is found by probing op types one at a time); once the
+session opens, the BF16 nodes placed on the CPU are named too.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,7 @@ from amp_search.errors import BackendUnavailableError, CandidateBuildError, User
 
 if TYPE_CHECKING:
     import onnxruntime
+    from onnx import ModelProto
 
     from amp_search.graph.precision import ConversionReport, MixedPrecisionRewriter
     from amp_search.types import PrecisionAssignment
@@ -158,7 +160,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             probe, _ = _probe(rewriter, rewriter.all_fp16())
             on_cpu = cpu_placed_nodes(
-                probe, self._session_options(opts),
+                probe.SerializeToString(), self._session_options(opts),
                 self._providers(config, opts, graph=False), feeds,
             )  # fmt: skip
         except Exception as exc:  # a check, not a requirement: the search goes on without it
@@ -425,8 +427,12 @@ def cpu_placed_nodes(
     }
 
 
-#: ONNX Runtime's "no kernel" errors name the node: "... for Conv(22) node with name 'x'".
+#: ONNX Runtime's "no kernel" errors name the node: "... for Conv(22) node with name 'x'". An op
+#: it has no kernel for but a function body (Clip) is expanded, and a type error inside names
+#: only the tensor: "Type 'tensor(bfloat16)' of input parameter (t) of operator (Where) in
+#: node ()".
 _NODE_NAMED = re.compile(r"node with name '([^']*)'")
+_TENSOR_NAMED = re.compile(r"parameter \(([^()]+)\)")
 
 
 def bf16_probe(
@@ -439,50 +445,83 @@ def bf16_probe(
 ) -> dict[str, str]:
     """BF16 nodes ``providers`` cannot run (node -> reason), by opening the all-BF16 model.
 
-    Every unit that admits BF16 is BF16 in the probe. A session that fails on a node names
-    it: every unit holding a node of that op type (and version) goes back to FP32 and the probe
-    repeats (once per op type at most). With ``placement``, the BF16 nodes of the session that
-    opens and are placed on the CPU EP are named too (:func:`cpu_placed_nodes`). If a failure
-    names no node of a BF16 unit, the probe stops with what it found (the candidates that fail
-    then fail as trials).
+    Every unit that admits BF16 is BF16 in the probe. A session that fails names the node
+    (or a tensor it reads): every unit holding a node of that op type goes back to FP32 and the
+    probe repeats (once per op type at most). A failure that names no BF16 node is isolated
+    by op type (:func:`_isolate`: one probe per op type of the BF16 units). With
+    ``placement``, the BF16 nodes of the session that opens and are placed on the CPU EP are
+    named too (:func:`cpu_placed_nodes`). If nothing can be blamed the probe stops with what it
+    found (the candidates that fail then fail as trials).
     """
     from amp_search.types import Precision, PrecisionAssignment
 
-    nodes = {n.name: n for n in rewriter.model.graph.node}
-    kind = {name: (n.op_type, n.domain) for name, n in nodes.items()}
+    kind = {n.name: n.op_type for n in rewriter.model.graph.node}
     offered = {u.name: set(u.nodes) for u in rewriter.units if rewriter.admits_bf16_unit(u.name)}
+    eps = ", ".join(map(_ep, providers))
     gaps: dict[str, str] = {}
-    while offered:
-        assignment = PrecisionAssignment.uniform(offered, Precision.BF16)
-        probe, report = _probe(rewriter, assignment)
+
+    def opens(units: Iterable[str]) -> tuple[ModelProto, ConversionReport, set[str] | Exception]:
+        probe, report = _probe(rewriter, PrecisionAssignment.uniform(units, Precision.BF16))
+        data = probe.SerializeToString()
         try:
             if not placement:
-                _ort().InferenceSession(probe, options(), providers=list(providers))
-                return gaps
-            on_cpu = cpu_placed_nodes(probe, options(), providers, feeds)
+                _ort().InferenceSession(data, options(), providers=list(providers))
+                return probe, report, set()
+            return probe, report, cpu_placed_nodes(data, options(), providers, feeds)
         except Exception as exc:
-            found = _NODE_NAMED.search(str(exc))
-            name = found.group(1) if found else None
-            if name not in kind or not any(name in ns for ns in offered.values()):
-                logger.warning("BF16 probe stopped: %s", _first_line(exc))
-                return gaps
-            op = kind[name]
-            reason = f"{op[0]} has no bfloat16 kernel on {', '.join(map(_ep, providers))}"
-            for unit, ns in list(offered.items()):
-                hit = [n for n in ns if kind.get(n) == op]
-                if hit:
-                    gaps.update(dict.fromkeys(hit, reason))
-                    del offered[unit]
-            continue
-        for name in set(report.bf16_nodes) & on_cpu:
-            gaps[name] = f"{kind[name][0]} in BF16 runs on the CPU under the CUDA EP"
-        return gaps
+            return probe, report, exc
+
+    def withhold(ops: Mapping[str, str]) -> None:
+        for unit, ns in list(offered.items()):
+            hit = [n for n in ns if kind.get(n) in ops]
+            if hit:
+                gaps.update({n: ops[kind[n]] for n in hit})
+                del offered[unit]
+
+    while offered:
+        probe, report, result = opens(list(offered))
+        if not isinstance(result, Exception):
+            for name in set(report.bf16_nodes) & result:
+                gaps[name] = f"{kind[name]} in BF16 runs on the CPU under the CUDA EP"
+            return gaps
+        held = set().union(*offered.values())
+        blamed = {kind[n] for n in _blamed(result, probe) & held}
+        ops = dict.fromkeys(blamed, "") or _isolate(offered, kind, opens)
+        if not ops:
+            logger.warning("BF16 probe stopped: %s", _first_line(result))
+            return gaps
+        withhold({op: why or f"{op} has no bfloat16 kernel on {eps}" for op, why in ops.items()})
     return gaps
+
+
+def _blamed(exc: Exception, model: ModelProto) -> set[str]:
+    """Nodes of ``model`` a session error names: by name, or as readers of a named tensor."""
+    text = str(exc)
+    names = {m.group(1) for m in _NODE_NAMED.finditer(text)}
+    tensors = {m.group(1) for m in _TENSOR_NAMED.finditer(text)}
+    if tensors:
+        names |= {n.name for n in model.graph.node if tensors.intersection(n.input)}
+    return names
+
+
+def _isolate(
+    offered: Mapping[str, set[str]],
+    kind: Mapping[str, str],
+    opens: Callable[[Iterable[str]], tuple[Any, Any, set[str] | Exception]],
+) -> dict[str, str]:
+    """Op types whose BF16 units alone fail to open (op -> reason): one probe per op type."""
+    failing: dict[str, str] = {}
+    for op in sorted({kind[n] for ns in offered.values() for n in ns}):
+        units = [u for u, ns in offered.items() if any(kind.get(n) == op for n in ns)]
+        result = opens(units)[2]
+        if isinstance(result, Exception):
+            failing[op] = f"a BF16 {op} does not open on the target: {_first_line(result)}"
+    return failing
 
 
 def _probe(
     rewriter: MixedPrecisionRewriter, assignment: PrecisionAssignment
-) -> tuple[bytes, ConversionReport]:
+) -> tuple[ModelProto, ConversionReport]:
     """The rewrite of ``assignment`` as a placement probe opens it: no declared shapes.
 
     Declared intermediate and output shapes are not what a probe asks about, and a stale one
@@ -492,7 +531,7 @@ def _probe(
     del probe.graph.value_info[:]
     for out in probe.graph.output:
         out.type.tensor_type.ClearField("shape")
-    return probe.SerializeToString(), report
+    return probe, report
 
 
 def _ep(provider: Any) -> str:

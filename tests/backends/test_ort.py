@@ -188,3 +188,28 @@ def test_bf16_gaps_on_the_cuda_ep_name_what_has_no_bfloat16_kernel():
     gaps = OnnxRuntimeBackend().bf16_gaps(rewriter, feeds, BuildConfig("cuda"))
     ops = {n.name: n.op_type for n in rewriter.model.graph.node}
     assert "pool/GAP" in gaps and not any(ops[n] == "Conv" for n in gaps)
+
+
+@pytest.mark.slow
+def test_bf16_probe_blames_an_op_onnx_runtime_expands_and_isolates_unnamed_failures(real_model):
+    # MiniLM (opset 14) on the CPU EP: Clip has no bfloat16 kernel, so ONNX Runtime expands its
+    # function body, whose Where-9 types no bfloat16: the error names a tensor, not a node.
+    # Softmax's body fails on a node with no name: found by probing op types one at a time.
+    import onnxruntime as ort
+
+    from amp_search.backends.ort import _probe, bf16_probe
+    from amp_search.graph import MixedPrecisionRewriter, sanitize
+    from amp_search.types import Precision, PrecisionAssignment
+
+    path, _ = real_model("minilm")
+    rewriter = MixedPrecisionRewriter(sanitize(onnx.load(path)))
+    gaps = bf16_probe(rewriter, {}, ort.SessionOptions, ["CPUExecutionProvider"], placement=False)
+    assert gaps["/pooling/Clip"] == "Clip has no bfloat16 kernel on CPUExecutionProvider"
+    softmax = [n for n in gaps if n.endswith("/Softmax")]
+    assert softmax and all(gaps[n].startswith("a BF16 Softmax does not open") for n in softmax)
+    # what the probe leaves BF16 opens
+    rest = [u.name for u in rewriter.units
+            if rewriter.admits_bf16_unit(u.name) and not set(u.nodes) & set(gaps)]  # fmt: skip
+    probe, report = _probe(rewriter, PrecisionAssignment.uniform(rest, Precision.BF16))
+    ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert bool(rest) == bool(report.bf16_nodes)
