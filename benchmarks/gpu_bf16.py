@@ -81,6 +81,7 @@ def _fastest(points, budget: float):
 def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
     from amp_search.calibration import load_calibration, model_inputs
     from amp_search.graph import load_model, sanitize
+    from amp_search.keys import ERROR_ATTR
     from amp_search.results.report import load_results
     from amp_search.search import SearchConfig, run_search
     from amp_search.search.refine import refine_front
@@ -110,6 +111,10 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "failed": outcome.n_failed,
             "front": len(outcome.front), "notes": outcome.notes,
             "front_with_bf16": sum(1 for p in outcome.front if p.bf16_units),
+            "failures": [  # why each failed candidate failed (trial number, first 400 chars)
+                [t.number, str(t.user_attrs.get(ERROR_ATTR, ""))[:400]]
+                for t in outcome.study.get_trials(deepcopy=False) if t.state.name == "FAIL"
+            ],
         }  # fmt: skip
         save()
     answer16 = _fastest(results["fp16"].front, budget)

@@ -68,6 +68,7 @@ def _row(p) -> dict:
         "windows": m.get("windows"), "clock_mhz_min": m.get("clock_mhz_min"),
         "cuda_graph": (m.get("execution") or {}).get("cuda_graph"),
         "graph_reason": (m.get("execution") or {}).get("cuda_graph_reason"),
+        "fp32_units": list(p.fp32_units), "bf16_units": list(p.bf16_units),
     }  # fmt: skip
 
 

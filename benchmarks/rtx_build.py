@@ -34,8 +34,15 @@ def _shapes(res: Path) -> dict[str, list[int]] | None:
         res.parent / f"{res.name}.npz",
     ):
         if npz.is_file():
+            import onnx
+
             with np.load(npz) as z:
-                return {k: list(z[k].shape) for k in z.files}
+                shapes = {k: list(z[k].shape) for k in z.files}
+            # a stack of batches (the demo's npz) gives one batch's shape: drop the stack axis
+            graph = onnx.load(str(run["model"]), load_external_data=False).graph
+            ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+            return {k: s[1:] if len(s) == ranks.get(k, len(s)) + 1 else s
+                    for k, s in shapes.items()}  # fmt: skip
     return None
 
 
