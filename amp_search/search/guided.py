@@ -7,7 +7,9 @@ largest expected improvement of the hypervolume of the (latency, log10 deviation
   the roofline estimator, so every candidate's latency is known before it is built; without a
   latency model in the guide (measured latency), a model of the same form fitted on the trials;
 - log10 deviation from a Gaussian process over the assignments fitted on the trials, its mean
-  following the profile's per-unit FP16 (and BF16) errors;
+  following the profile's per-unit FP16 (and BF16) errors; where every assignment is a
+  candidate, from :data:`~amp_search.search._guided.proposal.RELEVANCE_FROM` trials on, with a
+  weight per unit in its distance (units whose rounding errors cancel are told apart);
 - the improvement's expectation in closed form
   (:func:`amp_search.search._guided.acquisition.expected_hvi`).
 

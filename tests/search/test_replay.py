@@ -25,11 +25,11 @@ TABLES = Path(__file__).resolve().parents[2] / "benchmarks" / "tables"
 EXHAUSTIVE = {"ppocr_cls": 0.98, "ppocr_det": 0.98, "ppocr_rec": 0.98, "minilm": 0.98}
 #: Where the default does not meet the target yet (issue 13 stays open): what it holds now, so
 #: that a change that makes it worse fails; below the target the test reports an xfail, and
-#: it passes once a change meets the target. The recognizer: the sampler harvests a dense
-#: cluster at the fast edge of a gap in the front (0.72 -> 0.85 ms) while the points that fill
-#: the gap (units 0, 2 and 5 FP32, an interaction no trial has shown the GP) stay unvisited
-#: (benchmarks/RESULTS.md).
-NOT_YET = {"ppocr_rec": 0.93}
+#: it passes once a change meets the target. The recognizer: the points that fill a gap in its
+#: front (units 0, 2 and 5 FP32, an interaction the first trials do not show) are found after
+#: about 100 evaluations, once the GP weighs each unit (0.93 at 60, 0.98 at 120;
+#: benchmarks/RESULTS.md); no sampler measured reaches 0.98 there at 60.
+NOT_YET = {"ppocr_rec": 0.925}
 #: The recorded answers of the ungrouped classifier (99 units: the candidate-pool path).
 RECORDED = "ppocr_cls-ungrouped"
 
@@ -134,6 +134,17 @@ def test_guided_sampler_on_an_exhaustive_table(model):
     assert ratio >= NOT_YET.get(model, EXHAUSTIVE[model]), f"{model}: {ratio:.4f} after 60"
     if model in NOT_YET and ratio < EXHAUSTIVE[model]:
         pytest.xfail(f"issue 13: {model} at {ratio:.4f} after 60, target {EXHAUSTIVE[model]}")
+
+
+@pytest.mark.slow
+def test_guided_sampler_keeps_rising_on_the_recognizer():
+    """Issue 13's "no plateau": on the recognizer the default flattened at 0.944 from its 30th
+    evaluation to its 250th; with a relevance weight per unit it passes 0.98 by 250 (~20 s)."""
+    table = _table("ppocr_rec")
+    r = replay(table, "guided", budget=250, seed=0)
+    curve = r.curve(table.space())
+    assert curve[-1] >= 0.98, f"ppocr_rec: {curve[-1]:.4f} after 250"
+    assert curve[-1] > curve[59] + 0.03
 
 
 def test_guided_sampler_beyond_enumeration():

@@ -115,3 +115,27 @@ def test_the_prior_feature_carries_predictions_to_unseen_units():
     plain = DeviationGP(train, y)
     mu_plain, _ = plain.predict(far)
     assert np.abs(mu_plain - log_dev(far)).max() > 5 * np.abs(mu - log_dev(far)).max()
+
+
+def test_relevance_weights_find_the_units_that_matter():
+    # Two units interact (their FP16 error cancels when both are FP16: exclusive or), six add a
+    # little each: one length scale for all units cannot tell them apart, a weight per unit can
+    rng = np.random.default_rng(0)
+    rows = all_rows(8)
+
+    def log_dev(r: np.ndarray) -> np.ndarray:
+        x = r.astype(np.float64)
+        return -3.0 + 1.0 * np.logical_xor(x[:, 0], x[:, 1]) + 0.05 * x[:, 2:].sum(axis=1)
+
+    order = rng.permutation(rows.shape[0])
+    train, held = rows[order[:60]], rows[order[60:]]
+    y = log_dev(train) + rng.normal(0.0, 0.01, train.shape[0])
+    plain = DeviationGP(train, y)
+    ard = DeviationGP(train, y, relevance=True)
+    assert len(set(plain.weights)) == 1  # without relevance: one length scale
+    assert min(ard.weights[:2]) > 10 * max(ard.weights[2:])
+
+    def rmse(gp: DeviationGP) -> float:
+        return float(np.sqrt(np.mean((gp.predict(held)[0] - log_dev(held)) ** 2)))
+
+    assert rmse(ard) < 0.3 * rmse(plain)

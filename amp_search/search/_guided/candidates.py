@@ -25,6 +25,7 @@ __all__ = [
     "FP16",
     "POOL_SIZE",
     "all_rows",
+    "enumerated",
     "binary_features",
     "candidates",
     "clip_rows",
@@ -47,6 +48,13 @@ def all_rows(n: int) -> np.ndarray:
     """Every assignment of ``n`` units as uint8 rows (row k: bit i of k is unit i)."""
     k = np.arange(1 << n, dtype=np.int64)
     return ((k[:, None] >> np.arange(n)) & 1).astype(np.uint8)
+
+
+def enumerated(n: int, allowed: Sequence[Sequence[int]] | None = None) -> bool:
+    """Whether :func:`candidates` scores every assignment (not a pool)."""
+    if allowed is not None and is_ternary(allowed):
+        return int(np.prod([len(a) for a in allowed], dtype=np.float64)) <= ENUMERATE_MAX_ROWS
+    return n <= ENUMERATE_MAX_UNITS
 
 
 def is_ternary(allowed: Sequence[Sequence[int]] | None) -> bool:

@@ -7,9 +7,10 @@ the unevaluated row of largest expected hypervolume improvement of the (latency,
 deviation) front. Its steps:
 
 1. :func:`deviation_predictor`: log10 deviation from a :class:`~.gp.DeviationGP` fitted on
-   the trials (non-finite outputs trained as worse than anything finite), or, before two
-   trials have a finite nonzero deviation, the profile's proxy alone (offset to what was
-   measured); None without either;
+   the trials (non-finite outputs trained as worse than anything finite; a relevance weight
+   per unit from :data:`RELEVANCE_FROM` trials on where every assignment is a candidate), or,
+   before two trials have a finite nonzero deviation, the profile's proxy alone (offset to
+   what was measured); None without either;
 2. :func:`latency_predictor`: the guide's latency model, or one of the same form fitted on
    the trials (measured latency);
 3. :func:`front_points`: the front so far, in (latency, log10 deviation): feasible finite
@@ -33,7 +34,12 @@ import numpy as np
 
 from amp_search.results.pareto import front_order
 from amp_search.search._guided.acquisition import expected_hvi, nondominated
-from amp_search.search._guided.candidates import binary_features, candidates, is_ternary
+from amp_search.search._guided.candidates import (
+    binary_features,
+    candidates,
+    enumerated,
+    is_ternary,
+)
 from amp_search.search._guided.gp import DeviationGP, prior_feature
 from amp_search.search._guided.guide import allowed_codes
 from amp_search.search._guided.latency import LatencySurrogate
@@ -41,6 +47,7 @@ from amp_search.search._guided.latency import LatencySurrogate
 __all__ = [
     "PRIOR_SD",
     "REF_MARGIN",
+    "RELEVANCE_FROM",
     "ZERO_GAP",
     "Observations",
     "best_candidate",
@@ -58,6 +65,11 @@ REF_MARGIN = 0.5
 ZERO_GAP = 1.0
 #: Spread (decades) of the profile's proxy before two deviations are known.
 PRIOR_SD = 1.0
+#: Trials from which the GP fits a relevance weight per unit (ARD), where every assignment is
+#: a candidate. Fewer trials do not tell which units matter (from the start it cost 0.03 of
+#: the classifier's hypervolume at 60 evaluations); on a candidate pool (more units) it is
+#: not used: its proposals could not be judged there (benchmarks/RESULTS.md).
+RELEVANCE_FROM = 30
 
 Predictor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -100,7 +112,9 @@ def next_row(
     good = finite & (devs > 0)
     logdev = np.log10(np.where(good, devs, 1.0))
     errors = (guide.get("unit_error"), guide.get("unit_error_bf16") if three_way else None)
-    predict = deviation_predictor(rows, logdev, good, finite, *errors, three_way=three_way)
+    relevance = enumerated(n, allowed)
+    predict = deviation_predictor(rows, logdev, good, finite, *errors, three_way=three_way,
+                                  relevance=relevance)  # fmt: skip
     if predict is None:
         return None
     edges = [(int(a), int(b)) for a, b in guide.get("edges", [])]
@@ -124,11 +138,13 @@ def deviation_predictor(
     unit_error_bf16: list[float] | None = None,
     *,
     three_way: bool = False,
+    relevance: bool = False,
 ) -> Predictor | None:
     """Mean and spread of log10 deviation at rows: the GP, the profile's proxy, or None.
 
     ``three_way``: rows hold BF16 codes; the GP sees their
     :func:`~.candidates.binary_features`, and BF16 units add ``unit_error_bf16`` to the proxy.
+    ``relevance``: from :data:`RELEVANCE_FROM` training rows on, the GP weighs each feature.
     """
 
     def prior(r: np.ndarray) -> np.ndarray | None:
@@ -142,7 +158,8 @@ def deviation_predictor(
         # Non-finite outputs train the process as worse than anything finite.
         train = good | ~finite
         y = np.where(good, logdev, float(logdev[good].max()) + 1.0)[train]
-        gp = DeviationGP(feats(rows[train]), y, prior(rows[train]))
+        gp = DeviationGP(feats(rows[train]), y, prior(rows[train]),
+                         relevance=relevance and len(y) >= RELEVANCE_FROM)  # fmt: skip
 
         def predict(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return gp.predict(feats(r), prior(r))
