@@ -66,9 +66,9 @@ ZERO_GAP = 1.0
 #: Spread (decades) of the profile's proxy before two deviations are known.
 PRIOR_SD = 1.0
 #: Trials from which the GP fits a relevance weight per unit (ARD), where every assignment is
-#: a candidate. Fewer trials do not tell which units matter (from the start it cost 0.03 of
-#: the classifier's hypervolume at 60 evaluations); on a candidate pool (more units) it is
-#: not used: its proposals could not be judged there (benchmarks/RESULTS.md).
+#: a candidate. Fewer trials do not tell which units matter (from the first trial on it cost
+#: the classifier 0.03 of its hypervolume at 30 evaluations, 0.015 at 60); on a candidate pool
+#: (more units) it is not used: its proposals could not be judged there (benchmarks/RESULTS.md).
 RELEVANCE_FROM = 30
 
 Predictor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
