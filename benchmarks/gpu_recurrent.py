@@ -372,12 +372,12 @@ def _feeds(path: Path, npz: Any, names: list[str], n: int) -> list[dict[str, np.
 
 def _identity_model(name: str, a: np.ndarray, opset: int) -> onnx.ModelProto:
     """One Identity of a tensor like ``a``: what a standalone call costs around any node."""
+    from amp_search.testing.graphs import tiny_model  # its IR version ONNX Runtime reads
+
     vi = helper.make_tensor_value_info("x", _NP_TYPES[a.dtype], list(a.shape))
     vo = helper.make_tensor_value_info("y", _NP_TYPES[a.dtype], list(a.shape))
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="floor")],
-                          f"floor_{name}", [vi], [vo])  # fmt: skip
-    # IR 8 (opset 17's): a newer onnx stamps its own IR version, which ONNX Runtime may refuse
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    node = helper.make_node("Identity", ["x"], ["y"], name=f"floor_{name}")
+    return tiny_model([node], [vi], [vo], opset=opset)
 
 
 def _ratio(stats: Any) -> list[float] | None:

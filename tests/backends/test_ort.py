@@ -199,6 +199,7 @@ def test_bf16_probe_blames_an_op_onnx_runtime_expands_and_isolates_unnamed_failu
 
     from amp_search.backends.ort import _probe, bf16_probe
     from amp_search.graph import MixedPrecisionRewriter, sanitize
+    from amp_search.testing.graphs import cpu_session
     from amp_search.types import Precision, PrecisionAssignment
 
     path, _ = real_model("minilm")
@@ -211,5 +212,5 @@ def test_bf16_probe_blames_an_op_onnx_runtime_expands_and_isolates_unnamed_failu
     rest = [u.name for u in rewriter.units
             if rewriter.admits_bf16_unit(u.name) and not set(u.nodes) & set(gaps)]  # fmt: skip
     probe, report = _probe(rewriter, PrecisionAssignment.uniform(rest, Precision.BF16))
-    ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    cpu_session(probe)
     assert bool(rest) == bool(report.bf16_nodes)

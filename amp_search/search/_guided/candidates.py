@@ -100,7 +100,7 @@ def candidates(
     """
     if allowed is not None and is_ternary(allowed):
         return ternary_candidates(allowed, front, edges, rng, exclude, size)
-    if n <= ENUMERATE_MAX_UNITS:
+    if enumerated(n):
         return unique_rows(all_rows(n), exclude) if exclude else all_rows(n)
     parts: list[np.ndarray] = []
     eye = np.eye(n, dtype=np.uint8)
@@ -144,8 +144,7 @@ def ternary_candidates(
     share. Every row is :func:`clip_rows`'d to what its units admit.
     """
     n = len(allowed)
-    total = int(np.prod([len(a) for a in allowed], dtype=np.float64))
-    if total <= ENUMERATE_MAX_ROWS:
+    if enumerated(n, allowed):
         grids = np.meshgrid(*[np.asarray(a, np.uint8) for a in allowed], indexing="ij")
         rows = np.stack([g.ravel() for g in grids], axis=1).astype(np.uint8)
         return unique_rows(rows, exclude)
